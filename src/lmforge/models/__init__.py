@@ -1,0 +1,75 @@
+"""The three model families, their presets, and the task heads.
+
+    family    config                 model            presets
+    gpt       GPTConfig              GPT              gpt2-124m, gpt2-355m, gpt-tiny, llama-small, llama-tiny
+    bert      BertConfig             Bert             bert-base, bert-large, bert-tiny, bert-mini
+    encdec    EncoderDecoderConfig   EncoderDecoder   bart-base, bart-large, bart-tiny, transformer-base, ...
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from lmforge.models import bert, encdec, gpt
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.encdec import EncoderDecoder, EncoderDecoderConfig
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.heads import SequenceClassifier, SpanExtractor, TokenClassifier
+
+ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig
+
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "gpt": (GPTConfig, GPT),
+    "bert": (BertConfig, Bert),
+    "encdec": (EncoderDecoderConfig, EncoderDecoder),
+}
+
+PRESETS: dict[str, ModelConfig] = {**gpt.PRESETS, **bert.PRESETS, **encdec.PRESETS}
+
+
+def family_of(config: ModelConfig) -> str:
+    for name, (config_cls, _) in FAMILIES.items():
+        if isinstance(config, config_cls):
+            return name
+    raise TypeError(f"not a model config: {type(config).__name__}")
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A fresh copy of a preset config, with fields overridden (e.g. vocab_size=...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    config = copy.deepcopy(PRESETS[name])
+    return type(config).from_dict({**config.to_dict(), **overrides}) if overrides else config
+
+
+def config_from_dict(family: str, d: dict) -> ModelConfig:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[family][0].from_dict(d)
+
+
+def build(config: ModelConfig) -> nn.Module:
+    """A randomly initialised model of the config's family."""
+    return FAMILIES[family_of(config)][1](config)
+
+
+def count_params(model: nn.Module, *, trainable_only: bool = False, positions: bool = True) -> int:
+    """Parameters, each shared tensor counted once. positions=False leaves out learned
+    position tables (the N of the 6N FLOPs-per-token rule)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if not positions and "pos_emb" in name:
+            continue
+        total += p.numel()
+    return total
+
+
+__all__ = [
+    "Bert", "BertConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "GPT", "GPTConfig",
+    "ModelConfig", "PRESETS", "SequenceClassifier", "SpanExtractor", "TokenClassifier", "build",
+    "config_from_dict", "count_params", "family_of", "preset",
+]

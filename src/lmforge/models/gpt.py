@@ -1,0 +1,189 @@
+"""GPT: the decoder-only Transformer (GPT-2 and Llama-style models by configuration).
+
+tokens -> token embedding (+ learned/sinusoidal positions, or RoPE inside attention)
+       -> n_layers x pre-LN block (causal self-attention, MLP)
+       -> final norm -> LM head (tied to the token embedding by default) -> logits
+
+Causal self-attention lets position t see positions <= t only, so one forward pass
+predicts every next token of the sequence at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.models.config import ArchConfig
+from lmforge.nn.attention import build_mask
+from lmforge.nn.block import BlockSpec, PreNormBlock
+from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.norm import make_norm
+from lmforge.nn.position import LearnedPositions, RotaryPositions, SinusoidalPositions
+
+
+@dataclass
+class GPTConfig(ArchConfig):
+    """Architecture of a decoder-only model.
+
+    Args:
+        vocab_size: tokens in the vocabulary (V).
+        max_seq_len: longest sequence, in tokens.
+        dim: model width (D).
+        n_layers: number of blocks.
+        n_heads: query heads (H).
+        n_kv_heads: key/value heads; fewer than n_heads is grouped-query attention. None: n_heads.
+        head_dim: width of one head. None: dim // n_heads.
+        hidden_dim: MLP width (F). None: 4 * dim.
+        norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
+        norm_eps: epsilon of the norms.
+        positions: "learned" (GPT-2), "rope" (Llama) or "sinusoidal".
+        rope_theta: RoPE base.
+        rope_scaling: Llama 3 long-context RoPE scaling parameters, or None.
+        mlp: "mlp" (GELU MLP) or "swiglu" (Llama).
+        act: activation of the plain MLP ("gelu_tanh" is GPT-2's).
+        bias: biases in linear layers and LayerNorms.
+        tie_embeddings: share the token embedding with the LM head.
+        dropout: dropout on embeddings and residual branches.
+        vocab_multiple: pad embedding rows to a multiple of this.
+    """
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int | None = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    mlp: str = "mlp"
+    act: str = "gelu_tanh"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    vocab_multiple: int = 128
+
+    def __post_init__(self) -> None:
+        self._check_positive("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads", "vocab_multiple")
+        self._check_heads()
+        self._check_choice("norm", ("layernorm", "rmsnorm"))
+        self._check_choice("positions", ("learned", "rope", "sinusoidal"))
+        self._check_choice("mlp", ("mlp", "swiglu"))
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.hidden_dim = self.hidden_dim or 4 * self.dim
+        self._check_positive("n_kv_heads", "head_dim", "hidden_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"GPTConfig.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig.head_dim ({self.head_dim}) must be even for rope")
+
+    def block_spec(self) -> BlockSpec:
+        return BlockSpec(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim,
+                         self.norm, self.norm_eps, self.mlp, self.act, self.bias, self.dropout)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-124m": GPTConfig(),
+    "gpt2-355m": GPTConfig(dim=1024, n_layers=24, n_heads=16),
+    "gpt-tiny": GPTConfig(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4),
+    # A SmolLM-135M-shaped Llama: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
+    "llama-small": GPTConfig(vocab_size=49152, max_seq_len=2048, dim=576, n_layers=30, n_heads=9,
+                             n_kv_heads=3, hidden_dim=1536, norm="rmsnorm", positions="rope",
+                             mlp="swiglu", bias=False, norm_eps=1e-5),
+    "llama-tiny": GPTConfig(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4,
+                            n_kv_heads=2, hidden_dim=352, norm="rmsnorm", positions="rope",
+                            mlp="swiglu", bias=False),
+}
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.padded_vocab_size, c.dim)
+        self.pos_emb: nn.Module | None = None
+        self.rope: RotaryPositions | None = None
+        if c.positions == "learned":
+            self.pos_emb = LearnedPositions(c.max_seq_len, c.dim)
+        elif c.positions == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(c.max_seq_len, c.dim)
+        else:
+            self.rope = RotaryPositions(c.max_seq_len, c.head_dim, c.rope_theta, c.rope_scaling)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(PreNormBlock(c.block_spec()) for _ in range(c.n_layers))
+        self.norm_f = make_norm(c.norm, c.dim, c.norm_eps, c.bias)
+        self.lm_head = nn.Linear(c.dim, c.padded_vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """N(0, 0.02) everywhere; the projections that write into the residual stream
+        scaled by 1/sqrt(2 * n_layers) (GPT-2), so that the stream's variance does
+        not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            for proj in (block.attn.wo, block.mlp.down):
+                nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> nn.ModuleList:
+        """One preallocated KVCache per block, for up to max_len (default max_seq_len) tokens."""
+        c = self.config
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = device or self.tok_emb.weight.device
+        max_len = max_len or c.max_seq_len
+        return nn.ModuleList(KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device)
+                             for _ in range(c.n_layers))
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        cache: nn.ModuleList | None = None,
+        cache_pos: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> hidden states after the final norm (B, T, D).
+
+        attention_mask: (B, T) 1 for tokens, 0 for padding (without a cache), or
+            (B, S) over the cache slots (with one).
+        position_ids: (B, T) or (1, T); default 0..T-1, or cache_pos with a cache.
+        cache, cache_pos: from `make_cache`; this call's tokens go to slots cache_pos (T,).
+        """
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"input_ids has {T} tokens, more than max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = (cache_pos if cache is not None else
+                            torch.arange(T, device=input_ids.device))[None]  # (1, T)
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        x = self.drop(x)
+        S = cache[0].max_len if cache is not None else T
+        mask = None
+        if cache is not None or attention_mask is not None:
+            mask = build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, mask is None, rope, cache[i] if cache is not None else None, cache_pos)
+        return self.norm_f(x)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
+        """input_ids (B, T) -> next-token logits (B, T, V). Keywords as `encode`."""
+        return self.lm_head(self.encode(input_ids, attention_mask, **kw))[..., : self.config.vocab_size]
+

@@ -1,0 +1,103 @@
+"""Task heads for fine-tuning, each wrapping a backbone (Bert or GPT) by composition.
+
+- SequenceClassifier: one label (or several) per sequence, from a pooled vector;
+- TokenClassifier: one label per token (NER);
+- SpanExtractor: start/end logits per token (extractive QA).
+The final linear layer of every head is called `head`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+POOLINGS = ("pooler", "cls", "last", "mean")
+
+
+def _encode(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+            token_type_ids: Tensor | None) -> Tensor:
+    """Hidden states (B, T, D); segment ids go only to backbones that have segments."""
+    if token_type_ids is not None and hasattr(backbone, "type_emb"):
+        return backbone.encode(input_ids, attention_mask, token_type_ids)
+    return backbone.encode(input_ids, attention_mask)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B, T) padding mask -> (B,) index of each row's last real token (left or right padding)."""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.flip(1).long().argmax(dim=1)
+
+
+class SequenceClassifier(nn.Module):
+    """backbone -> pooled vector -> dropout -> linear: (B, T) -> logits (B, n_labels).
+
+    pooling: "pooler" (BERT's tanh pooler over [CLS]), "cls" (the first token's hidden
+    state), "last" (the last real token: a causal model has read the whole sequence
+    only there), "mean" (average over real tokens).
+    """
+
+    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str = "pooler", dropout: float = 0.1,
+                 bias: bool = True) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling == "pooler" and not hasattr(backbone, "pool"):
+            raise ValueError(f"pooling='pooler' needs a backbone with a pooler; {type(backbone).__name__} has none")
+        self.backbone, self.pooling = backbone, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.dim, n_labels, bias=bias)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)
+        if bias:
+            nn.init.zeros_(self.head.bias)
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(B, T, D) -> (B, D)."""
+        if self.pooling == "pooler":
+            return self.backbone.pool(hidden)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden[:, -1] if self.pooling == "last" else hidden.mean(dim=1)
+        if self.pooling == "last":
+            rows = torch.arange(hidden.size(0), device=hidden.device)
+            return hidden[rows, last_token_index(attention_mask)]
+        m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        hidden = _encode(self.backbone, input_ids, attention_mask, token_type_ids)
+        return self.head(self.dropout(self.pool(hidden, attention_mask)))
+
+
+class TokenClassifier(nn.Module):
+    """backbone -> dropout -> linear at every position: (B, T) -> logits (B, T, n_labels)."""
+
+    def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.dim, n_labels)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        return self.head(self.dropout(_encode(self.backbone, input_ids, attention_mask, token_type_ids)))
+
+
+class SpanExtractor(nn.Module):
+    """backbone -> linear to 2 scores per token: (B, T) -> (start logits (B, T), end logits (B, T))."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.dim, 2)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logits = self.head(_encode(self.backbone, input_ids, attention_mask, token_type_ids))  # (B, T, 2)
+        start, end = logits.unbind(-1)
+        return start, end

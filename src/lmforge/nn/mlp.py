@@ -1,0 +1,60 @@
+"""Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) and SwiGLU.
+
+The MLP is where most parameters live (2 * D * F, with F usually 4D); it acts on
+each position independently.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU: BERT, BART
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,  # the original Transformer
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {name!r} (expected one of {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """x -> down(dropout(act(up(x)))): (B, T, D) -> (B, T, D) through width F."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.act = activation(act)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(self.act(self.up(x))))
+
+
+class SwiGLU(nn.Module):
+    """x -> down(silu(gate(x)) * up(x)): a gated MLP (Llama). (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(kind: str, dim: int, hidden_dim: int, act: str, bias: bool, dropout: float = 0.0) -> nn.Module:
+    """kind: "mlp" (with activation `act`) or "swiglu"."""
+    if kind == "mlp":
+        return MLP(dim, hidden_dim, act, bias, dropout)
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden_dim, bias, dropout)
+    raise ValueError(f"mlp: unknown kind {kind!r} (expected 'mlp' or 'swiglu')")
