@@ -222,3 +222,70 @@ def test_perplexity_and_bits():
     assert bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="n_chars"):
         bits_per_char(1.0, 0)
+
+
+# ---------------------------------------------------------------- reports (eval/report.py)
+
+
+def test_write_metrics_json_roundtrip_and_atomic(tmp_path):
+    import json
+
+    import torch
+
+    from lmforge.eval.report import write_metrics_json
+
+    path = tmp_path / "sub" / "metrics.json"
+    m = {"accuracy": np.float64(0.5), "n": np.int64(3), "cm": np.array([[1, 0], [0, 2]]), "t": torch.tensor(1.5)}
+    write_metrics_json(path, m)
+    assert json.loads(path.read_text()) == {"accuracy": 0.5, "n": 3, "cm": [[1, 0], [0, 2]], "t": 1.5}
+    with pytest.raises(TypeError, match="object is not JSON"):
+        write_metrics_json(path, {"bad": object()})
+    assert json.loads(path.read_text())["n"] == 3  # the old file survives a failed write
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_confusion_matrix_png(tmp_path):
+    from matplotlib.image import imread
+
+    from lmforge.eval.report import confusion_matrix_png
+
+    m = classification_metrics([0, 1, 2, 2], [0, 2, 2, 1], ["neg", "neu", "pos"])
+    path = confusion_matrix_png(m["confusion_matrix"], ["neg", "neu", "pos"], tmp_path / "cm.png", normalize=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w, _ = imread(path).shape
+    assert h > 100 and w > 100
+    with pytest.raises(ValueError, match=r"expected \(2, 2\)"):
+        confusion_matrix_png([[1, 2, 3]], ["a", "b"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_markdown_report():
+    from lmforge.eval.report import markdown_report
+
+    text = markdown_report("Eval", {
+        "Summary": {"accuracy": 0.5, "n": 4},
+        "Per class": {"a|b": {"f1": 1.0, "support": 2}, "c": {"f1": 0.25, "support": 2}},
+        "Notes": "Strict IOB2.",
+        "Samples": [{"id": 1, "pred": "x"}, {"id": 2, "gold": "y"}],
+    })
+    assert text == (
+        "# Eval\n\n"
+        "## Summary\n\n| metric | value |\n|---|---|\n| accuracy | 0.5000 |\n| n | 4 |\n\n"
+        "## Per class\n\n|  | f1 | support |\n|---|---|---|\n| a\\|b | 1.0000 | 2 |\n| c | 0.2500 | 2 |\n\n"
+        "## Notes\n\nStrict IOB2.\n\n"
+        "## Samples\n\n| id | pred | gold |\n|---|---|---|\n| 1 | x |  |\n| 2 |  | y |\n"
+    )
+    with pytest.raises(ValueError, match="report section"):
+        markdown_report("x", {"bad": 3})
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    from lmforge.eval.report import atomic_path, write_text
+
+    write_text(tmp_path / "r.md", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "r.md") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert (tmp_path / "r.md").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
