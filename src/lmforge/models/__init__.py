@@ -16,7 +16,7 @@ from lmforge.models import bert, encdec, gpt
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.encdec import EncoderDecoder, EncoderDecoderConfig
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.heads import SequenceClassifier, SpanExtractor, TokenClassifier
+from lmforge.models.heads import HeadSpec, SequenceClassifier, SpanExtractor, TokenClassifier, attach_head
 
 ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig
 
@@ -70,6 +70,6 @@ def count_params(model: nn.Module, *, trainable_only: bool = False, positions: b
 
 __all__ = [
     "Bert", "BertConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "GPT", "GPTConfig",
-    "ModelConfig", "PRESETS", "SequenceClassifier", "SpanExtractor", "TokenClassifier", "build",
-    "config_from_dict", "count_params", "family_of", "preset",
+    "HeadSpec", "ModelConfig", "PRESETS", "SequenceClassifier", "SpanExtractor", "TokenClassifier", "attach_head",
+    "build", "config_from_dict", "count_params", "family_of", "preset",
 ]

@@ -8,6 +8,8 @@ The final linear layer of every head is called `head`.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -101,3 +103,42 @@ class SpanExtractor(nn.Module):
         logits = self.head(_encode(self.backbone, input_ids, attention_mask, token_type_ids))  # (B, T, 2)
         start, end = logits.unbind(-1)
         return start, end
+
+
+HEAD_KINDS = ("sequence-classification", "token-classification", "span")
+
+
+@dataclass
+class HeadSpec:
+    """Which task head sits on a backbone; saved with the model so that it reloads.
+
+    kind: "sequence-classification", "token-classification" or "span" (extractive QA);
+    labels: label names in id order (classification); pooling: see SequenceClassifier;
+    multi_label: independent sigmoid per label instead of one softmax; bias: the head's bias.
+    """
+
+    kind: str
+    labels: list[str] = field(default_factory=list)
+    pooling: str = "pooler"
+    multi_label: bool = False
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"HeadSpec.kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+        if self.kind != "span" and not self.labels:
+            raise ValueError(f"HeadSpec.labels: a {self.kind} head needs at least one label")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attach_head(backbone: nn.Module, spec: HeadSpec | None) -> nn.Module:
+    """Wrap a backbone with the head `spec` describes (None: the backbone itself)."""
+    if spec is None:
+        return backbone
+    if spec.kind == "sequence-classification":
+        return SequenceClassifier(backbone, len(spec.labels), spec.pooling, bias=spec.bias)
+    if spec.kind == "token-classification":
+        return TokenClassifier(backbone, len(spec.labels))
+    return SpanExtractor(backbone)
