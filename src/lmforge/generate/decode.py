@@ -1,0 +1,519 @@
+"""Decoding loops: prefill, one-token decode steps into a preallocated KV cache, beam search.
+
+    prompt (B, P) --prefill--> KV cache slots 0..P-1, logits of the last position
+    repeat: pick a token (greedy / sample / beams) -> decode step: one token in, its
+            keys and values written at the next cache slot, next logits out
+
+Batches of prompts are left-padded: every row's last prompt token then sits in the
+same column, so one decode step serves the whole batch. Each row's position ids
+count its real tokens only (cumsum of the attention mask - 1, as transformers does),
+and the cache-slot mask (N, S_max) hides the padding, so a padded row generates
+exactly what it would alone.
+
+The decode step (`gpt_decode_step`, `encdec_decode_step`) has static shapes -- the
+cache is sized once, the slot to write is a tensor, nothing branches on tensor
+values -- so that on CUDA it can be captured once as a CUDA graph and replayed
+(`CompiledDecodeStep`); on CPU it runs eagerly. The loops read one value back per
+step at most: whether every row has finished (`# host sync`).
+
+Beam search follows transformers' vectorised beam search, so that with the same
+weights both return the same tokens: beam scores are sums of log-probabilities;
+a finished hypothesis scores sum_logprobs / generated_length ** length_penalty;
+early_stopping is True, False (transformers' default heuristic) or "never".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.generate import sampling
+from lmforge.models.encdec import EncoderDecoder
+from lmforge.models.gpt import GPT
+
+BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. temperature 0 is greedy (argmax); > 0 samples.
+
+    Args:
+        max_new_tokens: tokens to generate at most (EOS included).
+        min_new_tokens: EOS is impossible before this many new tokens.
+        temperature: 0 for greedy / beam search, > 0 to sample from softmax(logits / T).
+        top_k: sample among the k most likely tokens (0 or None: all).
+        top_p: sample among the smallest set of tokens reaching probability p (None or 1: all).
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (1: off).
+        no_repeat_ngram_size: no n-gram of this size occurs twice (0: off).
+        num_beams: beam search width (1: no beam search).
+        length_penalty: finished beams score sum_logprobs / length ** length_penalty.
+        early_stopping: beam search stop rule, as transformers: True, False or "never".
+        num_return_sequences: outputs per prompt (samples, or the best beams).
+        eos_token_id: a row stops after emitting it (None: only max_new_tokens stops).
+        pad_token_id: emitted by finished rows (None: eos_token_id, else 0).
+        decoder_start_token_id: first decoder token of an EncoderDecoder (None: from its config).
+        forced_bos_token_id: force the first generated token (BART-style configs).
+        forced_eos_token_id: force this token as the last one when max_new_tokens is reached.
+        logprobs: also return the log-probability of each generated token (not in beam search).
+        top_logprobs: also return the k most likely tokens and their log-probs at each step.
+        sync_every: check "all rows finished" every this many steps (the only host sync).
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    sync_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "num_return_sequences", "sync_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GenerationConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("min_new_tokens", "no_repeat_ngram_size", "top_logprobs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"GenerationConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.temperature < 0:
+            raise ValueError(f"GenerationConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"GenerationConfig.early_stopping must be True, False or 'never', "
+                             f"got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("GenerationConfig: beam search (num_beams > 1) is deterministic; set temperature=0")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"GenerationConfig.num_return_sequences ({self.num_return_sequences}) must be "
+                             f"<= num_beams ({self.num_beams})")
+
+    @property
+    def pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id if self.eos_token_id is not None else 0
+
+
+@dataclass
+class Step:
+    """One decoding step of every row: tokens (N,); logprobs (N,) of those tokens under the
+    model's (unprocessed) distribution when asked for; top_ids / top_logprobs (N, k) when
+    GenerationConfig.top_logprobs = k."""
+
+    tokens: Tensor
+    logprobs: Tensor | None = None
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """tokens (N, T): generated ids only, pad_token_id after each row's end; N = prompts x
+    num_return_sequences (a prompt's outputs are adjacent). lengths (N,): tokens up to
+    and including EOS. logprobs (N, T), top_ids / top_logprobs (N, T, k) when computed
+    (not for beam search). scores (N,): beam search hypothesis scores."""
+
+    tokens: Tensor
+    lengths: Tensor
+    logprobs: Tensor | None = None
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
+    scores: Tensor | None = None
+
+
+# ---- the one-token decode steps: static shapes, no host syncs ----------------------------------
+
+def gpt_decode_step(model: GPT, cache: nn.ModuleList, tokens: Tensor, cache_pos: Tensor, position_ids: Tensor,
+                    cache_mask: Tensor) -> Tensor:
+    """One token per row through a GPT with a KV cache.
+
+    tokens (N, 1); cache_pos (1,) the slot to write; position_ids (N, 1); cache_mask
+    (N, S_max) real cache slots (this one included) -> next-token logits (N, V) fp32.
+    """
+    hidden = model.encode(tokens, cache_mask, position_ids=position_ids, cache=cache, cache_pos=cache_pos)
+    return model.lm_head(hidden[:, -1])[:, : model.config.vocab_size].float()
+
+
+def encdec_decode_step(model: EncoderDecoder, cache: nn.ModuleList, tokens: Tensor, cache_pos: Tensor,
+                       cache_mask: Tensor, memory_kv: list[tuple[Tensor, Tensor]],
+                       memory_mask: Tensor | None) -> Tensor:
+    """One decoder token per row, attending to precomputed cross-attention keys/values.
+
+    tokens (N, 1); cache_pos (1,); cache_mask (N, S_max); memory_kv: per layer (k, v)
+    (N, H, S_src, Dh); memory_mask (N, S_src) or None -> next-token logits (N, V) fp32.
+    """
+    hidden = model.decode(tokens, None, memory_mask, decoder_attention_mask=cache_mask, memory_kv=memory_kv,
+                          cache=cache, cache_pos=cache_pos)
+    return model.logits(hidden[:, -1]).float()
+
+
+class CompiledDecodeStep:
+    """A decode step compiled with torch.compile -- on CUDA with mode="reduce-overhead",
+    i.e. captured as a CUDA graph -- plus the KV cache its graph was recorded against.
+
+    A CUDA graph replays fixed memory addresses, so the cache buffers are marked static
+    and the latest cache is kept for the next call of the same shape (no re-recording).
+    Pass it explicitly: `generate(model, ids, decode_step=compile_decode_step(model))`.
+    """
+
+    def __init__(self, step_fn: Callable[..., Tensor], mode: str = "reduce-overhead") -> None:
+        self.fn = torch.compile(step_fn, mode=mode, fullgraph=True, dynamic=False)
+        self._cache_key: tuple | None = None
+        self._cache: nn.ModuleList | None = None
+
+    def make_cache(self, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device) -> nn.ModuleList:
+        key = (id(model), batch, max_len, dtype, str(device))
+        if key != self._cache_key:
+            self._cache = model.make_cache(batch, max_len, dtype, device)
+            if device.type == "cuda":
+                for layer in self._cache:
+                    torch._dynamo.mark_static_address(layer.k)
+                    torch._dynamo.mark_static_address(layer.v)
+            self._cache_key = key
+        return self._cache
+
+    def __call__(self, *args) -> Tensor:
+        if args[2].is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return self.fn(*args)
+
+
+def compile_decode_step(model: nn.Module, mode: str = "reduce-overhead") -> CompiledDecodeStep:
+    """The family's decode step compiled (CUDA graphs with the default mode)."""
+    return CompiledDecodeStep(encdec_decode_step if isinstance(model, EncoderDecoder) else gpt_decode_step, mode)
+
+
+# ---- per-family sessions: cache, masks and positions of one generation ------------------------
+
+def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
+    dtype = next(model.parameters()).dtype
+    if isinstance(decode_step, CompiledDecodeStep):
+        return decode_step.make_cache(model, batch, max_len, dtype, device)
+    return model.make_cache(batch, max_len, dtype, device)
+
+
+class _GPTSession:
+    """Left-padded prompts (B, P), each repeated `n_rep` times (beams or samples)."""
+
+    def __init__(self, model: GPT, input_ids: Tensor, attention_mask: Tensor, n_rep: int, max_new: int,
+                 decode_step) -> None:
+        ids, mask = input_ids.repeat_interleave(n_rep, 0), attention_mask.repeat_interleave(n_rep, 0).bool()
+        N, P = ids.shape
+        if P + max_new - 1 > model.config.max_seq_len:
+            raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                             f"max_seq_len ({model.config.max_seq_len})")
+        self.model, self.ids, self.step_fn = model, ids, decode_step or gpt_decode_step
+        self.cache = _new_cache(model, decode_step, N, P + max_new, ids.device)
+        self.cache_mask = torch.zeros(N, P + max_new, dtype=torch.bool, device=ids.device)  # (N, S_max)
+        self.cache_mask[:, :P] = mask
+        self.position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P): real tokens count from 0
+        self.next_pos = self.position_ids[:, -1:] + 1  # (N, 1)
+        self.slot = torch.tensor([P], device=ids.device)  # (1,) next cache slot
+        self.context, self.context_mask = ids, mask
+
+    def prefill(self) -> Tensor:
+        P = self.ids.size(1)
+        hidden = self.model.encode(self.ids, self.cache_mask, position_ids=self.position_ids, cache=self.cache,
+                                   cache_pos=torch.arange(P, device=self.ids.device))
+        return self.model.lm_head(hidden[:, -1])[:, : self.model.config.vocab_size].float()
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.cache_mask.index_fill_(1, self.slot, True)
+        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos, self.cache_mask)
+        self.slot += 1
+        self.next_pos += 1
+        return logits
+
+    def reorder(self, index: Tensor) -> None:
+        # Beams of one prompt share positions and mask; only their keys/values differ.
+        for layer in self.cache:
+            layer.reorder(index)
+
+
+class _EncDecSession:
+    """Source ids (B, S_src) encoded once; the decoder starts from decoder_start_token_id."""
+
+    def __init__(self, model: EncoderDecoder, input_ids: Tensor, attention_mask: Tensor, n_rep: int,
+                 max_new: int, decode_step, start_id: int) -> None:
+        if max_new > model.config.max_seq_len:
+            raise ValueError(f"max_new_tokens ({max_new}) exceeds the model's max_seq_len ({model.config.max_seq_len})")
+        memory = model.encode(input_ids, attention_mask).repeat_interleave(n_rep, 0)  # (N, S_src, D)
+        self.memory_mask = attention_mask.repeat_interleave(n_rep, 0).bool()  # (N, S_src)
+        self.memory_kv = model.project_memory(memory)
+        N, device = memory.size(0), memory.device
+        self.model, self.step_fn = model, decode_step or encdec_decode_step
+        self.cache = _new_cache(model, decode_step, N, max_new, device)
+        self.cache_mask = torch.zeros(N, max_new, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        # transformers' penalties see the decoder input, start token included.
+        self.context = torch.full((N, 1), start_id, dtype=torch.long, device=device)
+        self.context_mask = torch.ones(N, 1, dtype=torch.bool, device=device)
+
+    def prefill(self) -> Tensor:
+        return self.step(self.context[:, 0])
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.cache_mask.index_fill_(1, self.slot, True)
+        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.cache_mask, self.memory_kv,
+                              self.memory_mask)
+        self.slot += 1
+        return logits
+
+    def reorder(self, index: Tensor) -> None:
+        # Beams of one source share its memory; only the self-attention cache is reordered.
+        for layer in self.cache:
+            layer.reorder(index)
+
+
+def _session(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, n_rep: int,
+             cfg: GenerationConfig, decode_step):
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a (batch, length) int64 tensor, got {tuple(input_ids.shape)} "
+                         f"{input_ids.dtype}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    empty = (~mask.any(dim=1)).nonzero()  # host sync (once, before decoding)
+    if len(empty):
+        raise ValueError(f"prompt row {int(empty[0])} has no tokens (attention_mask all 0)")
+    if isinstance(model, GPT):
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # host sync (once): a token after padding
+            raise ValueError("GPT prompts must be left-padded: attention_mask has padding after a token")
+        return _GPTSession(model, input_ids, mask, n_rep, cfg.max_new_tokens, decode_step)
+    if isinstance(model, EncoderDecoder):
+        start = cfg.decoder_start_token_id
+        start = model.config.decoder_start_token_id if start is None else start
+        return _EncDecSession(model, input_ids, mask, n_rep, cfg.max_new_tokens, decode_step, start)
+    raise TypeError(f"generate needs a GPT or EncoderDecoder model, got {type(model).__name__}")
+
+
+# ---- logits processing shared by the loops ----------------------------------------------------
+
+def _process(scores: Tensor, context: Tensor, context_mask: Tensor, t: int, cfg: GenerationConfig) -> Tensor:
+    """Penalties and forced tokens, in transformers' order. scores (N, V); context (N, L); t: step."""
+    if cfg.repetition_penalty != 1.0:
+        scores = sampling.apply_repetition_penalty(scores, context, context_mask, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size:
+        scores = sampling.ban_repeated_ngrams(scores, context, context_mask, cfg.no_repeat_ngram_size)
+    if cfg.eos_token_id is not None and t < cfg.min_new_tokens:
+        scores = sampling.suppress_tokens(scores, cfg.eos_token_id)
+    if cfg.forced_bos_token_id is not None and t == 0:
+        scores = sampling.force_token(scores, cfg.forced_bos_token_id)
+    if cfg.forced_eos_token_id is not None and t == cfg.max_new_tokens - 1:
+        scores = sampling.force_token(scores, cfg.forced_eos_token_id)
+    return scores
+
+
+def _choose(scores: Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """Greedy argmax (temperature 0) or a sample after temperature, top-k and top-p. (N, V) -> (N,)."""
+    if cfg.temperature == 0:
+        return sampling.greedy(scores)
+    scores = sampling.apply_temperature(scores, cfg.temperature)
+    if cfg.top_k:
+        scores = sampling.top_k_filter(scores, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        scores = sampling.top_p_filter(scores, cfg.top_p)
+    return sampling.sample(scores, generator)
+
+
+def _resolve(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    config = config or GenerationConfig()
+    return replace(config, **options) if options else config
+
+
+# ---- greedy and sampling -----------------------------------------------------------------------
+
+@torch.inference_mode()
+def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
+                  decode_step: Callable[..., Tensor] | None = None, **options) -> Iterator[Step]:
+    """Greedy or sampled decoding, one `Step` per generated position.
+
+    input_ids (B, P): left-padded prompts (GPT) or source ids (EncoderDecoder);
+    attention_mask (B, P) 1 for tokens. Rows are prompts x num_return_sequences.
+    Finished rows (after EOS) keep emitting pad_token_id; the iterator ends when every
+    row has finished or max_new_tokens is reached. Options override `config` fields.
+    """
+    cfg = _resolve(config, options)
+    if cfg.num_beams > 1:
+        raise ValueError("iter_generate does not do beam search; use generate(num_beams=...)")
+    was_training = model.training
+    model.eval()
+    try:
+        session = _session(model, input_ids, attention_mask, cfg.num_return_sequences, cfg, decode_step)
+        L0, N = session.context.size(1), session.context.size(0)
+        device = session.context.device
+        context = torch.cat([session.context, session.context.new_full((N, cfg.max_new_tokens), cfg.pad_id)], 1)
+        context_mask = torch.cat([session.context_mask, torch.ones(N, cfg.max_new_tokens, dtype=torch.bool,
+                                                                     device=device)], 1)
+        finished = torch.zeros(N, dtype=torch.bool, device=device)
+        logits = session.prefill()
+        for t in range(cfg.max_new_tokens):
+            scores = _process(logits, context[:, : L0 + t], context_mask[:, : L0 + t], t, cfg)
+            tokens = _choose(scores, cfg, generator)
+            if cfg.eos_token_id is not None:
+                tokens = tokens.masked_fill(finished, cfg.pad_id)
+                finished |= tokens == cfg.eos_token_id
+            context[:, L0 + t] = tokens
+            if cfg.logprobs or cfg.top_logprobs:
+                yield Step(tokens, *sampling.token_logprobs(logits, tokens, cfg.top_logprobs))
+            else:
+                yield Step(tokens)
+            if t == cfg.max_new_tokens - 1:
+                break
+            if cfg.eos_token_id is not None and (t + 1) % cfg.sync_every == 0 and bool(finished.all()):  # host sync
+                break
+            logits = session.step(tokens)
+    finally:
+        model.train(was_training)
+
+
+def _stack_steps(steps: list[Step], cfg: GenerationConfig) -> GenerationOutput:
+    tokens = torch.stack([s.tokens for s in steps], dim=1)  # (N, T)
+    T = tokens.size(1)
+    lengths = torch.full((tokens.size(0),), T, dtype=torch.long, device=tokens.device)
+    if cfg.eos_token_id is not None:
+        is_eos = tokens == cfg.eos_token_id
+        first = is_eos.long().argmax(dim=1)
+        lengths = torch.where(is_eos.any(dim=1), first + 1, lengths)
+        # sync_every > 1 may run a few steps past the end of the longest row: trim them.
+        T = int(lengths.max())  # host sync (once, at the end)
+    out = GenerationOutput(tokens[:, :T], lengths)
+    if cfg.logprobs or cfg.top_logprobs:
+        out.logprobs = torch.stack([s.logprobs for s in steps], 1)[:, :T]
+    if cfg.top_logprobs:
+        out.top_ids = torch.stack([s.top_ids for s in steps], 1)[:, :T]
+        out.top_logprobs = torch.stack([s.top_logprobs for s in steps], 1)[:, :T]
+    return out
+
+
+def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+             config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
+             decode_step: Callable[..., Tensor] | None = None, **options) -> GenerationOutput:
+    """Generate continuations of a batch: greedy, sampling or beam search (num_beams > 1).
+
+    input_ids (B, P) left-padded prompts (GPT) or sources (EncoderDecoder), attention_mask
+    (B, P). Options override fields of `config` (e.g. max_new_tokens=32, temperature=0.8).
+    generator: a seeded torch.Generator on the model's device makes sampling reproducible.
+    decode_step: a compiled step (`compile_decode_step`) for CUDA graphs; default eager.
+    Returns GenerationOutput with tokens (B * num_return_sequences, T).
+    """
+    cfg = _resolve(config, options)
+    if cfg.num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, cfg, decode_step=decode_step)
+    return _stack_steps(list(iter_generate(model, input_ids, attention_mask, cfg, generator=generator,
+                                           decode_step=decode_step)), cfg)
+
+
+# ---- beam search -------------------------------------------------------------------------------
+
+def _gather_beams(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, K, ...) -> (B, K', ...) picking index (B, K') along dim 1."""
+    while index.dim() < x.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(x, index, dim=1)
+
+
+@torch.inference_mode()
+def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                config: GenerationConfig | None = None, *, decode_step: Callable[..., Tensor] | None = None,
+                **options) -> GenerationOutput:
+    """Beam search with transformers' semantics (see the module docstring).
+
+    Keeps num_beams running hypotheses per prompt, from the top 2 * num_beams
+    continuations of all beams each step (so that enough remain unfinished when some
+    end in EOS); a hypothesis ending in EOS, or reaching max_new_tokens, joins the
+    prompt's finished set if it ranks among its num_beams best. Returns the
+    num_return_sequences best finished hypotheses per prompt.
+    """
+    cfg = _resolve(config, options)
+    nb, K, lp = cfg.num_beams, 2 * cfg.num_beams, cfg.length_penalty
+    was_training = model.training
+    model.eval()
+    try:
+        session = _session(model, input_ids, attention_mask, nb, cfg, decode_step)
+        N, L0 = session.context.shape
+        B, device = N // nb, session.context.device
+        L = L0 + cfg.max_new_tokens
+        seqs = session.context.new_full((B, nb, L), cfg.pad_id)  # (B, nb, L) context + generated
+        seqs[:, :, :L0] = session.context.view(B, nb, L0)
+        mask = torch.cat([session.context_mask, torch.ones(N, cfg.max_new_tokens, dtype=torch.bool,
+                                                             device=device)], 1)
+        run_scores = torch.zeros(B, nb, device=device)
+        run_scores[:, 1:] = -BIG  # all beams start equal: let only the first one expand
+        fin_seqs, fin_scores = seqs.clone(), torch.full((B, nb), -BIG, device=device)
+        fin_done = torch.zeros(B, nb, dtype=torch.bool, device=device)
+        fin_len = torch.zeros(B, nb, dtype=torch.long, device=device)
+        open_ = torch.ones(B, 1, dtype=torch.bool, device=device)  # can a running beam still improve?
+        top_nb = torch.arange(K, device=device) < nb
+        batch_offset = torch.arange(B, device=device)[:, None] * nb
+        logits = session.prefill()
+        for t in range(cfg.max_new_tokens):
+            cur = L0 + t
+            logp = _process(logits.log_softmax(-1), seqs.view(N, L)[:, :cur], mask[:, :cur], t, cfg)
+            V = logp.size(-1)
+            logp = (logp.view(B, nb, V) + run_scores[..., None]).view(B, nb * V)
+            top_lp, top_idx = torch.topk(logp, K, dim=-1)  # (B, K)
+            src, tok = top_idx // V, top_idx % V
+            cand = _gather_beams(seqs, src)  # (B, K, L)
+            cand[:, :, cur] = tok
+            last = t == cfg.max_new_tokens - 1
+            hits = torch.ones_like(tok, dtype=torch.bool) if last else (
+                tok == cfg.eos_token_id if cfg.eos_token_id is not None else torch.zeros_like(tok, dtype=torch.bool))
+            # Running beams: the best nb candidates that did not just finish.
+            run_lp = top_lp + hits.float() * -BIG
+            keep = torch.topk(run_lp, nb, dim=-1).indices
+            seqs, run_scores, run_src = _gather_beams(cand, keep), _gather_beams(run_lp, keep), _gather_beams(src, keep)
+            # Finished set: merge the candidates that just finished among the top nb.
+            fin_lp = top_lp / ((t + 1) ** lp)
+            fin_lp = fin_lp + (fin_done.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * -BIG
+            fin_lp = fin_lp + (~open_).float() * -BIG
+            fin_lp = fin_lp + (~(hits & top_nb)).float() * -BIG
+            m_idx = torch.topk(torch.cat([fin_scores, fin_lp], 1), nb, dim=-1).indices
+            fin_seqs = _gather_beams(torch.cat([fin_seqs, cand], 1), m_idx)
+            fin_scores = _gather_beams(torch.cat([fin_scores, fin_lp], 1), m_idx)
+            fin_done = _gather_beams(torch.cat([fin_done, hits & top_nb], 1), m_idx)
+            fin_len = _gather_beams(torch.cat([fin_len, torch.full_like(tok, t + 1)], 1), m_idx)
+            if last:
+                break
+            session.reorder((run_src + batch_offset).view(N))
+            best_len = cfg.max_new_tokens if cfg.early_stopping == "never" and lp > 0 else t + 1
+            best_running = run_scores[:, :1] / (best_len ** lp)
+            worst_finished = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, -BIG)
+            open_ = open_ & (best_running > worst_finished).any(dim=-1, keepdim=True)
+            go_on = open_.any() & ~(fin_done.all() & (cfg.early_stopping is True)) & ~hits.all()
+            if not bool(go_on):  # host sync
+                break
+            logits = session.step(seqs[:, :, cur].reshape(N))
+        R = cfg.num_return_sequences
+        lengths = fin_len[:, :R].reshape(B * R)
+        T = int(lengths.max())  # host sync (once, at the end)
+        tokens = fin_seqs[:, :R, L0: L0 + T].reshape(B * R, T)
+        return GenerationOutput(tokens, lengths, scores=fin_scores[:, :R].reshape(B * R))
+    finally:
+        model.train(was_training)

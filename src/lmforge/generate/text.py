@@ -1,0 +1,273 @@
+"""Strings in, strings out: the tokenizer-level generation API.
+
+`generate_text` tokenizes prompts (left-padded for a GPT, right-padded sources for an
+EncoderDecoder), generates, and decodes only the new tokens, cut at EOS and at the
+first stop string. `stream_text` yields the text of one prompt piece by piece as it is
+produced. `chat_prompt` renders a list of chat messages with the tokenizer's chat
+template (jinja2, as Hugging Face tokenizers do).
+
+The tokenizer needs: encode(text, add_special_tokens=True) -> list[int],
+decode(ids, skip_special_tokens=True) -> str, and the ids eos_id, pad_id, bos_id
+(each may be None) and chat_template (None or a jinja2 string).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jinja2
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from torch import Tensor, nn
+
+from lmforge.generate.decode import GenerationConfig, generate, iter_generate
+from lmforge.models.gpt import GPT
+
+# Used when the tokenizer has no chat template of its own (a tokenizer trained from scratch).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# A character split across tokens decodes to U+FFFD until its last byte arrives.
+_INCOMPLETE = "\ufffd"
+
+
+def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_id", "eos_id"):
+        if getattr(tokenizer, name, None) is not None:
+            return getattr(tokenizer, name)
+    return 0  # any id: padded positions are masked out
+
+
+def encode_prompts(model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
+                   add_special_tokens: bool = True) -> tuple[Tensor, Tensor]:
+    """Tokenize and pad a batch: -> input_ids (B, P), attention_mask (B, P).
+
+    Left padding for a GPT (the last prompt tokens line up for decoding), right padding
+    for an EncoderDecoder's sources (its encoder counts positions from the first column).
+    """
+    encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
+    P, pad, left = max(map(len, encoded)), _pad_id(tokenizer), isinstance(model, GPT)
+    input_ids = torch.full((len(encoded), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(encoded), P, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        cols = slice(P - len(ids), P) if left else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids, dtype=torch.long)
+        mask[i, cols] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def find_stop(text: str, stop: list[str] | None) -> int | None:
+    """Index of the earliest occurrence of any stop string in text, or None."""
+    hits = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Length of the longest suffix of text that could be the start of a stop string."""
+    for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return k
+    return 0
+
+
+def _row_text(tokenizer: Any, ids: list[int], eos: int | None, stop: list[str] | None) -> str:
+    """New token ids of one row -> text, cut at EOS and at the first stop string."""
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = find_stop(text, stop)
+    return text if cut is None else text[:cut]
+
+
+def _config(tokenizer: Any, **options) -> GenerationConfig:
+    return GenerationConfig(eos_token_id=getattr(tokenizer, "eos_id", None), pad_token_id=_pad_id(tokenizer),
+                            **options)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: str | list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    *,
+    min_new_tokens: int = 0,
+    early_stopping: bool | str = False,
+    add_special_tokens: bool = True,
+    decode_step: Callable[..., Tensor] | None = None,
+) -> list[str] | list[list[str]]:
+    """Continue each prompt (GPT) or transform each source (EncoderDecoder).
+
+    temperature 0 is greedy (or beam search with num_beams > 1); > 0 samples, with
+    top_k / top_p filtering, reproducibly when `seed` is given. Returns one string per
+    prompt, or per prompt a list of num_return_sequences strings. Only the new text is
+    returned, cut at EOS and before the first stop string; with stop strings, greedy
+    and sampled generation end as soon as every row has hit one (beam search cuts after).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("generate_text: no prompts given")
+    device = _device_of(model, device)
+    cfg = _config(tokenizer, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                  no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
+                  early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    input_ids, mask = encode_prompts(model, tokenizer, prompts, device, add_special_tokens)
+    if stop and num_beams == 1:
+        rows = _generate_until_stop(model, tokenizer, input_ids, mask, cfg, stop, _generator(seed, device),
+                                    decode_step)
+    else:
+        out = generate(model, input_ids, mask, cfg, generator=_generator(seed, device), decode_step=decode_step)
+        rows = out.tokens.tolist()
+    texts = [_row_text(tokenizer, ids, cfg.eos_token_id, stop) for ids in rows]
+    if num_return_sequences == 1:
+        return texts
+    R = num_return_sequences
+    return [texts[i * R:(i + 1) * R] for i in range(len(prompts))]
+
+
+def _generate_until_stop(model: nn.Module, tokenizer: Any, input_ids: Tensor, mask: Tensor, cfg: GenerationConfig,
+                         stop: list[str], generator: torch.Generator | None,
+                         decode_step: Callable[..., Tensor] | None) -> list[list[int]]:
+    """Greedy/sampled generation that ends once every row has emitted EOS or a stop string."""
+    rows: list[list[int]] = []
+    done: list[bool] = []
+    for step in iter_generate(model, input_ids, mask, cfg, generator=generator, decode_step=decode_step):
+        tokens = step.tokens.tolist()  # host sync: stop strings are found in text
+        if not rows:
+            rows, done = [[] for _ in tokens], [False] * len(tokens)
+        for i, tok in enumerate(tokens):
+            if done[i]:
+                continue
+            rows[i].append(tok)
+            done[i] = tok == cfg.eos_token_id or find_stop(tokenizer.decode(rows[i]), stop) is not None
+        if all(done):
+            break
+    return rows
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    *,
+    min_new_tokens: int = 0,
+    add_special_tokens: bool = True,
+    decode_step: Callable[..., Tensor] | None = None,
+) -> Iterator[str]:
+    """Yield the new text of one prompt in pieces as tokens are generated (greedy or sampled).
+
+    Pieces come from `detokenize_stream`: only cleanly decoded text, nothing that might
+    still turn into a stop string. They join to what `generate_text` returns with the
+    same arguments.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"stream_text takes one prompt string, got {type(prompt).__name__}")
+    device = _device_of(model, device)
+    cfg = _config(tokenizer, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                  no_repeat_ngram_size=no_repeat_ngram_size)
+    input_ids, mask = encode_prompts(model, tokenizer, [prompt], device, add_special_tokens)
+    steps = iter_generate(model, input_ids, mask, cfg, generator=_generator(seed, device), decode_step=decode_step)
+    # host sync: streaming hands every token to the host as soon as it exists
+    yield from detokenize_stream(tokenizer, (int(step.tokens[0]) for step in steps), eos_id=cfg.eos_token_id,
+                                 stop=stop)
+
+
+def detokenize_stream(tokenizer: Any, token_ids: Iterable[int], *, eos_id: int | None = None,
+                      stop: list[str] | None = None) -> Iterator[str]:
+    """Turn a stream of token ids into a stream of text pieces.
+
+    A piece is yielded once the text decodes cleanly (a character whose bytes are split
+    across tokens waits for its last byte); a suffix that could begin a stop string is
+    held back until it cannot; the stream ends at eos_id or before the first stop string.
+    The pieces join to the decoded text, cut at EOS and at the first stop string.
+    """
+    ids: list[int] = []
+    emitted = ""
+    for tok in token_ids:
+        if tok == eos_id:
+            break
+        ids.append(tok)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith(_INCOMPLETE):
+            continue
+        cut = find_stop(text, stop)
+        if cut is not None:
+            if cut > len(emitted):
+                yield text[len(emitted):cut]
+            return
+        safe = len(text) - (_held_back(text, stop) if stop else 0)
+        if safe > len(emitted) and text.startswith(emitted):
+            yield text[len(emitted):safe]
+            emitted = text[:safe]
+    text = _row_text(tokenizer, ids, None, stop)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def _token_text(tokenizer: Any, name: str) -> str:
+    token_id = getattr(tokenizer, f"{name}_id", None)
+    return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render chat messages [{"role": ..., "content": ...}, ...] into one prompt string
+    with the tokenizer's jinja2 chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
+
+    The template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and
+    `raise_exception`, like Hugging Face chat templates, and runs sandboxed.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("chat_prompt: messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"chat_prompt: messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat_template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    source = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template line {e.lineno}: {e.message}") from e
+    return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))
