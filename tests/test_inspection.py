@@ -1,6 +1,8 @@
 import json
 import math
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -290,3 +292,55 @@ def test_inspect_attention_and_positions_write_files(tmp_path):
     assert cross["queries"][1:] == ["[CLS]", "w4", "w5"]  # the target shifted right behind the start token
     assert [p.name for p in inspect_positions(gpt(), tmp_path / "p")] == ["positions_learned.png",
                                                                           "positions_learned_similarity.png"]
+
+
+FAKE_DOM = """
+class El {
+  constructor(tag) { this.tagName = tag; this.children = []; this.style = {}; this.textContent = ""; this.value = ""; }
+  appendChild(c) { if (this.tagName === "select" && this.children.length === 0) this.value = String(c.value);
+                   this.children.push(c); return c; }
+  replaceChildren(...c) { this.children = c; }
+}
+const els = {data: new El("script"), layer: new El("select"), head: new El("select"), hover: new El("p"),
+             map: new El("div")};
+els.data.textContent = require("fs").readFileSync(process.argv[2], "utf8");
+global.document = {getElementById: (id) => els[id], createElement: (tag) => new El(tag)};
+eval(require("fs").readFileSync(process.argv[3], "utf8"));
+const cell = () => els.map.children[0].children[3].children[2];  // query 2, key 1
+const out = {rows: els.map.children[0].children.length, cols: els.map.children[0].children[1].children.length,
+             layers: els.layer.children.length, heads: els.head.children.map((o) => String(o.value)),
+             first: cell().style.background};
+els.layer.value = "1"; els.head.value = "mean"; els.layer.onchange();
+out.mean = cell().style.background;
+els.head.value = "2"; els.head.onchange();
+out.head2 = cell().style.background;
+cell().onmouseenter(); out.hover = els.hover.textContent;
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_attention_html_script_renders_selected_head(tmp_path):
+    tokens = ["a", "b", "c", "d", "e"]
+    maps = attention_maps(gpt(), torch.tensor([5, 6, 7, 8, 9]))
+    page = attention_html(maps, tokens, tmp_path / "a.html").read_text()
+    data, script = re.findall(r"<script[^>]*>(.*?)</script>", page, re.S)
+    (tmp_path / "data.json").write_text(data)
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "dom.js").write_text(FAKE_DOM)
+    run = subprocess.run(["node", tmp_path / "dom.js", tmp_path / "data.json", tmp_path / "page.js"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert (out["rows"], out["cols"], out["layers"]) == (6, 6, 2)  # header row/column + 5 tokens
+    assert out["heads"] == ["0", "1", "2", "3", "mean"]
+
+    w = json.loads(data)["maps"]  # the page's weights (rounded to 4 decimals), [layer][head][query][key]
+
+    def alpha(x: float) -> str:
+        return f"rgba(30, 64, 175, {math.sqrt(x):.3f})"
+
+    assert out["first"] == alpha(w[0][0][2][1])
+    assert out["mean"] == alpha(sum(w[1][h][2][1] for h in range(4)) / 4)
+    assert out["head2"] == alpha(w[1][2][2][1])
+    assert out["hover"] == f"c \u2192 b: {w[1][2][2][1]:.4f}"

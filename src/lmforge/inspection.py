@@ -250,7 +250,7 @@ def attention_html(maps: Tensor, tokens: Sequence[str], path: str | os.PathLike,
         kind = "Bidirectional: every token may attend to every other token."
     else:
         kind = "Cross-attention: target tokens (rows) attend to source tokens (columns)."
-    data = {"queries": list(tokens), "keys": keys, "maps": maps.float().round(decimals=4).tolist()}
+    data = {"queries": list(tokens), "keys": keys, "maps": maps.double().round(decimals=4).tolist()}
     # Inside <script>, "</script>" in a token would end the block: escape <, > and & in the JSON.
     blob = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
     blob = blob.replace("&", "\\u0026")
