@@ -159,8 +159,10 @@ def _check_tags(sentences: Sequence[Sequence[str]], scheme_cls: type, what: str)
             ok = (sep and entity and prefix in seqeval.scheme.Prefixes
                   and seqeval.scheme.Prefixes[prefix] in scheme_cls.allowed_prefix)
             if not ok:
-                raise ValueError(f"{what}[{s}][{i}] = {tag!r} is not a {scheme_cls.__name__} tag "
-                                 f"('O' or PREFIX-TYPE with PREFIX in {scheme_cls.allowed_prefix})")
+                allowed = [p for p, flag in seqeval.scheme.Prefixes.items()
+                           if p not in ("O", "ANY") and flag in scheme_cls.allowed_prefix]
+                raise ValueError(f"{what}[{s}][{i}] = {tag!r} is not valid in the {scheme_cls.__name__} scheme "
+                                 f"('O' or PREFIX-TYPE, PREFIX one of {allowed})")
 
 
 def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]], scheme: str = "IOB2") -> dict:
