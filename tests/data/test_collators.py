@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lmforge.data.collators import (
     IGNORE_INDEX,
@@ -154,6 +155,20 @@ def test_mlm_reproducible_and_token_type_passthrough():
     # Consecutive calls of one collator differ (the generator advances).
     col = MLMCollator(vocab(), seed=7)
     assert not torch.equal(col(seqs * 20)["labels"], col(seqs * 20)["labels"])
+
+
+def test_mlm_dataloader_workers_and_epochs_differ_but_reproduce():
+    data = [list(range(10, 200))] * 8
+
+    def epochs(loader_seed: int) -> list[torch.Tensor]:
+        loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=MLMCollator(vocab(), seed=1),
+                            generator=torch.Generator().manual_seed(loader_seed))
+        return [batch["labels"] for _ in range(2) for batch in loader]
+
+    first = epochs(0)
+    assert len({tuple(b.flatten().tolist()) for b in first}) == len(first)  # no two batches masked alike
+    assert all(torch.equal(a, b) for a, b in zip(first, epochs(0)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, epochs(1)))
 
 
 def test_mlm_rejects_out_of_range_ids():

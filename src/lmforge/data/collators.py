@@ -155,8 +155,9 @@ def _check_range(ids: Tensor, vocab: VocabInfo) -> None:
 
 
 class _SeededCollator:
-    """Owns the torch.Generator; reseeds once per DataLoader worker so that workers, which each
-    receive a copy of the collator, do not produce identical random streams."""
+    """Owns the torch.Generator. In a DataLoader worker (which holds a copy of the collator) it
+    is reseeded from the collator seed and the worker's seed: DataLoader draws those afresh each
+    epoch from its own generator, so workers and epochs differ and a seeded loader reproduces."""
 
     def __init__(self, seed: int | None, generator: torch.Generator | None) -> None:
         if generator is None:
@@ -164,13 +165,13 @@ class _SeededCollator:
             generator.manual_seed(0 if seed is None else seed)
         self.generator = generator
         self._base_seed = generator.initial_seed()
-        self._worker: int | None = None
+        self._worker_seed: int | None = None
 
     def _gen(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
-        if info is not None and info.id != self._worker:
-            self._worker = info.id
-            self.generator.manual_seed((self._base_seed + 1_000_003 * (info.id + 1)) % 2**63)
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.generator.manual_seed((self._base_seed * 1_000_003 + info.seed) % 2**63)
         return self.generator
 
     def state_dict(self) -> dict[str, Any]:
