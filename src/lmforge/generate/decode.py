@@ -302,7 +302,7 @@ def _session(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
     if len(empty):
         raise ValueError(f"prompt row {int(empty[0])} has no tokens (attention_mask all 0)")
     if isinstance(model, GPT):
-        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # host sync (once): a token after padding
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # host sync (once): padding after a token
             raise ValueError("GPT prompts must be left-padded: attention_mask has padding after a token")
         return _GPTSession(model, input_ids, mask, n_rep, cfg.max_new_tokens, decode_step)
     if isinstance(model, EncoderDecoder):
