@@ -1,0 +1,285 @@
+"""Checkpoints that resume a run exactly and survive being killed while written.
+
+    out_dir/checkpoints/step_00001000/
+        model.safetensors   weights; each tied tensor stored once (metadata "tied" lists the aliases)
+        optimizer.pt        AdamW state (keyed by parameter name), scheduler, grad scaler
+        trainer.pt          step, tokens seen, best metric, and per process: RNG states
+                            (python, numpy, torch, CUDA) and the data loader's position
+        config.yaml         the resolved RunConfig
+        manifest.json       written last: step, metrics, and the size and sha256 of every file
+
+The directory is assembled under a temporary name, every file fsynced, then renamed
+into place: a SIGKILL leaves either the whole checkpoint or none. The manifest catches
+the rest (a truncated copy, a flipped bit): `verify` names the bad file, and
+`latest_good` steps back to the previous checkpoint.
+
+.pt files hold only tensors and plain Python values and load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmforge.config import RunConfig, save_config
+from lmforge.files import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns: everything `save` wrote."""
+
+    path: Path
+    step: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    trainer: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator a step may draw from: python, numpy, torch CPU, and this
+    process's CUDA device."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss], "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuples(obj: Any) -> Any:
+    """random.setstate needs tuples where a round trip may have produced lists."""
+    return tuple(_tuples(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _saveable(obj: Any) -> Any:
+    """numpy values (which weights_only loading refuses) as tensors / Python scalars."""
+    if isinstance(obj, dict):
+        return {k: _saveable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_saveable(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: canonical} for parameters shared under several names (a tied LM head):
+    the first name in registration order is canonical (lmforge.models.weights agrees)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def save_weights(state: dict[str, Tensor], path: Path, aliases: dict[str, str]) -> None:
+    """A state dict as safetensors, each alias left out (stored once, under its canonical name)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
+    save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(aliases)})
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from `save_weights`, aliases restored (pointing at the same tensor)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    for alias, canonical in aliases.items():
+        tensors[alias] = tensors[canonical]
+    return tensors
+
+
+# ----------------------------------------------------------------------------- save / verify / load
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(root: str | Path, step: int, *, model_state: dict[str, Tensor], aliases: dict[str, str],
+         optimizer_state: dict[str, Any], trainer_state: dict[str, Any], config: RunConfig | None = None,
+         metrics: dict[str, float] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` under root atomically; returns its directory.
+
+    metrics: validation metrics measured at this step (they rank checkpoints for keep_best).
+    extra: writes more files into the directory before it is sealed (a tokenizer, an export).
+    """
+    path = step_dir(root, step)
+    with atomic_dir(path) as tmp:
+        save_weights(model_state, tmp / "model.safetensors", aliases)
+        torch.save(_saveable(optimizer_state), tmp / "optimizer.pt")
+        torch.save(_saveable(trainer_state), tmp / "trainer.pt")
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+        if extra is not None:
+            extra(tmp)
+        files = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step,
+                                           "metrics": metrics or {}, "files": files})
+    return path
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete, intact checkpoint; CheckpointError naming the first
+    missing, truncated or altered file otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path}: missing (the checkpoint was not completely written)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{f}: truncated or altered ({f.stat().st_size} bytes, expected {meta['bytes']})")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: corrupt (sha256 does not match the manifest)")
+    return manifest
+
+
+def _load_pt(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (pickle raises many types; each means "unreadable")
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Verify, then read every part of a checkpoint onto the CPU."""
+    path = Path(path)
+    manifest = verify(path)
+    return Checkpoint(path, int(manifest["step"]), load_weights(path / "model.safetensors"),
+                      _load_pt(path / "optimizer.pt"), _load_pt(path / "trainer.pt"), manifest)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Sealed checkpoint directories under root, oldest first (temporary ones are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_good(root: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; a bad one is reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path.name, e)
+    return None
+
+
+def resolve_resume(resume: str, root: str | Path) -> Path | None:
+    """train.resume -> the checkpoint to start from: "auto" the latest good one under root
+    (None when there is none), "none" None, else that directory, which must verify."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_good(root)
+    verify(resume)
+    return Path(resume)
+
+
+def prune(root: str | Path, keep_last: int, *, keep_best: bool = False, metric: str = "val_loss",
+          mode: str = "min") -> list[Path]:
+    """Delete all but the `keep_last` newest checkpoints and (keep_best) the one whose
+    manifest has the best `metric`. Returns the deleted directories."""
+    paths = list_checkpoints(root)
+    keep = set(paths[-keep_last:])
+    if keep_best:
+        scored = []
+        for p in paths:
+            try:
+                value = json.loads((p / MANIFEST).read_text())["metrics"].get(metric)
+            except (OSError, ValueError, KeyError):
+                continue
+            if value is not None:
+                scored.append((value if mode == "min" else -value, p))
+        if scored:
+            keep.add(min(scored, key=lambda x: x[0])[1])
+    removed = []
+    for p in paths:
+        if p not in keep:
+            doomed = p.with_name(f".{p.name}.deleting")  # renamed first: never a half-deleted step_ dir
+            p.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def remove_stale_temporaries(root: str | Path) -> None:
+    """Remove what a killed writer left: .step_*.tmp, .step_*.old-PID and .step_*.deleting directories."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            leftover = p.name.endswith((".tmp", ".deleting")) or ".old-" in p.name
+            if p.is_dir() and p.name.startswith(".step_") and leftover:
+                shutil.rmtree(p, ignore_errors=True)

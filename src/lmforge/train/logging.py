@@ -1,0 +1,192 @@
+"""What a person watching a run sees: a progress bar, metrics.jsonl, TensorBoard, a loss plot.
+
+Only rank 0 writes; other ranks get a logger with enabled=False that does nothing.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, with the model's
+FLOPs per trained token estimated as (PaLM, appendix B)
+
+    6 N + 12 L H Q T
+
+N: parameters without position embeddings (2 FLOPs per multiply-add, x3 for forward and
+backward), L: layers, H: heads, Q: head dim, T: sequence length (the attention scores
+and their product with the values, which N does not count). Recomputation by activation
+checkpointing is not counted: MFU measures useful work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot state
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from lmforge.config import LogConfig
+from lmforge.files import atomic_write_bytes
+from lmforge.models import count_params
+
+# Dense peak FLOP/s per device, by (substring of the CUDA device name, precision).
+# H100/H200 SXM bf16/fp16: 989e12 (the DESIGN.md reference); fp32 runs the TF32 tensor cores.
+GPU_PEAKS: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
+}
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6N + 12 L H Q T for a GPT, Bert or EncoderDecoder (or a task head over one: the
+    backbone's attention shape is used; L counts encoder + decoder blocks)."""
+    n = count_params(model, positions=False)
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    if cfg is None:
+        return 6.0 * n
+    layers = cfg.n_layers + (getattr(cfg, "n_decoder_layers", 0) or 0)
+    return 6.0 * n + 12.0 * layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+@functools.cache
+def measured_cpu_flops(size: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of an fp32 (size x size) matmul on this CPU with torch's threads: the CPU
+    'peak' MFU is measured against (what the hardware sustains on the ideal kernel)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(device: torch.device, precision: str, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: `override`, the GPU table, or a measured CPU matmul rate;
+    None for an unknown GPU (MFU is then not reported)."""
+    if override is not None:
+        return override
+    if device.type == "cpu":
+        return measured_cpu_flops()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAKS.items():
+            if key in name:
+                return peaks.get(precision, peaks["fp32"])
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl (a torn last line from a killed run is dropped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """train_loss (and val_loss where present) against step, written as a PNG atomically."""
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png")
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+class RunLogger:
+    """Progress bar + metrics.jsonl + TensorBoard for one run directory.
+
+    On resume from step s, records after s (written by the run that was killed) are
+    dropped from metrics.jsonl and TensorBoard, so the history stays one clean curve."""
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: LogConfig, *, enabled: bool, total_steps: int,
+                 start_step: int = 0) -> None:
+        self.enabled, self.cfg = enabled, cfg
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.records = [r for r in read_records(self.path) if r.get("step", 0) <= start_step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        self.file = open(self.path, "a")  # noqa: SIM115 (open for the run's lifetime)
+        if cfg.tensorboard:
+            self.tb = SummaryWriter(self.out_dir / "tb", purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not cfg.progress)
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the bar (host-side only, every step)."""
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One JSON line (with at least "step"), TensorBoard scalars, the bar's postfix."""
+        if not self.enabled:
+            return
+        record = {k: v for k, v in record.items() if v is not None}
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")  # one write per line: a crash tears at most the last
+        self.file.flush()
+        step = record["step"]
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(_tag(key), value, step)
+        if self.bar is not None:
+            shown = {"loss": "train_loss", "val": "val_loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
+            self.bar.set_postfix({k: _short(record[v]) for k, v in shown.items() if v in record}, refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line of text above the bar (rank 0 only)."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        """Flush and close everything; write loss.png."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
+        if self.cfg.plot and self.records:
+            plot_losses(self.records, self.out_dir / "loss.png")
+
+
+def _tag(key: str) -> str:
+    """train_loss -> train/loss, val_mlm_acc -> val/mlm_acc, lr -> perf/lr: grouped in TensorBoard."""
+    group, _, rest = key.partition("_")
+    return f"{group}/{rest}" if group in ("train", "val") and rest else f"perf/{key}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)

@@ -1,0 +1,523 @@
+"""The training loop: one function, shared by pretraining and every fine-tuning task.
+
+They differ only in the model, the objective (lmforge.train.objectives, or a task's own)
+and the batches. Evaluation, checkpointing and logging are the visible
+`if step % every == 0:` lines of `train`; there are no callbacks.
+
+One optimizer step:
+    for each of grad_accum micro-batches: forward (autocast) -> summed loss -> backward
+    gradients /= labelled items of the whole step (all micro-batches, all processes)
+    clip the global gradient norm; a NaN/Inf norm skips the update (on the device)
+    AdamW step, scheduler step
+
+The device runs ahead of Python: nothing inside a step reads a tensor value on the host
+except on log steps (each such read is marked `# host sync`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import RunConfig, save_config
+from lmforge.dist import parallel
+from lmforge.dist.parallel import DistEnv, all_reduce_sum
+from lmforge.train import checkpoint
+from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
+from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
+from lmforge.train.optim import build_optimizer, build_scheduler
+
+
+class BatchIterator(Protocol):
+    """What the loop consumes: an iterator of batches (dicts of CPU tensors: input_ids,
+    labels, ...) whose position can be saved and restored exactly. Training stops when it
+    is exhausted, so a pretraining iterator cycles through its data forever."""
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]: ...
+
+    def __next__(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, out of memory); the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. stopped: max_steps, max_tokens, max_time, data_exhausted or
+    interrupted (SIGINT/SIGTERM; a checkpoint was written first)."""
+
+    out_dir: Path
+    step: int
+    tokens: int
+    stopped: str
+    train_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+    checkpoint: Path | None = None
+
+
+@dataclass
+class _Run:
+    """The moving parts of one run, handed to the loop's helpers (data, no behaviour)."""
+
+    config: RunConfig
+    env: DistEnv
+    model: nn.Module
+    root: LossModule
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str
+    fused: bool
+    batches: BatchIterator
+    total_steps: int
+    aliases: dict[str, str]
+    step: int = 0
+    tokens: int = 0
+    best: dict[str, Any] | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = -1
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on a GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes: bf16/fp16 matmuls, fp32 weights and reductions."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to the device; on CUDA from pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) if isinstance(v, Tensor)
+            else v for k, v in batch.items()}
+
+
+def total_steps(config: RunConfig, world_size: int = 1) -> int:
+    """Optimizer steps of the schedule: max_steps, else max_tokens over the global batch's tokens."""
+    t = config.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.micro_batch_size * t.grad_accum * world_size * config.data.seq_len
+    return max(1, math.ceil(t.max_tokens / per_step))
+
+
+def _n_tokens(batch: dict[str, Any]) -> int:
+    """Tokens a batch feeds the model (encoder + decoder), known on the host from shapes."""
+    n = batch["input_ids"].numel()
+    return n + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class _StepStats:
+    loss: Tensor  # () summed loss of this process's micro-batches
+    count: Tensor  # () items it sums over
+    metrics: dict[str, tuple[Tensor, Tensor]]
+    tokens: int
+    lr: float
+    grad_norm: Tensor
+    found_inf: Tensor  # () bool: the update was skipped
+    seq_len: int
+
+
+def _forward_backward(run: _Run, batch: dict[str, Tensor], sync: bool) -> ObjectiveOutput:
+    with parallel.gradient_sync(run.runner, sync):
+        with autocast(run.precision, run.env.device):
+            out = run.runner(batch)
+        run.scaler.scale(out.loss).backward()
+    return out
+
+
+def _finish_gradients(run: _Run, count: Tensor) -> Tensor:
+    """Turn the summed-loss gradients into mean-loss ones and clip; returns the global norm."""
+    total = all_reduce_sum(count.double())  # labelled items of the whole step, all processes
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.root.parameters() if p.grad is not None]
+    # DDP and FSDP already averaged the gradients over processes: undo that, divide by the total.
+    scale = (run.env.world_size / total.clamp(min=1)).float()
+    torch._foreach_mul_(parallel.local_tensors([p.grad for p in params]), scale)
+    max_norm = run.config.optim.grad_clip or math.inf
+    return parallel.full_tensor(nn.utils.clip_grad_norm_(params, max_norm)).float()
+
+
+def _optimizer_step(run: _Run, grad_norm: Tensor, found_inf: Tensor) -> None:
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # skips the update itself when the unscaled gradients are not finite
+        run.scaler.update()
+    elif run.fused:
+        # The fused kernel reads found_inf (as GradScaler passes it) and skips the update on the
+        # device when it is 1: no host sync.
+        run.optimizer.found_inf = found_inf.float()
+        run.optimizer.step()
+    elif bool(torch.isfinite(grad_norm)):  # host sync: a foreach AdamW cannot skip an update on the device
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats | None:
+    """One optimizer step over grad_accum micro-batches; None when the data ran out (the
+    partial step is dropped, its gradients zeroed)."""
+    dev, accum = run.env.device, run.config.train.grad_accum
+    loss = torch.zeros((), device=dev)
+    count = torch.zeros((), dtype=torch.int64, device=dev)
+    metrics: dict[str, tuple[Tensor, Tensor]] = {}
+    tokens = 0
+    for i in range(accum):
+        batch = next(batches, None)
+        if batch is None:
+            run.optimizer.zero_grad(set_to_none=True)
+            return None
+        tokens += _n_tokens(batch)
+        try:
+            out = _forward_backward(run, to_device(batch, dev), sync=i == accum - 1)
+        except torch.OutOfMemoryError as e:
+            raise TrainingError(
+                f"out of memory on {dev} with train.micro_batch_size={run.config.train.micro_batch_size} "
+                f"(sequence length {batch['input_ids'].shape[-1]}): lower train.micro_batch_size and raise "
+                "train.grad_accum to keep the global batch, set train.activation_checkpointing=true, "
+                "or use dist.strategy=fsdp across GPUs") from e
+        loss += out.loss.detach().float()
+        count += out.count
+        for name, (value, n) in out.metrics.items():
+            s, c = metrics.get(name, (0, 0))
+            metrics[name] = (s + value.detach().float(), c + n)
+    lr = run.optimizer.param_groups[0]["lr"]
+    grad_norm = _finish_gradients(run, count)
+    found_inf = ~torch.isfinite(grad_norm)
+    _optimizer_step(run, grad_norm, found_inf)
+    return _StepStats(loss, count, metrics, tokens, lr, grad_norm, found_inf, batch["input_ids"].shape[-1])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _ratios(names: list[str], values: list[float], prefix: str) -> dict[str, float]:
+    """[loss, count, m1_sum, m1_count, ...] -> {prefix_loss, prefix_m1, ...}."""
+    out = {f"{prefix}_loss": values[0] / max(values[1], 1.0)}
+    for i, name in enumerate(names):
+        out[f"{prefix}_{name}"] = values[2 + 2 * i] / max(values[3 + 2 * i], 1.0)
+    return out
+
+
+def _pack(loss: Tensor, count: Tensor, metrics: dict[str, tuple[Tensor, Tensor]]) -> tuple[list[str], Tensor]:
+    names = sorted(metrics)
+    values = [loss, count] + [x for name in names for x in metrics[name]]
+    return names, torch.stack([torch.as_tensor(v, device=loss.device).double() for v in values])
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+@torch.no_grad()
+def evaluate(runner: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, *,
+             max_batches: int | None = None, precision: str = "fp32") -> dict[str, float]:
+    """Validation loss over (at most max_batches of) `batches`, summed over processes:
+    val_loss, val_ppl (of the LM loss: the MLM part for mlm+nsp), and each objective
+    metric averaged (val_mlm_acc, val_nsp_acc, ...). Every process must see equally many batches."""
+    was_training = runner.training
+    runner.eval()
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    metrics: dict[str, tuple[Tensor, Tensor]] = {}
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        with autocast(precision, device):
+            out = runner(to_device(batch, device))
+        loss += out.loss.double()
+        count += out.count
+        for name, (value, n) in out.metrics.items():
+            s, c = metrics.get(name, (0, 0))
+            metrics[name] = (s + value.double(), c + n)
+    runner.train(was_training)
+    names, packed = _pack(loss, count, metrics)
+    result = _ratios(names, all_reduce_sum(packed).tolist(), "val")  # host sync
+    result["val_ppl"] = _perplexity(result.get("val_mlm_loss", result["val_loss"]))
+    return result
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save(run: _Run, save_extra: Callable[[Path], None] | None) -> Path:
+    """Write a checkpoint of the current step (rank 0 writes; every process takes part)."""
+    model_state = parallel.full_model_state(run.model)  # collective under FSDP
+    optimizer_state = parallel.full_optimizer_state(run.root, run.optimizer)
+    ranks = parallel.gather_objects({"rng": checkpoint.rng_state(run.env.device),
+                                     "data": run.batches.state_dict()})
+    root = Path(run.config.train.out_dir) / "checkpoints"
+    if run.env.is_main:
+        ck = run.config.checkpoint
+        checkpoint.save(
+            root, run.step, model_state=model_state, aliases=run.aliases,
+            optimizer_state={"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
+                             "scaler": run.scaler.state_dict()},
+            trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best,
+                           "world_size": run.env.world_size, "ranks": ranks},
+            config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra)
+        checkpoint.prune(root, ck.keep_last, keep_best=ck.keep_best, metric=ck.metric, mode=ck.mode)
+    parallel.barrier()
+    return checkpoint.step_dir(root, run.step)
+
+
+def _restore(run: _Run, path: Path) -> None:
+    """Continue from a checkpoint: weights, optimizer, scheduler, RNG, data position, counters."""
+    ck = checkpoint.load(path)
+    trainer = ck.trainer
+    if trainer["world_size"] != run.env.world_size:
+        raise checkpoint.CheckpointError(
+            f"{path}: written by {trainer['world_size']} processes, resumed with {run.env.world_size}; the data "
+            "position is per process: resume with the same number, or start a new run with model.init_from")
+    parallel.load_model_state(run.model, ck.model)
+    parallel.load_optimizer_state(run.root, run.optimizer, ck.optimizer["optimizer"])
+    run.scheduler.load_state_dict(ck.optimizer["scheduler"])
+    run.scaler.load_state_dict(ck.optimizer["scaler"])
+    mine = trainer["ranks"][run.env.rank]
+    run.batches.load_state_dict(mine["data"])
+    checkpoint.set_rng_state(mine["rng"], run.env.device)
+    run.step, run.tokens, run.best = trainer["step"], trainer["tokens"], trainer["best"]
+
+
+def _update_best(run: _Run, val: dict[str, float]) -> None:
+    ck = run.config.checkpoint
+    value = val.get(ck.metric)
+    if value is None or not math.isfinite(value):
+        return
+    better = run.best is None or (value < run.best["value"] if ck.mode == "min" else value > run.best["value"])
+    if better:
+        run.best = {"metric": ck.metric, "value": value, "step": run.step}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to checkpoint and
+    stop after the current step; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, config: RunConfig) -> _Run:
+    t = config.train
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, t.device)
+    seed_everything(t.seed + env.rank)  # dropout differs per process; the model was initialised before
+    aliases = checkpoint.tied_aliases(model)
+    model.to(env.device).train()
+    root = LossModule(model, objective)
+    runner = parallel.parallelize(root, model, env, strategy=config.dist.strategy, compile=t.compile,
+                                  activation_checkpointing=t.activation_checkpointing,
+                                  reshard_after_forward=config.dist.reshard_after_forward)
+    optimizer = build_optimizer(root, config.optim)
+    steps = total_steps(config, env.world_size)
+    precision = resolve_precision(t.precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    fused = bool(optimizer.defaults.get("fused"))
+    run = _Run(config, env, model, root, runner, optimizer, build_scheduler(optimizer, config.optim, steps), scaler,
+               precision, fused, batches, steps, aliases)
+    ckpt_root = Path(t.out_dir) / "checkpoints"
+    if env.is_main:
+        checkpoint.remove_stale_temporaries(ckpt_root)
+    parallel.barrier()
+    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    if resume_from is not None:
+        _restore(run, resume_from)
+    if env.is_main:
+        save_config(config, Path(t.out_dir) / "config.yaml")
+    return run
+
+
+def _log_train(run: _Run, window: dict[str, Any], last: _StepStats, bad_run: Tensor, skipped: Tensor,
+               stop_local: bool, seconds: float) -> tuple[dict[str, Any], float, bool]:
+    """Reduce the window's sums over processes and read them (the log step's host sync).
+    Returns (record, consecutive bad steps, stop requested by any process)."""
+    names, packed = _pack(window["loss"], window["count"], window["metrics"])
+    reduced = all_reduce_sum(torch.cat([packed, packed.new_tensor([float(stop_local)])]))
+    local = torch.stack([last.grad_norm.double(), bad_run.double(), skipped.double()])
+    values = torch.cat([reduced, local]).tolist()  # host sync
+    grad_norm, bad, n_skipped = values[-3:]
+    record = {"step": run.step, **_ratios(names, values[:-4], "train"), "lr": last.lr, "grad_norm": grad_norm,
+              "tokens": run.tokens, "skipped_steps": int(n_skipped)}
+    tokens_per_s = window["tokens"] * run.env.world_size / max(seconds, 1e-9)
+    record["tokens_per_s"] = tokens_per_s
+    peak = peak_flops(run.env.device, run.precision, run.config.log.peak_flops)
+    if peak:
+        record["mfu"] = tokens_per_s * flops_per_token(run.model, window["seq_len"]) / (peak * run.env.world_size)
+    return record, bad, values[-4] > 0
+
+
+def _new_window(device: torch.device) -> dict[str, Any]:
+    return {"loss": torch.zeros((), device=device), "count": torch.zeros((), dtype=torch.int64, device=device),
+            "metrics": {}, "tokens": 0, "seq_len": 0}
+
+
+def _add_to_window(window: dict[str, Any], stats: _StepStats) -> None:
+    """Add a step to the log window; a skipped step's (NaN) numbers count as nothing."""
+    ok = ~stats.found_inf
+    window["loss"] += torch.where(ok, stats.loss, 0.0)
+    window["count"] += stats.count * ok
+    for name, (value, n) in stats.metrics.items():
+        s, c = window["metrics"].get(name, (0, 0))
+        window["metrics"][name] = (s + torch.where(ok, value, 0.0), c + n * ok)
+    window["tokens"] += stats.tokens
+    window["seq_len"] = stats.seq_len
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    train_batches: BatchIterator,
+    config: RunConfig,
+    *,
+    val_batches: Iterable[dict[str, Tensor]] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    save_extra: Callable[[Path], None] | None = None,
+) -> TrainResult:
+    """Train `model` on `objective` over `train_batches` as `config` says; resume first
+    when config.train.resume finds a checkpoint.
+
+    model: a plain single-device module (initialised identically on every process); it is
+        moved to the device and, under torchrun, wrapped by DDP or FSDP2 (in place).
+    objective: (model, batch) -> ObjectiveOutput, e.g. lmforge.train.objectives.clm.
+    train_batches: this process's shard of the training batches (see BatchIterator).
+    val_batches: re-iterable validation batches (each `iter()` starts over), this process's
+        shard; evaluated every eval.every steps for val_loss, val_ppl and objective metrics.
+    eval_fn: more validation metrics, called with the training model at each evaluation on
+        every process (e.g. a task's accuracy); its keys join the val_* record.
+    save_extra: writes more files into each checkpoint directory before it is sealed (rank 0).
+    """
+    run = _setup(model, objective, train_batches, config)
+    cfg, env = run.config, run.env
+    logger = RunLogger(cfg.train.out_dir, cfg.log, enabled=env.is_main, total_steps=run.total_steps,
+                       start_step=run.step)
+    logger.write(f"training {sum(p.numel() for p in run.root.parameters() if p.requires_grad):,} parameters on "
+                 f"{env.world_size} x {env.device} ({run.precision}), steps {run.step + 1}..{run.total_steps}"
+                 + (f", resumed from step {run.step}" if run.step else ""))
+    batches = iter(train_batches)  # after load_state_dict, so that the restored position is where it starts
+    device = env.device
+    window = _new_window(device)
+    bad_run = torch.zeros((), device=device)
+    skipped = torch.zeros((), device=device)
+    result = TrainResult(Path(cfg.train.out_dir), run.step, run.tokens, "max_steps", best=run.best)
+    last_saved = run.step if run.step else -1
+    start = t_window = time.monotonic()
+    with _StopSignals() as signals:
+        while run.step < run.total_steps:
+            stats = train_step(run, batches)
+            if stats is None:
+                result.stopped = "data_exhausted"
+                break
+            run.step += 1
+            run.tokens += stats.tokens * env.world_size
+            bad_run = (bad_run + 1) * stats.found_inf  # consecutive skipped steps, on the device
+            skipped += stats.found_inf
+            _add_to_window(window, stats)
+            logger.advance()
+            out_of_time = cfg.train.max_time is not None and time.monotonic() - start > cfg.train.max_time * 60
+            stop = "interrupted" if signals.reason else "max_time" if out_of_time else None
+
+            if run.step % cfg.log.every == 0 or run.step == run.total_steps:
+                record, bad, stop_any = _log_train(run, window, stats, bad_run, skipped, stop is not None,
+                                                   time.monotonic() - t_window)
+                logger.log(record)
+                result.train_loss = record["train_loss"]
+                stop = stop or ("interrupted" if stop_any else None)  # another process was signalled
+                window, t_window = _new_window(device), time.monotonic()
+                if bad >= cfg.train.max_bad_steps:
+                    raise TrainingError(
+                        f"the gradient was NaN/Inf for {int(bad)} steps in a row (up to step {run.step}; each was "
+                        "skipped): lower optim.lr, raise optim.warmup_steps, check the data, or use bf16 not fp16")
+            elif env.distributed:
+                stop = None  # processes agree to stop at log steps, where they communicate anyway
+
+            if val_batches is not None and cfg.eval.every and run.step % cfg.eval.every == 0:
+                _evaluate_and_log(run, val_batches, eval_fn, logger)
+
+            if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
+                result.checkpoint, last_saved = _save(run, save_extra), run.step
+
+            if stop is None and cfg.train.max_tokens is not None and run.tokens >= cfg.train.max_tokens:
+                stop = "max_tokens"  # the same count on every process: no need to agree
+            if stop is not None:
+                result.stopped = stop
+                break
+
+        if val_batches is not None and cfg.eval.at_end and run.last_eval_step != run.step and run.step > 0:
+            _evaluate_and_log(run, val_batches, eval_fn, logger)
+        if last_saved != run.step and run.step > 0:
+            result.checkpoint = _save(run, save_extra)
+    if result.stopped == "interrupted":
+        logger.write(f"stopped at step {run.step} ({signals.reason or 'stop requested by another process'}); "
+                     f"checkpoint {result.checkpoint}; run again with train.resume=auto to continue")
+    logger.close()
+    result.step, result.tokens, result.val, result.best = run.step, run.tokens, run.last_val, run.best
+    return result
+
+
+def _evaluate_and_log(run: _Run, val_batches: Iterable, eval_fn: Callable | None, logger: RunLogger) -> None:
+    val = evaluate(run.runner, val_batches, run.env.device, max_batches=run.config.eval.steps,
+                   precision=run.precision)
+    if eval_fn is not None:
+        val.update(eval_fn(run.model))
+    run.last_val, run.last_eval_step = val, run.step
+    _update_best(run, val)
+    logger.log({"step": run.step, **val})
+    logger.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))

@@ -1,0 +1,129 @@
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmforge.train.loop import TrainingError, train
+from lmforge.train.objectives import clm
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _split(batch, k):
+    return [{key: v.chunk(k)[i] for key, v in batch.items()} for i in range(k)]
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(gpt, batches_cls, make_clm_batch, run_config):
+    big = []
+    for s in range(3):
+        b = make_clm_batch(8, 16, seed=s)
+        b["labels"][:2, 5:] = -100  # uneven label counts: a mean per micro-batch would weight them wrongly
+        big.append(b)
+    one, accum = gpt(), gpt()
+    train(one, clm, batches_cls(big), run_config(**{"train.max_steps": 3}))
+    micro = [m for b in big for m in _split(b, 4)]
+    train(accum, clm, batches_cls(micro), run_config(**{"train.max_steps": 3, "train.grad_accum": 4}))
+    for (name, p), q in zip(one.named_parameters(), accum.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert not torch.equal(_params(one)["tok_emb.weight"], _params(gpt())["tok_emb.weight"])  # it trained
+
+
+def test_tiny_model_overfits_one_batch(gpt, batches_cls, make_clm_batch, run_config):
+    result = train(gpt(), clm, batches_cls([make_clm_batch(4, 16)]),
+                   run_config(**{"train.max_steps": 150, "optim.lr": 1e-2, "optim.warmup_steps": 10,
+                                 "optim.weight_decay": 0.0, "log.every": 10}))
+    assert result.train_loss < 0.05, result.train_loss
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_step_is_skipped(gpt, batches_cls, make_clm_batch, run_config, fused):
+    calls = {"n": 0}
+
+    def nan_at_third(model, batch):
+        out = clm(model, batch)
+        calls["n"] += 1
+        return out._replace(loss=out.loss * math.nan) if calls["n"] == 3 else out
+
+    cfg = dict(**{"optim.schedule": "constant", "optim.fused": fused})
+    skipped, clean = gpt(), gpt()
+    data = [make_clm_batch(4, 16, seed=s) for s in range(2)] + [make_clm_batch(4, 16, seed=9)]
+    res = train(skipped, nan_at_third, batches_cls(data), run_config(**cfg, **{"train.max_steps": 3}))
+    train(clean, clm, batches_cls(data), run_config(**cfg, **{"train.max_steps": 2,
+                                                             "train.out_dir": str(res.out_dir) + "-clean"}))
+    for p, q in zip(skipped.parameters(), clean.parameters()):
+        assert torch.equal(p, q)  # the NaN step changed nothing
+    records = [json.loads(line) for line in (res.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 1 and math.isfinite(records[-1]["train_loss"])
+
+
+def test_consecutive_nan_steps_stop_the_run(gpt, batches_cls, make_clm_batch, run_config):
+    def always_nan(model, batch):
+        out = clm(model, batch)
+        return out._replace(loss=out.loss * math.nan)
+
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
+        train(gpt(), always_nan, batches_cls([make_clm_batch(4, 16)]),
+              run_config(**{"train.max_bad_steps": 3}))
+
+
+def test_metrics_tensorboard_and_plot_are_written(gpt, batches_cls, make_clm_batch, run_config):
+    cfg = run_config(**{"train.max_steps": 6, "log.every": 2, "log.tensorboard": True, "log.plot": True,
+                        "eval.every": 3, "eval.steps": 2})
+    val = [make_clm_batch(4, 16, seed=100 + i) for i in range(3)]
+    res = train(gpt(), clm, batches_cls([make_clm_batch(4, 16)]), cfg, val_batches=val)
+    records = [json.loads(line) for line in (res.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train_loss" in r]
+    val_records = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    assert [r["step"] for r in val_records] == [3, 6]
+    for r in train_records:
+        assert r["lr"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["tokens"] == r["step"] * 64
+    assert math.isclose(val_records[0]["val_ppl"], math.exp(val_records[0]["val_loss"]))
+    assert res.val == {k: v for k, v in val_records[-1].items() if k != "step"}
+    png = (res.out_dir / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(res.out_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
+    assert (res.out_dir / "config.yaml").is_file()
+
+
+def test_sigint_checkpoints_then_resume_finishes_identically(gpt, batches_cls, make_clm_batch, run_config):
+    data = [make_clm_batch(4, 16, seed=s) for s in range(5)]
+    calls = {"n": 0}
+
+    def interrupt_at_fourth(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C during step 4
+        return clm(model, batch)
+
+    cfg = run_config(**{"train.max_steps": 8, "optim.warmup_steps": 2, "train.resume": "auto"})
+    interrupted = gpt()
+    res = train(interrupted, interrupt_at_fourth, batches_cls(data), cfg)
+    assert res.stopped == "interrupted" and res.step == 4
+    assert res.checkpoint.name == "step_00000004" and (res.checkpoint / "manifest.json").is_file()
+    resumed = gpt(seed=123)  # different init: everything must come from the checkpoint
+    res2 = train(resumed, clm, batches_cls(data), cfg)
+    assert res2.step == 8 and res2.stopped == "max_steps"
+    reference = gpt()
+    train(reference, clm, batches_cls(data), run_config(**{"train.max_steps": 8, "optim.warmup_steps": 2,
+                                                           "train.out_dir": str(res.out_dir) + "-ref"}))
+    for p, q in zip(resumed.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_budget_and_data_end_stop_the_run(gpt, batches_cls, make_clm_batch, run_config):
+    res = train(gpt(), clm, batches_cls([make_clm_batch(4, 16)]), run_config(**{"train.max_tokens": 200}))
+    assert res.stopped == "max_tokens" and res.step == 4 and res.tokens == 256
+    data = [make_clm_batch(4, 16, seed=s) for s in range(3)]
+    res = train(gpt(), clm, batches_cls(data, cycle=False),
+                run_config(**{"train.grad_accum": 2, "train.out_dir": str(res.out_dir) + "-2"}))
+    assert res.stopped == "data_exhausted" and res.step == 1
