@@ -1,0 +1,279 @@
+"""Loaders over prepared token shards: plain Python iterators yielding dicts of int64 CPU tensors.
+
+- `RandomWindows`: random fixed-length windows for causal-LM pretraining (infinite, seeded, resumable);
+- `SequentialWindows`: consecutive windows over a split, for validation (finite, deterministic);
+- `PackedDocuments`: whole documents packed into rows, with per-token document ids and positions
+  so a trainer can build a block-diagonal causal mask and restart positions at each document;
+- `Documents`: whole documents as token arrays, for collators that build their own examples
+  (masked LM + next sentence, denoising).
+
+Distributed training: every loader takes ``rank`` and ``world_size``. All ranks compute the same
+global batch of ``batch_size * world_size`` rows and each keeps its own ``batch_size`` rows (rank r
+takes rows ``r*B .. (r+1)*B``), so ranks see disjoint rows and together exactly what one process
+with the global batch would see. Labels are already shifted: ``labels[:, t]`` is the token after
+``input_ids[:, t]``, and -100 where there is none to predict (do not shift again).
+
+Resumption: `state_dict()` after a batch captures the position; a loader built with the same
+arguments and given `load_state_dict(state)` yields exactly the batches the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.data.shards import TokenShards
+
+IGNORE_INDEX = -100  # the label cross-entropy skips (torch.nn.functional.cross_entropy's default ignore_index)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def _check_state(state: dict[str, Any], expected: dict[str, Any], name: str) -> None:
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise ValueError(f"{name}.load_state_dict: saved {key}={state.get(key)!r} but this loader has {value!r}; "
+                             "resuming needs the same data settings")
+
+
+def _shifted(rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """(B, T + 1) token rows -> input_ids (B, T) and next-token labels (B, T), int64."""
+    rows = rows.astype(np.int64)
+    return {"input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+            "labels": torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))}
+
+
+class RandomWindows:
+    """Infinite batches of random windows: {"input_ids": (B, T), "labels": (B, T)} int64.
+
+    Step k draws the global batch's window starts from a generator seeded with (seed, k), so any
+    step can be reproduced from its number alone: that is the whole resumable state.
+    """
+
+    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        _check_rank(rank, world_size)
+        if shards.n_tokens < seq_len + 1:
+            raise ValueError(f"{shards.directory} ({shards.split}): {shards.n_tokens} tokens, fewer than one window "
+                             f"of seq_len + 1 = {seq_len + 1}")
+        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def __iter__(self) -> RandomWindows:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.step])
+        starts = rng.integers(0, self.shards.n_tokens - self.seq_len, size=self.batch_size * self.world_size)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        rows = np.stack([self.shards.tokens(int(s), int(s) + self.seq_len + 1) for s in mine])  # (B, T + 1)
+        self.step += 1
+        return _shifted(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch": self.batch_size * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_state(state, {"seed": self.seed, "seq_len": self.seq_len,
+                             "global_batch": self.batch_size * self.world_size}, "RandomWindows")
+        self.step = int(state["step"])
+
+
+class SequentialWindows:
+    """One deterministic pass of consecutive, non-overlapping windows (validation).
+
+    Yields {"input_ids": (b, T), "labels": (b, T)} with b = batch_size except possibly the last batch.
+    With world_size > 1 the final global batch is split evenly, dropping at most world_size - 1
+    windows, so every rank runs the same number of batches. Iterating again starts a new pass.
+    """
+
+    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 max_batches: int | None = None) -> None:
+        _check_rank(rank, world_size)
+        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
+        self.rank, self.world_size, self.max_batches = rank, world_size, max_batches
+        self.n_windows = max(0, shards.n_tokens - 1) // seq_len
+        if self.n_windows == 0:
+            raise ValueError(f"{shards.directory} ({shards.split}): {shards.n_tokens} tokens, fewer than one window "
+                             f"of seq_len + 1 = {seq_len + 1}")
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        """[first, last) window indices of this rank's batches."""
+        global_batch = self.batch_size * self.world_size
+        ranges = []
+        for base in range(0, self.n_windows, global_batch):
+            share = min(global_batch, self.n_windows - base) // self.world_size
+            if share == 0:
+                break
+            size = min(self.batch_size, share)
+            first = base + self.rank * size
+            ranges.append((first, first + size))
+        return ranges[: self.max_batches] if self.max_batches is not None else ranges
+
+    def __len__(self) -> int:
+        return len(self._ranges())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        T = self.seq_len
+        for first, last in self._ranges():
+            rows = np.stack([self.shards.tokens(w * T, w * T + T + 1) for w in range(first, last)])  # (b, T + 1)
+            yield _shifted(rows)
+
+
+class _DocumentOrder:
+    """Epoch-wise document order (a seeded permutation, or the stored order) and a cursor into it."""
+
+    def __init__(self, n_docs: int, shuffle: bool, seed: int) -> None:
+        if n_docs == 0:
+            raise ValueError("no documents to iterate over")
+        self.n_docs, self.shuffle, self.seed = n_docs, shuffle, seed
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def current(self) -> int:
+        """The document at the cursor (the cursor is always inside the current epoch)."""
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(self.n_docs) if self.shuffle else np.arange(self.n_docs)
+            self._order_epoch = self.epoch
+        return int(self._order[self.cursor])
+
+    def advance(self) -> None:
+        self.cursor += 1
+        if self.cursor == self.n_docs:
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+
+class PackedDocuments:
+    """Batches of rows of length T packed with whole documents.
+
+    Yields {"input_ids", "labels", "doc_ids", "position_ids"}, each (B, T) int64:
+    doc_ids numbers the documents within a row (0, 1, ...; -1 on padding), position_ids restart at
+    0 with each document, labels are next tokens within the same document (-100 at a document's
+    last token and on padding). A document that fits in a row is never cut: when it does not fit in
+    what is left of the row, the rest of the row is padded with `pad_id` (default: the separator).
+    A document longer than T is cut into pieces, each treated as its own document.
+    epochs: None for an endless stream; else stop after that many passes (the last batch may be
+    short when world_size is 1, and is dropped when incomplete otherwise).
+    """
+
+    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, pad_id: int | None = None, epochs: int | None = None) -> None:
+        _check_rank(rank, world_size)
+        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
+        self.seed, self.shuffle, self.rank, self.world_size, self.epochs = seed, shuffle, rank, world_size, epochs
+        self.pad_id = shards.eos_id if pad_id is None else pad_id
+        self.offsets = shards.doc_offsets
+        self.order = _DocumentOrder(shards.n_docs, shuffle, seed)
+        self.offset = 0  # tokens of the current document already placed (documents longer than a row)
+
+    def __iter__(self) -> PackedDocuments:
+        return self
+
+    def _exhausted(self) -> bool:
+        return self.epochs is not None and self.order.epoch >= self.epochs
+
+    def _next_row(self) -> list[tuple[int, int]]:
+        """Global token ranges [start, stop) of the segments that make up the next row."""
+        T, segments, used = self.seq_len, [], 0
+        while used < T and not self._exhausted():
+            doc = self.order.current()
+            start, stop = int(self.offsets[doc]) + self.offset, int(self.offsets[doc + 1])
+            remaining = stop - start
+            if remaining <= T - used:  # the (rest of the) document fits: place it whole
+                segments.append((start, stop))
+                used += remaining
+                self.offset = 0
+                self.order.advance()
+            elif remaining > T:  # longer than any row: it has to be cut, so fill this row with its next piece
+                take = T - used
+                segments.append((start, start + take))
+                used += take
+                self.offset += take
+            else:  # would fit a fresh row: pad this one rather than cut the document
+                break
+        return segments
+
+    def _row(self, segments: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+        T = self.seq_len
+        ids = np.full(T, self.pad_id, np.int64)
+        labels = np.full(T, IGNORE_INDEX, np.int64)
+        doc_ids = np.full(T, -1, np.int64)
+        positions = np.zeros(T, np.int64)
+        at = 0
+        for k, (start, stop) in enumerate(segments):
+            n = stop - start
+            ids[at:at + n] = self.shards.tokens(start, stop)
+            labels[at:at + n - 1] = ids[at + 1:at + n]
+            doc_ids[at:at + n] = k
+            positions[at:at + n] = np.arange(n)
+            at += n
+        return ids, labels, doc_ids, positions
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        global_rows = []
+        for _ in range(self.batch_size * self.world_size):
+            if self._exhausted():
+                break
+            global_rows.append(self._next_row())
+        full = len(global_rows) == self.batch_size * self.world_size
+        mine = global_rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        if not mine or (not full and self.world_size > 1):
+            raise StopIteration
+        columns = zip(*(self._row(segments) for segments in mine))
+        names = ("input_ids", "labels", "doc_ids", "position_ids")
+        return {name: torch.from_numpy(np.stack(col)) for name, col in zip(names, columns)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.order.epoch, "cursor": self.order.cursor, "offset": self.offset, "seed": self.seed,
+                "shuffle": self.shuffle, "seq_len": self.seq_len, "global_batch": self.batch_size * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_state(state, {"seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len,
+                             "global_batch": self.batch_size * self.world_size}, "PackedDocuments")
+        self.order.epoch, self.order.cursor = int(state["epoch"]), int(state["cursor"])
+        self.offset = int(state["offset"])
+
+
+class Documents:
+    """Whole documents as int64 numpy arrays (separator removed), for collators that build examples.
+
+    Documents come in a seeded per-epoch order (or stored order with shuffle=False); rank r of
+    world_size takes every world_size-th document of that order, so ranks see disjoint documents.
+    epochs: None for an endless stream. Resumable through state_dict() / load_state_dict().
+    """
+
+    def __init__(self, shards: TokenShards, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, epochs: int | None = 1) -> None:
+        _check_rank(rank, world_size)
+        self.shards, self.seed, self.shuffle = shards, seed, shuffle
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.order = _DocumentOrder(shards.n_docs, shuffle, seed)
+
+    def __iter__(self) -> Documents:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        while self.epochs is None or self.order.epoch < self.epochs:
+            take = self.order.cursor % self.world_size == self.rank
+            doc = self.order.current()
+            self.order.advance()
+            if take:
+                return self.shards.document(doc).astype(np.int64)
+        raise StopIteration
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.order.epoch, "cursor": self.order.cursor, "seed": self.seed, "shuffle": self.shuffle,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_state(state, {"seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size}, "Documents")
+        self.order.epoch, self.order.cursor = int(state["epoch"]), int(state["cursor"])

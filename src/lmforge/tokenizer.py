@@ -1,0 +1,464 @@
+"""Tokenizers: a thin layer over Hugging Face `tokenizers`, plus training.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust pipeline: normalizer, pre-tokenizer,
+model, post-processor, decoder) and adds what lmforge needs around it: named special
+tokens (bos/eos/pad/unk/mask/cls/sep), a chat template, a content fingerprint that
+prepared data is checked against, and loading/saving in the layout `transformers` reads
+(tokenizer.json + tokenizer_config.json + special_tokens_map.json).
+
+`train_tokenizer` trains one of three kinds on files or strings:
+
+- ``"bpe"``: byte-level BPE as in GPT-2 (no unknown tokens; any UTF-8 text round-trips);
+- ``"wordpiece"``: BERT's WordPiece, with BERT's normalizer (optional lowercasing, CJK
+  characters split into single characters) and ``[CLS] A [SEP] B [SEP]`` templates;
+- ``"unigram"``: the SentencePiece unigram model with ``▁`` marking word starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmforge.data.sources import InputSpec, iter_documents
+
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
+KINDS = ("bpe", "wordpiece", "unigram")
+
+# Roles of well-known special tokens, used when a role is not stated (a bare tokenizer.json, or a list of specials).
+_KNOWN_ROLES: dict[str, tuple[str, ...]] = {
+    "<|endoftext|>": ("bos", "eos"), "<|pad|>": ("pad",), "<s>": ("bos",), "</s>": ("eos",), "<pad>": ("pad",),
+    "<unk>": ("unk",), "<mask>": ("mask",), "[PAD]": ("pad",), "[UNK]": ("unk",), "[CLS]": ("cls",),
+    "[SEP]": ("sep",), "[MASK]": ("mask",),
+}
+_DEFAULT_SPECIALS: dict[str, dict[str, str]] = {
+    "bpe": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|pad|>"},
+    "wordpiece": {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+    "unigram": {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "mask": "<mask>"},
+}
+_NO_MAX_LENGTH = 10**12  # transformers writes a huge number (1e30) for "no limit"
+
+
+class _Special:
+    """Descriptor: ``bos_token`` is the token string, ``bos_id`` its id; None when the tokenizer has no such token."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.role, self.kind = name.rsplit("_", 1)
+
+    def __get__(self, obj: Tokenizer | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        token = obj.special_tokens.get(self.role)
+        if self.kind == "token" or token is None:
+            return token
+        return obj.backend.token_to_id(token)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with named special tokens, a chat template and a fingerprint.
+
+    backend: the Rust tokenizer (also reachable as ``self.backend``).
+    special_tokens: role -> token string, roles from SPECIAL_ROLES; every token must be in the vocabulary.
+    """
+
+    bos_token, eos_token, pad_token, unk_token = _Special(), _Special(), _Special(), _Special()
+    mask_token, cls_token, sep_token = _Special(), _Special(), _Special()
+    bos_id, eos_id, pad_id, unk_id = _Special(), _Special(), _Special(), _Special()
+    mask_id, cls_id, sep_id = _Special(), _Special(), _Special()
+
+    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str | None] | None = None,
+                 chat_template: str | None = None, model_max_length: int | None = None) -> None:
+        self.backend = backend
+        self.special_tokens: dict[str, str] = {}
+        for role, token in (special_tokens or {}).items():
+            if role not in SPECIAL_ROLES:
+                raise ValueError(f"unknown special token role {role!r}; expected one of {', '.join(SPECIAL_ROLES)}")
+            if token is None:
+                continue
+            if backend.token_to_id(token) is None:
+                raise ValueError(f"special token {role}={token!r} is not in the vocabulary")
+            self.special_tokens[role] = token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+
+    # ---- encoding and decoding -------------------------------------------------------------------------------
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (and `pair`, for two-segment inputs such as BERT's)."""
+        return self.backend.encode(text, pair, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of many texts at once (Rust threads; offsets are not computed, which saves time)."""
+        fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in fast(self._batch_inputs(texts, pairs), add_special_tokens=add_special_tokens)]
+
+    def encodings(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                  add_special_tokens: bool = True) -> list[tokenizers.Encoding]:
+        """Full encodings: ids, type_ids, offsets (character spans), word_ids, special_tokens_mask, ..."""
+        return self.backend.encode_batch(self._batch_inputs(texts, pairs), add_special_tokens=add_special_tokens)
+
+    @staticmethod
+    def _batch_inputs(texts: Sequence[str], pairs: Sequence[str] | None) -> list:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch/encodings take a list of texts; use encode for a single text")
+        if pairs is None:
+            return list(texts)
+        if len(pairs) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
+        return list(zip(texts, pairs))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of a sequence of ids (a list, numpy array or 1-D tensor)."""
+        return self.backend.decode(_as_int_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self.backend.decode_batch([_as_int_list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        return self.backend.id_to_token(id)
+
+    # ---- properties ------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (every id is below this)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of the role tokens and of every added token marked special."""
+        ids = {self.backend.token_to_id(t) for t in self.special_tokens.values()}
+        ids |= {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
+        return ids
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of what decides the ids: the tokenizer pipeline and vocabulary, and the special roles.
+
+        Independent of runtime settings (padding, truncation) and of the chat template; equal after a
+        save/load round trip. Prepared data records it so data tokenized differently is refused.
+        """
+        content = json.loads(self.backend.to_str())
+        for runtime_key in ("truncation", "padding", "version"):
+            content.pop(runtime_key, None)
+        content["lmforge_special_tokens"] = dict(sorted(self.special_tokens.items()))
+        blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        model = type(self.backend.model).__name__
+        specials = ", ".join(f"{r}={t!r}" for r, t in self.special_tokens.items())
+        return f"Tokenizer({model}, vocab_size={self.vocab_size}, {specials})"
+
+    # ---- loading and saving ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load from a directory (or a file in it) holding tokenizer.json, vocab.json + merges.txt
+        (GPT-2 byte-level BPE) or vocab.txt (BERT WordPiece). Special tokens, chat template and
+        model_max_length come from tokenizer_config.json / special_tokens_map.json when present.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+        directory = path.parent if path.is_file() else path
+        config = _read_config(directory)
+        specials = {r: config[f"{r}_token"] for r in SPECIAL_ROLES if config.get(f"{r}_token")}
+        chosen = path if path.is_file() else None
+        if chosen is None:
+            for name in ("tokenizer.json", "vocab.json", "vocab.txt"):
+                if (directory / name).is_file():
+                    chosen = directory / name
+                    break
+            else:
+                raise FileNotFoundError(f"{directory}: no tokenizer found (expected tokenizer.json, "
+                                        "vocab.json + merges.txt, or vocab.txt)")
+        if chosen.name == "vocab.json":
+            backend = _load_gpt2_files(chosen, directory / "merges.txt")
+        elif chosen.suffix == ".txt":
+            backend, bert_specials = _load_bert_vocab(chosen, bool(config.get("do_lower_case", True)), specials)
+            specials = {**bert_specials, **specials}
+        else:
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(chosen))
+            except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+                raise ValueError(f"{chosen}: not a valid tokenizer.json ({e})") from None
+        if not specials:
+            specials = _guess_roles(backend, [t.content for t in backend.get_added_tokens_decoder().values()])
+        specials = {r: t for r, t in specials.items() if backend.token_to_id(t) is not None}
+        backend.add_special_tokens(sorted(set(specials.values())))  # no-op when already registered as special
+        max_len = config.get("model_max_length")
+        max_len = int(max_len) if isinstance(max_len, int | float) and max_len < _NO_MAX_LENGTH else None
+        return cls(backend, specials, chat_template=config.get("chat_template"), model_max_length=max_len)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, atomically.
+
+        The layout loads in `transformers` (``AutoTokenizer.from_pretrained(directory)``) and encodes
+        identically. Returns the directory.
+        """
+        specials = {f"{role}_token": tok for role, tok in self.special_tokens.items()}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+                                  "clean_up_tokenization_spaces": False}
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        files = {
+            "tokenizer.json": self.backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False),
+        }
+        return write_files_atomically(directory, files)
+
+
+def write_files_atomically(directory: str | Path, files: Mapping[str, str]) -> Path:
+    """Write text files into `directory`: a new directory appears whole (built aside, then renamed);
+    into an existing one each file is replaced by rename, so no reader ever sees a half-written file."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return directory
+        for name in files:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _as_int_list(ids: Iterable[int]) -> list[int]:
+    tolist = getattr(ids, "tolist", None)  # numpy arrays and torch tensors
+    return tolist() if tolist is not None else [int(i) for i in ids]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_config(directory: Path) -> dict:
+    """special_tokens_map.json overlaid by tokenizer_config.json; token entries flattened to strings."""
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            config.update(_read_json(directory / name))
+    for key, value in list(config.items()):
+        if key.endswith("_token") and isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
+            config[key] = value.get("content")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        config["chat_template"] = named.get("default")
+    if config.get("chat_template") is None and (directory / "chat_template.jinja").is_file():
+        config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return config
+
+
+def _guess_roles(backend: tokenizers.Tokenizer, tokens: Iterable[str]) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    for token in tokens:
+        for role in _KNOWN_ROLES.get(token, ()):
+            if backend.token_to_id(token) is not None:
+                roles.setdefault(role, token)
+    return roles
+
+
+def _load_gpt2_files(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
+    if not merges.is_file():
+        raise FileNotFoundError(f"{merges}: missing (vocab.json needs merges.txt beside it)")
+    try:
+        backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+        raise ValueError(f"{vocab} / {merges}: not a valid BPE vocabulary ({e})") from None
+    _byte_level_pipeline(backend)
+    return backend
+
+
+def _load_bert_vocab(vocab: Path, lowercase: bool, specials: Mapping[str, str]) -> tuple[tokenizers.Tokenizer, dict]:
+    roles = {**_DEFAULT_SPECIALS["wordpiece"], **specials}
+    try:
+        backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab), unk_token=roles["unk"]))
+    except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+        raise ValueError(f"{vocab}: not a valid WordPiece vocabulary ({e})") from None
+    if backend.token_to_id(roles["cls"]) is None or backend.token_to_id(roles["sep"]) is None:
+        raise ValueError(f"{vocab}: no {roles['cls']} / {roles['sep']} tokens, needed for BERT inputs")
+    _bert_pipeline(backend, lowercase, roles["cls"], roles["sep"])
+    return backend, roles
+
+
+def _byte_level_pipeline(backend: tokenizers.Tokenizer) -> None:
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+
+def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool, cls: str, sep: str) -> None:
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    cls_id, sep_id = backend.token_to_id(cls), backend.token_to_id(sep)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)],
+    )
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def parse_special_tokens(special_tokens: Sequence[str] | Mapping[str, str] | None, kind: str) -> dict[str, str]:
+    """Role -> token. A mapping is taken as is; list items are ``role=token`` or a bare token whose role
+    is known by name (``<|endoftext|>``, ``[CLS]``, ``</s>``, ...). None gives the kind's defaults."""
+    if special_tokens is None:
+        return dict(_DEFAULT_SPECIALS[kind])
+    if isinstance(special_tokens, Mapping):
+        return dict(special_tokens)
+    roles: dict[str, str] = {}
+    for item in special_tokens:
+        role, sep, token = item.partition("=")
+        if sep and role in SPECIAL_ROLES:
+            roles[role] = token
+        else:
+            for guessed in _KNOWN_ROLES.get(item, ()):
+                roles.setdefault(guessed, item)
+    return roles
+
+
+def _special_list(roles: Mapping[str, str], extra: Iterable[str]) -> list[str]:
+    """Specials in a stable order (pad first, as id 0 is the convention), without duplicates."""
+    order = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+    ordered = [roles[r] for r in order if r in roles] + list(extra)
+    return list(dict.fromkeys(ordered))
+
+
+def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(inputs: InputSpec | None = None, kind: str = "bpe", vocab_size: int = 8000, *,
+                    texts: Iterable[str] | None = None,
+                    special_tokens: Sequence[str] | Mapping[str, str] | None = None,
+                    lowercase: bool = False, min_frequency: int = 2, field: str = "text", doc_per_file: bool = False,
+                    model_max_length: int | None = None, show_progress: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` ("bpe", "wordpiece" or "unigram") with `vocab_size` ids.
+
+    inputs: corpus files, directories or globs (any format of `lmforge.data.sources`), read with `field`
+        and `doc_per_file`; or pass `texts`, an iterable of strings, instead.
+    special_tokens: see `parse_special_tokens`. Defaults: bpe ``<|endoftext|>`` (bos and eos) and a
+        distinct ``<|pad|>`` (so that fine-tuned models see a real end of text and learn to stop);
+        wordpiece ``[PAD] [UNK] [CLS] [SEP] [MASK]``; unigram ``<pad> <unk> <s> </s> <mask>``.
+    lowercase: lowercase before tokenizing (wordpiece also strips accents then, as BERT uncased does).
+    min_frequency: pairs (bpe, wordpiece) seen fewer times are not merged.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if (inputs is None) == (texts is None):
+        raise ValueError("pass exactly one of inputs (corpus files) or texts (strings)")
+    roles = parse_special_tokens(special_tokens, kind)
+    extra = [t for t in (special_tokens or []) if not isinstance(special_tokens, Mapping) and "=" not in t]
+    specials = _special_list(roles, extra)
+    if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
+        raise ValueError(f"vocab_size {vocab_size} is too small for {kind} with {len(specials)} special tokens")
+    backend, trainer = _untrained(kind, roles, specials, vocab_size, min_frequency, lowercase, show_progress)
+    docs = iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)
+    backend.train_from_iterator(_batched(docs), trainer=trainer)
+    if kind == "wordpiece":
+        _bert_pipeline(backend, lowercase, roles["cls"], roles["sep"])
+    return Tokenizer(backend, roles, model_max_length=model_max_length)
+
+
+def _untrained(kind: str, roles: Mapping[str, str], specials: list[str], vocab_size: int, min_frequency: int,
+               lowercase: bool, show_progress: bool) -> tuple[tokenizers.Tokenizer, trainers.Trainer]:
+    common = {"vocab_size": vocab_size, "special_tokens": specials, "show_progress": show_progress}
+    if kind == "bpe":
+        backend = tokenizers.Tokenizer(models.BPE())
+        _byte_level_pipeline(backend)
+        if lowercase:
+            backend.normalizer = normalizers.Lowercase()
+        trainer = trainers.BpeTrainer(min_frequency=min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      **common)
+    elif kind == "wordpiece":
+        missing = [r for r in ("unk", "cls", "sep") if r not in roles]
+        if missing:
+            raise ValueError(f"wordpiece needs special tokens for roles {', '.join(missing)}")
+        backend = tokenizers.Tokenizer(models.WordPiece(unk_token=roles["unk"]))
+        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                        strip_accents=None, lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(min_frequency=min_frequency, continuing_subword_prefix="##", **common)
+    else:
+        backend = tokenizers.Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        backend.normalizer = normalizers.Sequence(steps)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(unk_token=roles.get("unk"), **common)
+    return backend, trainer
+
+
+# ---- reports and the CLI entry point ---------------------------------------------------------------------------
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef\U00030000-\U0003134f]")
+
+
+def tokenizer_report(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, float | int]:
+    """Compression statistics of `tokenizer` on `texts`, special tokens not counted.
+
+    tokens_per_word is the fertility: tokens per whitespace-separated word, where each CJK ideograph
+    counts as one word (Chinese and Japanese are written without spaces). bytes_per_token counts
+    UTF-8 bytes, chars_per_token Unicode characters.
+    """
+    n_texts = n_words = n_tokens = n_bytes = n_chars = 0
+    for batch in _batched(texts):
+        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch, add_special_tokens=False))
+        for text in batch:
+            n_texts += 1
+            n_chars += len(text)
+            n_bytes += len(text.encode("utf-8"))
+            n_cjk = len(_CJK.findall(text))
+            n_words += n_cjk + len((_CJK.sub(" ", text) if n_cjk else text).split())
+    return {
+        "vocab_size": tokenizer.vocab_size, "n_texts": n_texts, "n_words": n_words, "n_tokens": n_tokens,
+        "tokens_per_word": n_tokens / max(n_words, 1), "bytes_per_token": n_bytes / max(n_tokens, 1),
+        "chars_per_token": n_chars / max(n_tokens, 1),
+    }
+
+
+def train_tokenizer_command(inputs: list[str], kind: str = "bpe", vocab_size: int = 8000, out: str | Path = "tokenizer",
+                            lowercase: bool = False, min_frequency: int = 2, special_tokens: list[str] | None = None,
+                            field: str = "text", report_docs: int = 2000) -> dict[str, Any]:
+    """Train a tokenizer on corpus files, save it to `out` (atomically) and return its report,
+    measured on the first `report_docs` documents of the corpus, with ``"out"`` added."""
+    tokenizer = train_tokenizer(inputs, kind, vocab_size, special_tokens=special_tokens, lowercase=lowercase,
+                                min_frequency=min_frequency, field=field)
+    tokenizer.save(out)
+    sample = (doc for i, doc in zip(range(report_docs), iter_documents(inputs, field=field)))
+    return {**tokenizer_report(tokenizer, sample), "out": str(out)}
