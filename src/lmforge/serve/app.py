@@ -1,0 +1,393 @@
+"""The HTTP layer: an OpenAI-compatible API and the playground page, as a FastAPI app.
+
+    GET  /                     the playground (serve/static)
+    GET  /health               liveness and queue depth (no key needed)
+    GET  /v1/models            the one model served
+    POST /v1/completions       prompt(s) -> text; stream=true for server-sent events
+    POST /v1/chat/completions  messages -> the assistant's reply; stream=true likewise
+
+Every request is bounded before it reaches the model: the body size (checked from
+Content-Length and while reading, before any parsing), the JSON (strictly typed, see
+schemas.py), the prompt length and max_tokens, the number of choices, and the queue
+(503 when full). Errors come back in OpenAI's shape {"error": {"message", "type",
+"param", "code"}} with the offending field named. Generation runs on the engine's
+worker thread, so the event loop keeps serving; a client that disconnects cancels its
+request before the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.api import LM, load
+from lmforge.generate.text import chat_prompt
+from lmforge.serve import protocol
+from lmforge.serve.engine import Done, Engine, EngineBusy, Event, Failed, GenerationRequest, collect
+from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+STATIC = resources.files("lmforge.serve") / "static"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask, and on the queue.
+
+    max_tokens: new tokens per choice; max_prompt_tokens: tokens per prompt (the model's
+    context bounds prompt + max_tokens as well); max_body_bytes: request body size;
+    max_queue: requests accepted at once (running or waiting; more get 503);
+    max_active: sequences decoded in turn by the worker (1 = strictly one at a time);
+    max_n: choices per prompt; max_prompts: prompts per completion request.
+    """
+
+    max_tokens: int = 512
+    max_prompt_tokens: int = 2048
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 32
+    max_active: int = 4
+    max_n: int = 8
+    max_prompts: int = 16
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive integer, got {value!r}")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(protocol.error_body(self.message, self.type, self.param, self.code), self.status,
+                            headers=self.headers)
+
+
+# ---- request parsing --------------------------------------------------------------------------
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past `limit` bytes (before parsing), 400 if malformed."""
+    length = request.headers.get("content-length")
+    too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    if length is not None:
+        if not length.isdigit():
+            raise APIError(400, "invalid Content-Length header")
+        if int(length) > limit:
+            raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    if not body:
+        raise APIError(400, "request body is empty: send a JSON object")
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise APIError(400, f"malformed JSON body: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    return data
+
+
+def validate(schema: type[BaseModel], data: dict[str, Any]) -> Any:
+    """Validate a body; the first problem becomes a 400 naming its field."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        path = [str(p) for p in err["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)]
+        where = ".".join(path)
+        message = err["msg"].removeprefix("Value error, ")
+        if not where:  # a check across fields: its message starts with the field it is about
+            first = re.match(r"\w+", message)
+            where = first.group(0) if first and first.group(0) in schema.model_fields else ""
+        elif not message.startswith(path[0]):
+            message = f"{where}: {message}"
+        raise APIError(400, message, param=where or None) from None
+
+
+# ---- the app ----------------------------------------------------------------------------------
+
+class _Server:
+    """What the routes share: the engine, the tokenizer, the limits, the model's name."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, limits: Limits, model_name: str) -> None:
+        self.engine, self.tokenizer, self.limits, self.model_name = engine, tokenizer, limits, model_name
+
+    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if not ids and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id]  # an empty prompt starts from BOS
+        if not ids:
+            raise APIError(400, f"{field} is empty (encodes to no tokens)", param=field)
+        return ids
+
+    def check_prompt(self, ids: list[int], field: str) -> None:
+        limit = min(self.limits.max_prompt_tokens, self.engine.max_context - 1)
+        if len(ids) > limit:
+            raise APIError(400, f"{field} has {len(ids)} tokens; at most {limit} are allowed", param=field,
+                           code="context_length_exceeded")
+
+    def max_tokens(self, requested: int | None, default: int, prompts: list[list[int]]) -> int:
+        """max_tokens as asked (checked against the limit and the context), or the default
+        capped to what fits."""
+        longest = max(map(len, prompts))
+        room = self.engine.room(longest)
+        if requested is None:
+            return max(1, min(default, self.limits.max_tokens, room))
+        if requested > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens: {requested} is more than this server allows "
+                                f"({self.limits.max_tokens})", param="max_tokens")
+        if requested > room:
+            raise APIError(400, f"max_tokens: prompt ({longest} tokens) + max_tokens "
+                                f"({requested}) exceeds the model's context of {self.engine.max_context} tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    def check_choices(self, n: int, prompts: int) -> None:
+        if n > self.limits.max_n:
+            raise APIError(400, f"n: at most {self.limits.max_n} choices per prompt, got {n}", param="n")
+        if prompts > self.limits.max_prompts:
+            raise APIError(400, f"prompt: at most {self.limits.max_prompts} prompts per request, got {prompts}",
+                           param="prompt")
+
+    def submit(self, request: GenerationRequest) -> _Events:
+        try:
+            return _Events(self.engine, request)
+        except EngineBusy as e:
+            raise APIError(503, f"server busy: {e}; retry later", type="server_error", code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+
+class _Events:
+    """A submitted request's events, delivered into the event loop from the worker thread."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event))
+
+    async def __call__(self, request: Request | None = None) -> AsyncIterator[Event]:
+        """Events up to Done or Failed. With `request`, stops early when its client has gone
+        (for non-streaming responses; a stream is cancelled by the server when its client goes)."""
+        try:
+            while True:
+                if request is None:
+                    event = await self.queue.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+        finally:
+            self.handle.cancel()  # no-op when finished; frees the slot otherwise
+
+
+def _failure(error: Exception) -> APIError:
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    return APIError(500, "generation failed (see the server log)", type="server_error")
+
+
+async def _respond(srv: _Server, events: _Events, request: Request, stream: bool, chunks: Any, body: Any) -> Any:
+    """A JSON body after the whole generation, or the chunks as server-sent events."""
+    if not stream:
+        got = [event async for event in events(request)]
+        if not got or not isinstance(got[-1], Done | Failed):
+            return JSONResponse(protocol.error_body("client disconnected"), 499)
+        try:
+            return JSONResponse(body(collect(iter(got))))
+        except Exception as e:  # noqa: BLE001 -- a failed generation is answered, never raised
+            return _failure(e).response()
+
+    async def lines() -> AsyncIterator[str]:
+        async for event in events():
+            if isinstance(event, Failed):
+                err = _failure(event.error)
+                yield protocol.sse(protocol.error_body(err.message, err.type, err.param, err.code))
+                yield protocol.sse("[DONE]")
+            elif isinstance(event, Done):
+                for line in chunks.done(event):
+                    yield line
+            else:
+                for line in chunks.piece(event):
+                    yield line
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = None,
+               model_name: str = "lmforge") -> FastAPI:
+    """The server app for a loaded LM (anything with .model, a GPT or EncoderDecoder, and
+    .tokenizer). api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`."""
+    if getattr(lm, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer: serving needs one (tokenizer.json beside the weights)")
+    limits = limits or Limits()
+    engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
+    srv = _Server(engine, lm.tokenizer, limits, model_name)
+    created = protocol.now()
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @api.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(srv, created)]}
+
+    @api.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} not found; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
+        return _model_card(srv, created)
+
+    @api.post("/completions")
+    async def completions(request: Request) -> Any:
+        req = validate(CompletionRequest, await read_json(request, limits.max_body_bytes))
+        srv.check_choices(req.n, len(req.prompt))
+        prompts = [p if isinstance(p, list) else await run_in_threadpool(srv.encode, p, "prompt")
+                   for p in req.prompt]
+        for ids in prompts:
+            srv.check_prompt(ids, "prompt")
+        top = req.logprobs or 0
+        gen = _generation_request(req, prompts, srv.max_tokens(req.max_tokens, 16, prompts), req.logprobs is not None,
+                                  top)
+        events = srv.submit(gen)
+        chunks = protocol.CompletionChunks(model_name, req.logprobs is not None, req.include_usage)
+        body = lambda result: protocol.completion_body(result, protocol.new_id("cmpl"), model_name,
+                                                       req.logprobs is not None)
+        return await _respond(srv, events, request, req.stream, chunks, body)
+
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        req = validate(ChatCompletionRequest, await read_json(request, limits.max_body_bytes))
+        srv.check_choices(req.n, 1)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = chat_prompt(srv.tokenizer, messages)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        own_template = bool(getattr(srv.tokenizer, "chat_template", None))
+        ids = await run_in_threadpool(srv.encode, text, "messages", not own_template)
+        srv.check_prompt(ids, "messages")
+        gen = _generation_request(req, [ids], srv.max_tokens(req.max_tokens, limits.max_tokens, [ids]),
+                                  req.logprobs, req.top_logprobs or 0)
+        events = srv.submit(gen)
+        chunks = protocol.ChatChunks(model_name, req.logprobs, req.include_usage)
+        body = lambda result: protocol.chat_body(result, protocol.new_id("chatcmpl"), model_name, req.logprobs)
+        return await _respond(srv, events, request, req.stream, chunks, body)
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.include_router(api)
+    app.router.add_event_handler("shutdown", engine.close)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.load()}
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, "internal server error", type="server_error").response()
+
+    return app
+
+
+# The page loads only its own files: no third-party script can run in it.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "X-Frame-Options": "DENY"}
+
+
+def _model_card(srv: _Server, created: int) -> dict[str, Any]:
+    return {"id": srv.model_name, "object": "model", "created": created, "owned_by": "lmforge",
+            "max_context": srv.engine.max_context, "max_tokens": srv.limits.max_tokens}
+
+
+def _generation_request(req: Any, prompts: list[list[int]], max_tokens: int, logprobs: bool,
+                        top_logprobs: int) -> GenerationRequest:
+    return GenerationRequest(prompts=prompts, max_tokens=max_tokens, temperature=req.temperature,
+                             top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None,
+                             repetition_penalty=req.repetition_penalty, n=req.n, stop=req.stop, seed=req.seed,
+                             logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+          max_tokens: int = 512, max_prompt_tokens: int = 2048, max_body_bytes: int = 1 << 20, max_queue: int = 32,
+          max_active: int = 4, device: str | None = None, dtype: str | None = None, model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Load a model directory (lmforge or Hugging Face, with its tokenizer) and serve it
+    until interrupted. Binds to loopback by default; api_key (or the LMFORGE_API_KEY
+    environment variable) makes /v1/* require `Authorization: Bearer <key>`."""
+    api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
+    limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                    max_queue=max_queue, max_active=max_active)
+    lm = load(model_dir, device=device, dtype=dtype)
+    app = create_app(lm, api_key=api_key, limits=limits, model_name=model_name or Path(model_dir).resolve().name)
+    if api_key is None and not _is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

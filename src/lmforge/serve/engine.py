@@ -1,0 +1,483 @@
+"""The model side of the server: one worker thread that runs every generation.
+
+    HTTP handlers --submit(request, sink)--> waiting queue --admit--> active sequences
+                                                                      |  one decode step each,
+    sink(Piece) ... sink(Done) <-- detokenize, stop strings, top-k <--+  in turn (round robin)
+
+Why one thread and no cross-request batching: lmforge.generate decodes a batch under
+one GenerationConfig and one random generator, so requests with their own temperature,
+top-k/top-p and seed cannot share a batch without changing what each would produce
+alone; and a batched matmul rounds differently from an unbatched one, which can flip a
+greedy argmax. Here every sequence keeps its own KV cache and generator
+(`iter_generate`), so a request returns exactly what it returns alone, whatever else
+is running. The worker advances up to `max_active` sequences one token each in turn,
+so a short request (or a streaming reader waiting for its first token) is not stuck
+behind a long one; `max_active=1` is a plain first-in-first-out queue. A cancelled
+request (a client that went away) is dropped before its next step.
+
+Only this module touches the model; the HTTP layer sees GenerationRequest in and
+Piece / Done / Failed events out.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.generate import GenerationConfig, iter_generate
+from lmforge.generate.text import find_stop
+from lmforge.models.encdec import EncoderDecoder
+from lmforge.models.gpt import GPT
+
+log = logging.getLogger(__name__)
+
+# A character split across tokens decodes to U+FFFD until its last byte arrives.
+_INCOMPLETE = "\ufffd"
+
+
+class EngineBusy(Exception):
+    """The queue is full: the request was not accepted (HTTP 503)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One request: prompts (token ids, each non-empty), n completions of each.
+
+    temperature 0 is greedy. top_logprobs = k also reports, for every generated token,
+    the k most likely tokens under the model's unprocessed distribution (temperature,
+    top-k/top-p and penalties are not applied to reported log-probs).
+    """
+
+    prompts: list[list[int]]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenInfo:
+    """A generated token: id; text it added to the output ("" while a multi-byte
+    character is incomplete: the token that completes it carries the whole character);
+    logprob under the model; top: [(id, token string, logprob)], most likely first."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """New output of one choice (index = prompt * n + sample): text and the tokens that
+    produced it. finish_reason ("stop": EOS or a stop string; "length": max_tokens) is
+    set on the last piece of the choice."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Done:
+    """The request finished: token counts for `usage`."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """Generation raised: the request ends with this error."""
+
+    error: Exception
+
+
+Event = Piece | Done | Failed
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str
+
+
+@dataclass
+class GenerationResult:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return k
+    return 0
+
+
+class _Row:
+    """Incremental detokenizer of one choice: token ids in, released pieces out.
+
+    Text is released token by token once it decodes cleanly and cannot be the start of a
+    stop string; at a stop string the text (and the token list) is cut before it, as
+    `generate_text` cuts it.
+    """
+
+    def __init__(self, index: int, tokenizer: Any, eos: int | None, stop: list[str]) -> None:
+        self.index, self.tokenizer, self.eos, self.stop = index, tokenizer, eos, stop
+        self.ids: list[int] = []
+        self.infos: list[TokenInfo] = []
+        self.text = ""  # decoded text at the last clean point
+        self.clean = 0  # tokens covered by self.text
+        self.released = 0  # tokens already handed out
+        self.released_chars = 0
+        self.count = 0  # tokens generated, EOS included
+        self.finish_reason: str | None = None
+
+    def push(self, info: TokenInfo) -> Piece | None:
+        """Add the next generated token; returns the text that became final, if any."""
+        if self.finish_reason:
+            return None
+        self.count += 1
+        if info.id == self.eos:
+            return self.finish("stop")
+        self.ids.append(info.id)
+        self.infos.append(info)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith(_INCOMPLETE) or not text.startswith(self.text):
+            return None  # wait for the rest of the character
+        info.text, self.text, self.clean = text[len(self.text):], text, len(self.infos)
+        cut = find_stop(text, self.stop)
+        if cut is not None:
+            return self.finish("stop", cut)
+        safe = len(text) - (_held_back(text, self.stop) if self.stop else 0)
+        return self._release(safe)
+
+    def _release(self, safe: int, reason: str | None = None) -> Piece | None:
+        start, chars = self.released, self.released_chars
+        end = start
+        while end < self.clean and chars + len(self.infos[end].text) <= safe:
+            chars += len(self.infos[end].text)
+            end += 1
+        if end == start and reason is None:
+            return None
+        tokens = self.infos[start:end]
+        self.released, self.released_chars = end, chars
+        return Piece(self.index, "".join(t.text for t in tokens), tokens, reason)
+
+    def finish(self, reason: str, cut: int | None = None) -> Piece:
+        """End the choice: flush what is held back (cut before a stop string at `cut`)."""
+        self.finish_reason = reason
+        if cut is None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if self.infos and text.startswith(self.text):  # incomplete tail goes to the last token
+                self.infos[-1].text += text[len(self.text):]
+                self.text = text
+            self.clean = len(self.infos)
+            return self._release(len(self.text), reason)
+        kept, chars = [], 0
+        for info in self.infos[: self.clean]:
+            if chars >= cut:
+                break
+            info.text = info.text[: cut - chars]
+            chars += len(info.text)
+            kept.append(info)
+        self.infos, self.clean, self.text = kept, len(kept), self.text[:cut]
+        return self._release(cut, reason)
+
+
+class _Job:
+    """A submitted request: its sequences (one per prompt) and where its events go."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None]) -> None:
+        self.request, self.sink = request, sink
+        self.cancelled = False
+        self.failed = False
+        self.pending = len(request.prompts)  # sequences not finished yet
+        self.completion_tokens = 0
+
+
+class _Sequence:
+    """One prompt of a job, decoded by its own iter_generate (own KV cache, own generator)."""
+
+    def __init__(self, job: _Job, prompt_index: int, steps: Iterator, rows: list[_Row]) -> None:
+        self.job, self.prompt_index, self.steps, self.rows = job, prompt_index, steps, rows
+
+
+class Handle:
+    """What submit returns: cancel() stops the request before its next decoding step."""
+
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        self._engine, self._job = engine, job
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._job)
+
+
+class Engine:
+    """Runs generation requests of a GPT or EncoderDecoder on one worker thread.
+
+    model: a GPT or EncoderDecoder (eval mode); tokenizer: encode/decode, eos_id, pad_id.
+    max_active: sequences decoded in turn (1 = first in, first out);
+    max_queue: requests accepted at once (running or waiting) before submit raises EngineBusy.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_active: int = 4, max_queue: int = 64) -> None:
+        if not isinstance(model, GPT | EncoderDecoder):
+            raise ValueError(f"serving needs a GPT or EncoderDecoder model, got {type(model).__name__}")
+        if max_active < 1 or max_queue < 1:
+            raise ValueError(f"max_active and max_queue must be >= 1, got {max_active} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_active, self.max_queue = max_active, max_queue
+        self.device = next(model.parameters()).device
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Sequence] = []
+        self._jobs = 0  # accepted and not finished
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._token_strings: dict[int, str] = {}
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + new tokens the model takes."""
+        return self.model.config.max_seq_len
+
+    def room(self, prompt_tokens: int) -> int:
+        """Most new tokens a prompt of this length leaves room for."""
+        if isinstance(self.model, EncoderDecoder):  # the decoder has its own positions
+            return self.max_context
+        return self.max_context - prompt_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def load(self) -> dict[str, int]:
+        """Requests waiting and sequences running (for /health and the tests)."""
+        with self._cond:
+            return {"queued": len(self._waiting), "running": len(self._active), "accepted": self._jobs}
+
+    # ---- submitting -------------------------------------------------------------------------
+
+    def config_for(self, request: GenerationRequest) -> GenerationConfig:
+        """The GenerationConfig of a request (raises ValueError naming a bad field)."""
+        tok = self.tokenizer
+        pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+        return GenerationConfig(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                top_k=request.top_k or None, top_p=request.top_p,
+                                repetition_penalty=request.repetition_penalty, num_return_sequences=request.n,
+                                eos_token_id=tok.eos_id, pad_token_id=pad,
+                                logprobs=request.logprobs or request.top_logprobs > 0,
+                                top_logprobs=request.top_logprobs)
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Handle:
+        """Queue a request; `sink` receives its events from the worker thread.
+
+        Raises ValueError for a request the model cannot run, EngineBusy when full."""
+        self.config_for(request)
+        if not request.prompts or any(not p for p in request.prompts):
+            raise ValueError("every prompt needs at least one token")
+        for p in request.prompts:
+            if len(p) > self.max_context or request.max_tokens > self.room(len(p)):
+                raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({request.max_tokens}) do not fit the "
+                                 f"model's context of {self.max_context} tokens")
+            if max(p) >= self.vocab_size or min(p) < 0:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        job = _Job(request, sink)
+        with self._cond:
+            if self._closed:
+                raise EngineBusy("the engine is shut down")
+            if self._jobs >= self.max_queue:
+                raise EngineBusy(f"{self._jobs} requests are queued or running (limit {self.max_queue})")
+            self._jobs += 1
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return Handle(self, job)
+
+    def _cancel(self, job: _Job) -> None:
+        with self._cond:
+            if job.cancelled or job.pending == 0 or job.failed:
+                return
+            job.cancelled = True
+            if job in self._waiting:  # never started: free its slot now
+                self._waiting.remove(job)
+                self._jobs -= 1
+                self.stats["cancelled"] += 1
+
+    def close(self) -> None:
+        """Stop the worker thread; requests still queued or running are dropped."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- blocking helpers (the Python API and the tests) -------------------------------------
+
+    def stream(self, request: GenerationRequest) -> Iterator[Piece]:
+        """Pieces of a request as they are produced (blocking); closing the iterator cancels it."""
+        events: queue.Queue[Event] = queue.Queue()
+        handle = self.submit(request, events.put)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Done):
+                    return
+                yield event
+        finally:
+            handle.cancel()
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run a request to the end (blocking)."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(request, events.put)
+        return collect(iter(events.get, None))
+
+    # ---- the worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._active and not self._waiting:
+                    self._cond.wait()
+                if self._closed:
+                    dropped = {id(s.job): s.job for s in self._active} | {id(j): j for j in self._waiting}
+                    self._active.clear()
+                    self._waiting.clear()
+                    break
+                while self._waiting and len(self._active) < self.max_active:
+                    self._start(self._waiting.popleft())
+                active = list(self._active)
+            for seq in active:
+                self._advance(seq)
+        for job in dropped.values():
+            self._emit(job, Failed(EngineBusy("the server is shutting down")))
+
+    def _start(self, job: _Job) -> None:
+        req = job.request
+        cfg = self.config_for(req)
+        for p, ids in enumerate(req.prompts):
+            generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
+            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+            steps = iter_generate(self.model, input_ids, torch.ones_like(input_ids), cfg, generator=generator)
+            rows = [_Row(p * req.n + j, self.tokenizer, self.tokenizer.eos_id, req.stop) for j in range(req.n)]
+            self._active.append(_Sequence(job, p, steps, rows))
+
+    def _advance(self, seq: _Sequence) -> None:
+        """One decoding step of one sequence, its events sent; drops it when it ends."""
+        job = seq.job
+        if job.cancelled or job.failed:
+            self._drop(seq, None)
+            return
+        try:
+            step = next(seq.steps, None)
+            pieces = self._pieces(seq, step)
+        except Exception as e:  # a failing request must not stop the worker
+            log.exception("generation failed")
+            job.failed = True
+            self._drop(seq, e)
+            return
+        for piece in pieces:
+            self._emit(job, piece)
+        if all(row.finish_reason for row in seq.rows):
+            self._drop(seq, None)
+
+    def _pieces(self, seq: _Sequence, step) -> list[Piece]:
+        if step is None:  # max_tokens reached (or every row ended in EOS)
+            return [row.finish("length") for row in seq.rows if not row.finish_reason]
+        tokens = step.tokens.tolist()  # host sync: text is made on the host
+        logprobs = step.logprobs.tolist() if step.logprobs is not None else [None] * len(tokens)
+        top_ids = step.top_ids.tolist() if step.top_ids is not None else [[]] * len(tokens)
+        top_lps = step.top_logprobs.tolist() if step.top_logprobs is not None else [[]] * len(tokens)
+        pieces = []
+        for row, tok, lp, ids, lps in zip(seq.rows, tokens, logprobs, top_ids, top_lps):
+            if row.finish_reason:
+                continue
+            top = [(i, self.token_string(i), v) for i, v in zip(ids, lps)]
+            piece = row.push(TokenInfo(tok, "", lp, top))
+            if piece is None and not row.finish_reason and row.count == seq.job.request.max_tokens:
+                piece = row.finish("length")
+            if piece is not None:
+                pieces.append(piece)
+        return pieces
+
+    def _drop(self, seq: _Sequence, error: Exception | None) -> None:
+        seq.steps.close()  # frees the KV cache now
+        job = seq.job
+        with self._cond:
+            self._active.remove(seq)
+            job.pending -= 1
+            job.completion_tokens += sum(row.count for row in seq.rows)
+            self.stats["tokens"] += sum(row.count for row in seq.rows)
+            if error is not None:
+                others = [s for s in self._active if s.job is job]
+                for s in others:
+                    s.steps.close()
+                    self._active.remove(s)
+                job.pending = 0
+            if job.pending:
+                return
+            self._jobs -= 1
+            outcome = "failed" if job.failed else "cancelled" if job.cancelled else "completed"
+            self.stats[outcome] += 1
+        if error is not None:
+            self._emit(job, Failed(error))
+        elif not job.cancelled:
+            self._emit(job, Done(sum(map(len, job.request.prompts)), job.completion_tokens))
+
+    def _emit(self, job: _Job, event: Event) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # a receiver that is gone (e.g. its event loop closed) cancels its request
+            log.warning("dropping a request whose receiver failed", exc_info=True)
+            job.cancelled = True
+
+    def token_string(self, token_id: int) -> str:
+        """How one token reads on its own (special tokens included), cached."""
+        text = self._token_strings.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_strings[token_id] = text
+        return text
+
+
+def collect(events: Iterator[Event]) -> GenerationResult:
+    """Assemble a result from a request's events (up to Done; Failed raises)."""
+    choices: dict[int, Choice] = {}
+    for event in events:
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Done):
+            return GenerationResult([choices[i] for i in sorted(choices)], event.prompt_tokens,
+                                    event.completion_tokens)
+        choice = choices.setdefault(event.index, Choice(event.index, "", [], ""))
+        choice.text += event.text
+        choice.tokens += event.tokens
+        choice.finish_reason = event.finish_reason or choice.finish_reason
+    raise RuntimeError("the request's events ended before it finished")
