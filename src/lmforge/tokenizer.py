@@ -196,8 +196,9 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(str(chosen))
             except Exception as e:  # tokenizers raises a bare Exception for unparsable files
                 raise ValueError(f"{chosen}: not a valid tokenizer.json ({e})") from None
-        if not specials:
-            specials = _guess_roles(backend, [t.content for t in backend.get_added_tokens_decoder().values()])
+        if not specials:  # no configuration: recognise well-known special tokens, registered ones first
+            added = [t.content for t in backend.get_added_tokens_decoder().values()]
+            specials = _guess_roles(backend, added + list(_KNOWN_ROLES))
         specials = {r: t for r, t in specials.items() if backend.token_to_id(t) is not None}
         backend.add_special_tokens(sorted(set(specials.values())))  # no-op when already registered as special
         max_len = config.get("model_max_length")

@@ -34,7 +34,7 @@ FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".par
 BLOCK_SIZE = 1 << 22  # bytes read per step: large enough to amortise Python overhead, small enough to bound memory
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # the separator between .txt documents
-_LEADING_BLANK = re.compile(r"[ \t\r\f\v]*\n")
+_LEADING_BLANK = re.compile(r"(?:[ \t\r\f\v]*\n)+")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 InputSpec = str | Path | Iterable[str | Path]
@@ -152,10 +152,11 @@ def _txt_documents(blocks: Iterator[str], doc_per_file: bool) -> Iterator[str]:
         return
     pending: list[str] = []  # the document still open at the end of the previous block
     for block in blocks:
-        # Blocks end with a line break, so a blank line at the very start of this block closes `pending`.
-        if pending and _LEADING_BLANK.match(block):
+        # Blocks end with a line break, so blank lines at the very start of this block close `pending`.
+        leading = _LEADING_BLANK.match(block) if pending else None
+        if leading:
             yield from _nonblank("".join(pending))
-            pending = []
+            pending, block = [], block[leading.end():]
         parts = _BLANK_LINES.split(block)
         if len(parts) > 1:
             pending.append(parts[0])
