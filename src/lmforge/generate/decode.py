@@ -372,6 +372,7 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
         context_mask = torch.cat([session.context_mask, torch.ones(N, cfg.max_new_tokens, dtype=torch.bool,
                                                                      device=device)], 1)
         finished = torch.zeros(N, dtype=torch.bool, device=device)
+        needs_context = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
         logits = session.prefill()
         for t in range(cfg.max_new_tokens):
             scores = _process(logits, context[:, : L0 + t], context_mask[:, : L0 + t], t, cfg)
@@ -379,7 +380,8 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
             if cfg.eos_token_id is not None:
                 tokens = tokens.masked_fill(finished, cfg.pad_id)
                 finished |= tokens == cfg.eos_token_id
-            context[:, L0 + t] = tokens
+            if needs_context:
+                context[:, L0 + t] = tokens
             if cfg.logprobs or cfg.top_logprobs:
                 yield Step(tokens, *sampling.token_logprobs(logits, tokens, cfg.top_logprobs))
             else:
