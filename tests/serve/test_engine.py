@@ -13,6 +13,7 @@ import torch
 from lmforge.generate import generate_text
 from lmforge.models import build, preset
 from lmforge.serve.engine import Engine, EngineBusy, GenerationRequest, TokenInfo, _held_back, _Row
+from lmforge.serve.protocol import token_bytes
 
 from .conftest import UNICODE_LINE, tiny_gpt
 
@@ -85,7 +86,16 @@ def test_top_logprobs_are_the_models_next_token_distribution(engine, lm):
     torch.testing.assert_close(torch.tensor([v for _, _, v in first.top]), values)
     assert first.id == indices[0].item()  # greedy picks the most likely token
     assert first.logprob == pytest.approx(values[0].item(), abs=1e-5)
-    assert [s for _, s, _ in first.top] == [lm.tokenizer.decode([i], skip_special_tokens=False) for i in indices]
+    for i, s, _ in first.top:
+        text = lm.tokenizer.decode([i], skip_special_tokens=False)
+        assert s == text or ("\ufffd" in text and s.startswith("bytes:"))
+
+
+def test_token_strings_name_the_bytes_of_partial_characters(engine, tokenizer):
+    ids = tokenizer.encode("日本語 🙂", add_special_tokens=False)
+    strings = [engine.token_string(i) for i in ids]
+    assert any(s.startswith("bytes:\\x") for s in strings)
+    assert b"".join(bytes(token_bytes(s)) for s in strings).decode() == "日本語 🙂"
 
 
 def test_a_model_that_always_says_eos_stops_at_once(lm):

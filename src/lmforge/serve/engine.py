@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -256,7 +257,7 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._token_strings: dict[int, str] = {}
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_running": 0}
 
     @property
     def max_context(self) -> int:
@@ -373,6 +374,7 @@ class Engine:
                     break
                 while self._waiting and len(self._active) < self.max_active:
                     self._start(self._waiting.popleft())
+                self.stats["peak_running"] = max(self.stats["peak_running"], len(self._active))
                 active = list(self._active)
             for seq in active:
                 self._advance(seq)
@@ -459,12 +461,40 @@ class Engine:
             job.cancelled = True
 
     def token_string(self, token_id: int) -> str:
-        """How one token reads on its own (special tokens included), cached."""
+        """How one token reads on its own (special tokens included), cached. A token that is
+        only part of a UTF-8 character reads "bytes:\\xe2\\x80" (OpenAI's convention) when its
+        bytes can be recovered (byte-level BPE, SentencePiece byte fallback)."""
         text = self._token_strings.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = _token_bytes(self.tokenizer, token_id) if _INCOMPLETE in text else None
+            if raw is not None:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
             self._token_strings[token_id] = text
         return text
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    """The raw bytes of a token of a byte-level BPE ("\u0120the") or a SentencePiece byte
+    token ("<0xE2>"); None for other tokenizers."""
+    piece = tokenizer.id_to_token(token_id) if hasattr(tokenizer, "id_to_token") else None
+    if not piece:
+        return None
+    if all(ch in _BYTE_LEVEL for ch in piece):
+        return bytes(_BYTE_LEVEL[ch] for ch in piece)
+    match = _BYTE_FALLBACK.fullmatch(piece)
+    return bytes([int(match.group(1), 16)]) if match else None
 
 
 def collect(events: Iterator[Event]) -> GenerationResult:

@@ -7,6 +7,7 @@ temperature, top-k/top-p and penalties). JSON has no -inf or NaN: a log-prob bel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -95,8 +96,16 @@ class CompletionChunks:
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------
 
+def token_bytes(token: str) -> list[int]:
+    """UTF-8 bytes of a token string; "bytes:\\xe2\\x80" strings (part of a character) -> their bytes."""
+    if token.startswith("bytes:"):
+        with contextlib.suppress(ValueError):
+            return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
+    return list(token.encode("utf-8", "replace"))
+
+
 def _chat_token(token: str, logprob: float | None) -> dict[str, Any]:
-    return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8", "replace"))}
+    return {"token": token, "logprob": _lp(logprob), "bytes": token_bytes(token)}
 
 
 def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:

@@ -48,8 +48,9 @@ function requestBody() {
 // ---- output ------------------------------------------------------------------------------
 
 function probColour(p) {
-  // red (unlikely) -> green (likely), light enough to read text on
-  return `hsl(${Math.round(120 * p)}, 70%, 85%)`;
+  // red (p <= 0.001) -> green (p = 1) on a log scale, light enough to read text on
+  const x = Math.min(1, Math.max(0, 1 + Math.log10(Math.max(p, 1e-6)) / 3));
+  return `hsl(${Math.round(120 * x)}, 70%, 85%)`;
 }
 
 function addToken(tok) {
@@ -61,11 +62,18 @@ function addToken(tok) {
   span.dataset.index = String(i);
   span.tabIndex = 0;
   span.setAttribute("role", "button");
+  if (!tok.text) span.title = "part of a character (its bytes complete in a later token)";
   if (tok.logprob !== null && tok.logprob !== undefined) {
     span.style.background = probColour(Math.exp(tok.logprob));
-    span.title = `p = ${(100 * Math.exp(tok.logprob)).toFixed(2)}%`;
+    span.title = (span.title ? span.title + "; " : "") + `p = ${(100 * Math.exp(tok.logprob)).toFixed(2)}%`;
   }
   $("output").appendChild(span);
+}
+
+// A token as a quoted string (so spaces and newlines show); "bytes:\xe2" tokens (part of a
+// character) as they are.
+function showToken(token) {
+  return token.startsWith("bytes:") ? token : JSON.stringify(token);
 }
 
 function showDetail(index) {
@@ -77,14 +85,15 @@ function showDetail(index) {
   $("token-detail").hidden = false;
   const p = tok.logprob === null ? null : Math.exp(tok.logprob);
   $("detail-summary").textContent =
-    `Step ${index + 1}: chose ${JSON.stringify(tok.text)}` + (p === null ? "" : ` with p = ${(100 * p).toFixed(2)}%`);
+    `Step ${index + 1}: chose ${tok.text ? JSON.stringify(tok.text) : "part of a character"}` + (p === null ? "" : ` with p = ${(100 * p).toFixed(2)}%`);
   const rows = $("detail-rows");
   rows.replaceChildren();
+  const pMax = Math.max(...tok.top.map((a) => Math.exp(a.logprob)), 1e-12);
   for (const alt of tok.top) {
     const tr = document.createElement("tr");
     tr.className = "alt" + (alt.token === tok.text ? " chosen" : "");
     const prob = Math.exp(alt.logprob);
-    const cells = [JSON.stringify(alt.token), `${(100 * prob).toFixed(2)}%`];
+    const cells = [showToken(alt.token), `${(100 * prob).toFixed(2)}%`];
     for (const [j, text] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = text;
@@ -94,7 +103,7 @@ function showDetail(index) {
     const barCell = document.createElement("td");
     const bar = document.createElement("div");
     bar.className = "bar";
-    bar.style.width = `${Math.max(1, Math.round(120 * prob))}px`;
+    bar.style.width = `${Math.max(1, Math.round(160 * prob / pMax))}px`;  // relative to the most likely
     barCell.appendChild(bar);
     tr.appendChild(barCell);
     rows.appendChild(tr);

@@ -1,0 +1,147 @@
+"""Against a real uvicorn server on loopback: the official `openai` client (plain and
+streaming, completions and chat), 24 concurrent mixed requests that each return what
+they return alone, and clients that disconnect mid-request freeing their slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from lmforge.api import LM
+from lmforge.generate import chat_prompt, generate_text
+from lmforge.serve import Limits, create_app
+
+from .conftest import LiveServer, tiny_gpt
+
+PROMPT = "ROMEO: What light"
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_openai_client_completions(client, lm):
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2)
+    expected = generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=12)[0]
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and "".join(out.choices[0].logprobs.tokens) == expected
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_openai_client_chat(client, lm):
+    messages = [{"role": "user", "content": "Good morrow"}]
+    expected = generate_text(lm.model, lm.tokenizer, chat_prompt(lm.tokenizer, messages), max_new_tokens=10,
+                             temperature=0.8, seed=3)[0]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.8, seed=3)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == expected
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.8, seed=3,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_openai_client_sees_errors(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=-3)
+
+
+def _load_requests() -> list[tuple[str, dict]]:
+    """24 requests: completions and chat, greedy and sampled (seeded), plain and streamed, n up to 2."""
+    reqs = []
+    for i in range(24):
+        body = {"max_tokens": 8 + (i % 5) * 4, "seed": 100 + i}
+        body["temperature"] = 0.0 if i % 3 == 0 else 0.7 + 0.1 * (i % 4)
+        if i % 4 == 1:
+            body.update(top_k=30, top_p=0.9)
+        if i % 6 == 5:
+            body["n"] = 2
+        body["stream"] = i % 2 == 1
+        if i % 5 == 4:
+            reqs.append(("/v1/chat/completions", {**body, "messages": [{"role": "user", "content": f"line {i}"}]}))
+        else:
+            reqs.append(("/v1/completions", {**body, "prompt": f"{'ABCDEFGH'[i % 8]}{i}: speak {'o' * (i % 7)}"}))
+    return reqs
+
+
+async def _ask(http: httpx.AsyncClient, path: str, body: dict) -> list[str]:
+    """The texts of a request's choices, from the JSON body or from its stream."""
+    if not body["stream"]:
+        r = await http.post(path, json=body)
+        r.raise_for_status()
+        return [c["text"] if "text" in c else c["message"]["content"] for c in r.json()["choices"]]
+    texts: dict[int, str] = {}
+    async with http.stream("POST", path, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in httpx.Response(200, content=line[6:]).json()["choices"]:
+                    piece = c["text"] if "text" in c else c["delta"].get("content", "")
+                    texts[c["index"]] = texts.get(c["index"], "") + piece
+    return [texts[i] for i in sorted(texts)]
+
+
+def test_concurrent_requests_each_equal_their_answer_alone(live):
+    reqs = _load_requests()
+
+    async def run() -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            alone = [await _ask(http, path, body) for path, body in reqs]
+            together = await asyncio.gather(*(_ask(http, path, body) for path, body in reqs))
+        return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert live.app.state.engine.stats["peak_running"] == 4  # requests really were decoded side by side
+    assert [len(t) for t in alone] == [b.get("n", 1) for _, b in reqs]
+    assert sum(bool(text) for texts in alone for text in texts) >= 20  # not trivially empty
+
+
+def _wait_idle(engine, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.load()["accepted"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def long_server(tokenizer):
+    """A server whose model has room for 1000 new tokens: long enough to leave mid-way."""
+    app = create_app(LM(tiny_gpt(tokenizer.vocab_size, max_seq_len=1040), tokenizer),
+                     limits=Limits(max_tokens=1000, max_active=1))
+    with LiveServer(app) as server:
+        yield server
+
+
+def test_streaming_client_that_leaves_frees_its_slot(long_server):
+    engine = long_server.app.state.engine
+    body = {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=long_server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            started = time.monotonic()
+            health = http.get("/health").json()  # the event loop answers while the model works
+            assert health["running"] == 1 and time.monotonic() - started < 1.0
+        _wait_idle(engine)
+        assert engine.load()["accepted"] == 0 and engine.stats["cancelled"] == 1
+        assert engine.stats["tokens"] < 1000
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_waiting_client_that_leaves_frees_its_slot(long_server):
+    engine = long_server.app.state.engine
+    before = dict(engine.stats)
+    with httpx.Client(base_url=long_server.url, timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
+    _wait_idle(engine)
+    assert engine.stats["cancelled"] == before["cancelled"] + 1
+    assert engine.stats["tokens"] - before["tokens"] < 1000
