@@ -1,0 +1,186 @@
+"""The forward pass of each family, op by op, as `Walk` calls (see trace.py).
+
+Each function mirrors the module it names — keep them in step with src/lmforge/nn/
+and src/lmforge/models/ (the tests fail when they drift). The training objective is
+the one `verify` runs: next-token cross-entropy over every target position for GPT and
+encoder-decoder models; for Bert, masked-LM cross-entropy on `mlm_rows` positions per
+sequence plus next-sentence prediction on the pooled [CLS] vector. With `ce_chunk`,
+the loss runs the LM head and cross-entropy on chunks of rows under activation
+checkpointing, so backward keeps only the hidden states and recomputes each chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.plan.arch import Arch, Linear, Stack
+from lmforge.plan.trace import FP32, Segment, Sym, Walk
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Token counts of one micro-batch: batch, (source) sequence length, target length
+    (encoder-decoder), masked positions per sequence (Bert)."""
+
+    batch: int
+    seq_len: int
+    target_len: int
+    mlm_rows: int
+
+
+def _lin(stack: Stack, name: str, where: str) -> Linear:
+    return next(lin for lin in stack.linears() if lin.name == name and lin.where == where)
+
+
+def self_attention(w: Walk, x: Sym, st: Stack, T: int, rope: Sym | None) -> Sym:
+    """SelfAttention.forward: fused QKV, optional RoPE, SDPA, output projection."""
+    s, B = st.spec, w.o.batch
+    H, Hkv, Dh = s.n_heads, s.n_kv_heads, s.head_dim
+    qkv = w.linear(x, _lin(st, "wqkv", "attn"))
+    q = Sym(B * T * H * Dh, qkv.itemsize, qkv.rg, base=qkv)  # views of the QKV output
+    k = Sym(B * T * Hkv * Dh, qkv.itemsize, qkv.rg, base=qkv)
+    v = Sym(B * T * Hkv * Dh, qkv.itemsize, qkv.rg, base=qkv)
+    if rope is not None:
+        q, k = w.rope(q, rope, T, Dh), w.rope(k, rope, T, Dh)
+    y = w.sdpa(q, k, v, H, Hkv, Dh, T, T, s.attn_dropout)
+    return w.linear(y, _lin(st, "wo", "attn"))
+
+
+def cross_attention(w: Walk, x: Sym, memory: Sym, st: Stack, T: int, S: int) -> Sym:
+    """CrossAttention.forward: wq on x, wkv on the encoder output, SDPA, wo."""
+    s, B = st.spec, w.o.batch
+    H, D = s.n_heads, s.dim
+    q = w.linear(x, _lin(st, "wq", "cross"))
+    kv = w.linear(memory, _lin(st, "wkv", "cross"))
+    k, v = Sym(B * S * D, kv.itemsize, kv.rg, base=kv), Sym(B * S * D, kv.itemsize, kv.rg, base=kv)
+    y = w.sdpa(q, k, v, H, H, D // H, T, S, s.attn_dropout)
+    return w.linear(y, _lin(st, "wo", "cross"))
+
+
+def mlp(w: Walk, x: Sym, st: Stack) -> Sym:
+    """MLP: down(dropout(act(up(x)))); SwiGLU: down(dropout(silu(gate(x)) * up(x)))."""
+    s = st.spec
+    if s.mlp == "swiglu":
+        g = w.linear(x, _lin(st, "gate", "mlp"))
+        u = w.linear(x, _lin(st, "up", "mlp"))
+        h = w.mul(w.activation(g, "silu"), u)
+    else:
+        h = w.activation(w.linear(x, _lin(st, "up", "mlp")), s.act)
+    return w.linear(w.dropout(h, s.act_dropout), _lin(st, "down", "mlp"))
+
+
+def block(w: Walk, x: Sym, st: Stack, T: int, rope: Sym | None = None,
+          memory: Sym | None = None, S: int = 0) -> Sym:
+    """PreNormBlock / PostNormBlock / their decoder versions: (B, T, D) -> (B, T, D)."""
+    s = st.spec
+    norm = lambda t: w.norm(t, s.norm, s.dim)
+    if st.order == "pre":
+        x = w.add(x, w.dropout(self_attention(w, norm(x), st, T, rope), s.dropout))
+        if st.cross:
+            x = w.add(x, w.dropout(cross_attention(w, norm(x), memory, st, T, S), s.dropout))
+        return w.add(x, w.dropout(mlp(w, norm(x), st), s.dropout))
+    x = norm(w.add(x, w.dropout(self_attention(w, x, st, T, rope), s.dropout)))
+    if st.cross:
+        x = norm(w.add(x, w.dropout(cross_attention(w, x, memory, st, T, S), s.dropout)))
+    return norm(w.add(x, w.dropout(mlp(w, x, st), s.dropout)))
+
+
+def _blocks(w: Walk, x: Sym, st: Stack, T: int, **kw) -> Sym:
+    for i in range(st.n_layers):
+        w.begin(f"{st.name}.{i}")
+        x = block(w, x, st, T, **kw)
+    return x
+
+
+def _lm_loss(w: Walk, arch: Arch, h: Sym, rows: int, ce_chunk: int | None) -> None:
+    """LM head + cross-entropy on `rows` positions of h (B, T, D)."""
+    D, Vp, V = arch.dim, arch.padded_vocab, arch.vocab_size
+    if ce_chunk:
+        w.save(h, "activations")  # the checkpointed chunks keep only their input
+        w.gemm(rows, D, Vp, h.rg, w.o.trainable_base)
+        w.seg.recompute_flops += 2 * rows * D * Vp
+    else:
+        w.linear(h, Linear("lm_head", D, Vp, False, "head"))
+        w.keep(rows * V * FP32, "logits (log-softmax)")
+    w.move(rows * V * FP32 * 8)  # log-softmax and its backward, fp32
+
+
+def gpt(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+    c, B, T = arch.config, shape.batch, shape.seq_len
+    tr = w.o.trainable_base
+    w.begin("embed")
+    x = w.embedding(B * T, c.dim, tr, arch.padded_vocab)
+    rope = None
+    if c.positions == "learned":
+        x = w.add(x, w.embedding(T, c.dim, tr, c.max_seq_len))
+    elif c.positions == "sinusoidal":
+        x = w.add(x, Sym(T * c.dim, FP32, False))
+    else:
+        rope = Sym(2 * T * c.head_dim, FP32, False)  # cos, sin (1, T, Dh) for this forward
+    x = _blocks(w, w.dropout(x, c.dropout), arch.stacks[0], T, rope=rope)
+    w.begin("head")
+    _lm_loss(w, arch, w.norm(x, c.norm, c.dim), B * T, ce_chunk)
+    return w.segments
+
+
+def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+    c, B, T = arch.config, shape.batch, shape.seq_len
+    D, tr = c.dim, w.o.trainable_base
+    w.begin("embed")
+    x = w.add(w.add(w.embedding(B * T, D, tr, arch.padded_vocab), w.embedding(T, D, tr, c.max_seq_len)),
+              w.embedding(B * T, D, tr, c.type_vocab_size))
+    x = _blocks(w, w.dropout(w.norm(x, "layernorm", D), c.dropout), arch.stacks[0], T)
+    w.begin("head")
+    rows = B * shape.mlm_rows
+    w.keep(rows * 8, "indices")  # hidden[masked]: backward needs only the indices
+    g = Sym(rows * D, FP32, x.rg)
+    if ce_chunk:
+        w.save(g, "activations")
+        w.gemm(rows, D, D, g.rg, tr)
+        w.gemm(rows, D, arch.padded_vocab, g.rg, tr)
+        w.seg.recompute_flops += 2 * rows * D * (D + arch.padded_vocab)
+        w.move(rows * c.vocab_size * FP32 * 8)
+    else:
+        h = w.activation(w.linear(g, Linear("dense", D, D, True, "head")), c.act)
+        h = w.norm(h, "layernorm", D)
+        w.linear(h, Linear("decoder", D, arch.padded_vocab, True, "head"))
+        w.keep(rows * c.vocab_size * FP32, "logits (log-softmax)")
+    pooled = w.activation(w.linear(Sym(B * D, FP32, x.rg, base=x), Linear("pooler", D, D, True, "head")), "tanh")
+    w.linear(pooled, Linear("nsp_head", D, 2, True, "head"))
+    return w.segments
+
+
+def encdec(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+    c, B, S, T = arch.config, shape.batch, shape.seq_len, shape.target_len
+    D, tr = c.dim, w.o.trainable_base
+    enc, dec = arch.stacks
+
+    def embed(n: int) -> Sym:  # token embedding (* sqrt(D)) + positions, emb_norm, dropout
+        x = w.embedding(B * n, D, tr, arch.padded_vocab)
+        pos = w.embedding(n, D, tr, c.max_seq_len + c.position_offset) if c.positions == "learned" else \
+            Sym(n * D, FP32, False)
+        x = w.add(x, pos)
+        if c.embed_norm:
+            x = w.norm(x, "layernorm", D)
+        return w.dropout(x, c.dropout)
+
+    w.begin("encoder.embed")
+    memory = _blocks(w, embed(S), enc, S)
+    if c.norm_style == "pre":
+        w.begin("encoder.norm_f")
+        memory = w.norm(memory, "layernorm", D)
+    w.begin("decoder.embed")
+    x = _blocks(w, embed(T), dec, T, memory=memory, S=S)
+    w.begin("head")
+    if c.norm_style == "pre":
+        x = w.norm(x, "layernorm", D)
+    _lm_loss(w, arch, x, B * T, ce_chunk)
+    return w.segments
+
+
+WALKS = {"gpt": gpt, "bert": bert, "encdec": encdec}
+
+
+def walk(arch: Arch, w: Walk, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+    """Segments of one micro-batch's forward pass, in order."""
+    return WALKS[arch.family](w, arch, shape, ce_chunk)

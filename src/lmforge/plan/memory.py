@@ -1,0 +1,223 @@
+"""Training memory per device: the persistent state, and a replay of one optimizer step
+that finds the moment of peak tensor memory.
+
+Persistent (between steps): fp32 weights (lmforge keeps fp32 parameters under bf16 and
+fp16 autocast: autocast casts per op, so there are no separate master weights), fp32
+gradients of the trainable parameters while they exist, optimizer states (AdamW: two
+fp32 moments; SGD with momentum: one), non-persistent buffers (RoPE / sinusoidal tables,
+BART's logit bias) and the batch.
+
+The step replay visits the moments where memory can peak:
+- end of forward: everything autograd saved (trace.py) plus the loss head's logits and,
+  under autocast with activation checkpointing, the cached low-precision weight copies;
+- start of backward (the loss head): the saved activations plus cross-entropy's
+  gradient chain and the LM head's weight gradient (`head_transients`);
+- each block's backward, in reverse: activations not yet freed, gradients produced so
+  far, the block's own gradients and working buffers (with activation checkpointing,
+  the recomputed block's activations);
+- each embedding's backward: with a tied embedding its dense gradient and the sum with
+  the LM head's buffered contribution exist beside the gradients (two extra V x D fp32
+  tensors) — the peak of small batches;
+- the optimizer step (fused AdamW / SGD: no temporaries beyond the states).
+With gradient accumulation, micro-batches after the first run with every gradient alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.plan.arch import Arch
+from lmforge.plan.dataflow import Shape
+from lmforge.plan.trace import FP32, INT64, Segment
+
+#: Parameter groups outside the blocks whose gradients the loss head produces.
+HEAD_GROUPS = ("norm_f", "lm_head", "mlm_head", "pooler", "nsp_head", "decoder.norm_f")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """What changes the memory model beyond the dataflow (see `make_plan`)."""
+
+    lowp: int | None
+    optimizer: str
+    activation_checkpointing: bool
+    ce_chunk: int | None
+    devices: int
+    strategy: str  # "ddp" | "fsdp"
+    grad_accum: int
+    lora_per_block: dict[str, int] | None = None  # adapter parameters per block, by stack; None: full training
+
+
+@dataclass
+class Memory:
+    """Bytes per device. `components` are the sizes of each kind of memory; `at_peak`
+    what is alive at the predicted peak, which happens at `peak_moment`."""
+
+    components: dict[str, int]
+    at_peak: dict[str, int]
+    peak: int
+    peak_moment: str
+    activations_per_block: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def optimizer_state_bytes(optimizer: str, trainable: int) -> int:
+    """AdamW: exp_avg and exp_avg_sq (fp32); SGD (momentum 0.9): one momentum buffer."""
+    return {"adamw": 2, "sgd": 1}[optimizer] * FP32 * trainable
+
+
+def buffer_bytes(arch: Arch) -> int:
+    """Non-parameter tensors the model holds: rotary cos/sin, sinusoidal tables, logit bias."""
+    c = arch.config
+    if arch.family == "gpt":
+        if c.positions == "rope":
+            return 2 * c.max_seq_len * c.head_dim * FP32
+        return c.max_seq_len * c.dim * FP32 if c.positions == "sinusoidal" else 0
+    if arch.family == "encdec":
+        tables = 2 * c.max_seq_len * c.dim * FP32 if c.positions == "sinusoidal" else 0
+        return tables + arch.padded_vocab * FP32
+    return 0
+
+
+def batch_bytes(arch: Arch, shape: Shape) -> int:
+    """int64 inputs and targets of one micro-batch."""
+    B, T = shape.batch, shape.seq_len
+    if arch.family == "gpt":
+        return 2 * B * T * INT64
+    if arch.family == "bert":
+        return (B * T + 2 * B * shape.mlm_rows + B) * INT64
+    return (B * T + 2 * B * shape.target_len) * INT64
+
+
+def head_rows(arch: Arch, shape: Shape) -> int:
+    """Positions the LM head scores: every target token, or Bert's masked positions."""
+    B = shape.batch
+    return B * {"gpt": shape.seq_len, "bert": shape.mlm_rows, "encdec": shape.target_len}[arch.family]
+
+
+def head_transients(arch: Arch, shape: Shape, s: MemorySettings) -> tuple[int, int]:
+    """Extra bytes the loss head holds beyond saved activations: (end of forward, start of backward).
+
+    Forward: one chunk's logits (all rows unchunked) and, under autocast, their fp32
+    copy; with chunks under autocast also the cached low-precision LM head weight.
+    Backward: the larger of cross-entropy's gradient chain (log-softmax, its gradient,
+    the logits' gradient: 3 x rows x V fp32, one of them saved when unchunked) and the
+    moment the LM head's weight gradient (V x D fp32, computed in low precision first
+    under autocast) sits beside the logits' gradient; plus, with several chunks, the
+    summed weight gradient of earlier chunks and the full-size gradient of the hidden
+    states, and under autocast the recomputed weight and input copies.
+    """
+    rows, D, V, Vp = head_rows(arch, shape), arch.dim, arch.vocab_size, arch.padded_vocab
+    chunk = min(s.ce_chunk or rows, rows)
+    several = -(-rows // chunk) > 1
+    it = s.lowp or FP32
+    E = 0 if s.lora_per_block is not None else Vp * D * FP32
+    fwd = chunk * Vp * it + (chunk * V * FP32 if s.lowp else 0)
+    if s.ce_chunk and s.lowp:
+        fwd += Vp * D * s.lowp
+    ce_chain = (3 if s.ce_chunk else 2) * chunk * V * FP32
+    weight_grad = chunk * Vp * it + E + (Vp * D * s.lowp if s.lowp and E else 0)
+    bwd = max(ce_chain, weight_grad)
+    if s.ce_chunk and s.lowp:
+        bwd += (Vp * D + chunk * D) * s.lowp
+    if several:
+        bwd += E + rows * D * FP32
+    return fwd, bwd
+
+
+def _stack_of(arch: Arch, seg: Segment):
+    parts = seg.name.split(".")
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None
+    return next(st for st in arch.stacks if st.name == parts[0])
+
+
+def _tokens(st, shape: Shape) -> int:
+    return shape.batch * (shape.target_len if st.cross else shape.seq_len)
+
+
+def block_working(arch: Arch, st, shape: Shape) -> int:
+    """Gradient buffers alive inside one block's backward: the residual stream's gradient
+    in and out, and the gradients of the widest intermediate in and out."""
+    widest = max(lin.d_out for lin in st.linears()) * (2 if st.spec.mlp == "swiglu" else 1)
+    return FP32 * _tokens(st, shape) * (2 * arch.dim + 2 * widest)
+
+
+def segment_saved(arch: Arch, segs: list[Segment], shape: Shape, ac: bool) -> list[int]:
+    """Bytes each segment keeps for backward; a checkpointed block keeps its fp32 input
+    (and a decoder block the encoder output, once for all of them)."""
+    out = []
+    memory_kept = False
+    for seg in segs:
+        st = _stack_of(arch, seg)
+        if st is None or not ac:
+            out.append(seg.saved_bytes)
+            continue
+        kept = _tokens(st, shape) * arch.dim * FP32
+        if st.cross and not memory_kept:
+            kept += shape.batch * shape.seq_len * arch.dim * FP32
+            memory_kept = True
+        out.append(kept)
+    return out
+
+
+def segment_grads(arch: Arch, segs: list[Segment], s: MemorySettings) -> list[int]:
+    """Gradient bytes each segment's backward turns into .grad: blocks their parameters
+    (or adapters), the head its own layers; embeddings and their norms land at the first
+    segment, whose backward runs last."""
+    head = sum(n for k, n in arch.extra.items() if k in HEAD_GROUPS)
+    rest = sum(arch.extra.values()) - head
+    out = []
+    for i, seg in enumerate(segs):
+        st = _stack_of(arch, seg)
+        if s.lora_per_block is not None:
+            out.append(FP32 * s.lora_per_block.get(st.name, 0) if st else 0)
+        elif st is not None:
+            out.append(FP32 * st.block_params())
+        else:
+            out.append(FP32 * (head if seg.name == "head" else rest if i == 0 else 0))
+    return out
+
+
+def replay(arch: Arch, segs: list[Segment], shape: Shape, s: MemorySettings, persistent: int,
+           grads_total: int, shard: int) -> tuple[int, str, dict[str, int]]:
+    """Walk one micro-batch's forward end and backward; return (peak, moment, what is alive).
+
+    `persistent` excludes gradients; `grads_total` are the per-device gradients; block
+    gradients are divided by `shard` (FSDP reduce-scatters them as each block finishes).
+    """
+    ac = s.activation_checkpointing
+    saved = segment_saved(arch, segs, shape, ac)
+    seg_grads = [g // shard for g in segment_grads(arch, segs, s)]
+    head_fwd, head_bwd = head_transients(arch, shape, s)
+    tied = arch.tied_head and s.lora_per_block is None
+    E = arch.padded_vocab * arch.dim * FP32
+    accumulating = s.grad_accum > 1  # later micro-batches find every gradient alive
+    g_prev = grads_total if accumulating else 0
+    moments: list[tuple[int, str, dict[str, int]]] = []
+
+    def add(label: str, **parts: int) -> None:
+        moments.append((persistent + g_prev + sum(parts.values()), label, parts))
+
+    A = sum(saved)
+    cache = sum(seg.saved.get("autocast weight copies", 0) for seg in segs if _stack_of(arch, seg)) if ac else 0
+    add("end of forward", activations=A, loss_buffers=head_fwd, autocast_weight_cache=cache)
+    add("backward: loss head", activations=A, loss_buffers=head_bwd)
+    a_left, g_so_far = A - saved[-1], (0 if accumulating else seg_grads[-1])
+    buffer = E if tied else 0  # the LM head's contribution to the tied embedding's gradient
+    for i in range(len(segs) - 2, -1, -1):
+        seg, st = segs[i], _stack_of(arch, segs[i])
+        if st is not None:  # its start (recomputed under checkpointing) and its end
+            recompute = seg.saved_bytes if ac else 0
+            work = block_working(arch, st, shape)
+            add(f"backward: {seg.name}", activations=a_left + recompute, grads=g_so_far,
+                tied_grad_buffer=buffer, working=work)
+            add(f"backward: {seg.name}", activations=a_left - saved[i], grads=g_so_far + seg_grads[i],
+                tied_grad_buffer=buffer, working=work)
+        elif seg.name.endswith("embed") and tied:
+            add(f"backward: {seg.name}", activations=a_left, grads=g_so_far, tied_grad_buffer=buffer,
+                embedding_grad=E * (3 if accumulating and i == 0 else 2))
+        a_left -= saved[i]
+        g_so_far += 0 if accumulating else seg_grads[i]
+    add("optimizer step", grads=grads_total - g_prev)
+    peak, label, parts = max(moments, key=lambda m: m[0])
+    return peak, label, parts
