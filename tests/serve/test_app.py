@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from lmforge.generate import chat_prompt, generate_text
 from lmforge.serve import GenerationRequest, Limits, create_app
+from lmforge.serve.engine import EngineBusy
 
 PROMPT = "ROMEO: What light"
 KEY = "sk-test-key"
@@ -276,6 +277,8 @@ def test_full_queue_answers_503(lm):
         while engine.load()["accepted"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    with pytest.raises(EngineBusy, match="shut down"):  # the app's shutdown stopped the engine
+        engine.submit(engine_request(lm), lambda e: None)
 
 
 def engine_request(lm) -> GenerationRequest:

@@ -5,6 +5,10 @@ they return alone, and clients that disconnect mid-request freeing their slot.""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -145,3 +149,35 @@ def test_waiting_client_that_leaves_frees_its_slot(long_server):
     _wait_idle(engine)
     assert engine.stats["cancelled"] == before["cancelled"] + 1
     assert engine.stats["tokens"] - before["tokens"] < 1000
+
+
+def test_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
+    model_dir = lm.save(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from lmforge.serve import serve; serve({str(model_dir)!r}, port={port}, log_level='warning')"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LMFORGE_API_KEY": "k1"})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
+        assert models["data"][0]["id"] == "model"  # named after its directory
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from LMFORGE_API_KEY
+        out = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k1"},
+                         json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0}).json()
+        assert out["choices"][0]["text"] == generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
+        with socket.socket() as s:  # bound to loopback only
+            s.settimeout(1)
+            other = [a for a in socket.gethostbyname_ex(socket.gethostname())[2] if not a.startswith("127.")]
+            if other:
+                assert s.connect_ex((other[0], port)) != 0
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -18,6 +18,7 @@ request before the next token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -321,10 +322,14 @@ def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = No
         body = lambda result: protocol.chat_body(result, protocol.new_id("chatcmpl"), model_name, req.logprobs)
         return await _respond(srv, events, request, req.stream, chunks, body)
 
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()  # requests still running get an error; the worker thread ends
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
     app.include_router(api)
-    app.router.add_event_handler("shutdown", engine.close)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -383,7 +388,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     app = create_app(lm, api_key=api_key, limits=limits, model_name=model_name or Path(model_dir).resolve().name)
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 def _is_loopback(host: str) -> bool:

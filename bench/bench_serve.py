@@ -1,0 +1,190 @@
+"""Serving throughput and latency: `lmforge serve` under concurrent load on loopback.
+
+    python bench/bench_serve.py                                   # gpt-tiny, random init, CPU
+    python bench/bench_serve.py --model runs/quickstart/model --new-tokens 64 --concurrency 1 4 16 32
+
+The server runs in its own process (uvicorn, as `lmforge serve` runs it), so the load
+generator does not share its interpreter. For each --max-active setting (sequences the
+engine decodes in turn; 1 = first in, first out) and each --concurrency C, C clients
+send --requests requests in total, back to back, over keep-alive connections: fixed
+prompts (8, rotating), --new-tokens new tokens, greedy, non-streaming -- latency is
+the whole request; then the same streamed, for the time to the first token (TTFT).
+Requests/s and tokens/s count only the non-streaming pass. Peer row: the same requests
+through `generate_text` in one process, one after another, with no server.
+
+Without --model the model is a randomly initialised gpt-tiny (dim 128, 4 layers) over
+a byte-level BPE of 4096 tokens trained on the bundled corpus (weights do not change
+the speed; a random model rarely emits EOS, so almost every request produces exactly
+--new-tokens tokens; usage says how many were produced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.resources
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import lmforge
+from lmforge.api import LM, load
+from lmforge.generate import generate_text
+from lmforge.models import build, count_params, preset
+from lmforge.tokenizer import train_tokenizer
+
+PROMPTS = [
+    "ROMEO: What light through yonder window breaks?",
+    "First Citizen: Before we proceed any further, hear me speak.",
+    "JULIET: O Romeo, Romeo! wherefore art thou Romeo?",
+    "HAMLET: To be, or not to be, that is the question:",
+    "KING RICHARD III: Now is the winter of our discontent",
+    "MACBETH: Is this a dagger which I see before me,",
+    "PORTIA: The quality of mercy is not strain'd,",
+    "PROSPERO: We are such stuff as dreams are made on,",
+]
+
+
+def make_model(out: Path) -> Path:
+    corpus = (importlib.resources.files("lmforge") / "corpus" / "tinyshakespeare.txt").read_text().splitlines()
+    tok = train_tokenizer(texts=corpus, kind="bpe", vocab_size=4096)
+    torch.manual_seed(0)
+    model = build(preset("gpt-tiny", vocab_size=tok.vocab_size, max_seq_len=256)).eval()
+    return LM(model, tok).save(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, max_active: int, threads: int) -> subprocess.Popen:
+    code = (f"import torch; torch.set_num_threads({threads}); from lmforge.serve import serve; "
+            f"serve({str(model_dir)!r}, port={port}, max_active={max_active}, max_queue=256, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+async def one(http: httpx.AsyncClient, i: int, new_tokens: int, stream: bool) -> tuple[float, int]:
+    """(seconds to the whole answer -- or to the first token when streaming --, tokens produced)."""
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    start = time.perf_counter()
+    if not stream:
+        r = await http.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
+    first = None
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - start
+    return first, 0
+
+
+async def load_test(url: str, concurrency: int, requests: int, new_tokens: int, stream: bool) -> dict:
+    counter = iter(range(requests))
+    results: list[tuple[float, int]] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        async def client() -> None:
+            for i in counter:
+                results.append(await one(http, i, new_tokens, stream))
+
+        await one(http, 0, 2, False)  # connection and server warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    times = [t for t, _ in results]
+    return {"wall": wall, "req_s": len(results) / wall, "tok_s": sum(n for _, n in results) / wall,
+            "p50": percentile(times, 50), "p90": percentile(times, 90), "p99": percentile(times, 99)}
+
+
+def peer(model_dir: Path, requests: int, new_tokens: int) -> dict:
+    lm = load(model_dir)
+    generate_text(lm.model, lm.tokenizer, PROMPTS[0], max_new_tokens=2)
+    times, tokens = [], 0
+    start = time.perf_counter()
+    for i in range(requests):
+        t = time.perf_counter()
+        generate_text(lm.model, lm.tokenizer, PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens)
+        times.append(time.perf_counter() - t)
+        tokens += new_tokens
+    wall = time.perf_counter() - start
+    return {"req_s": requests / wall, "tok_s": tokens / wall, "p50": percentile(times, 50),
+            "p90": percentile(times, 90), "p99": percentile(times, 99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="model directory (default: a random gpt-tiny built here)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-active", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--requests", type=int, default=48, help="requests per row")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the server and the peer (1 leaves a core to the load generator on a "
+                         "2-core machine; oversubscribed OpenMP threads slow everything down)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_model(Path(tmp) / "model")
+        lm = load(model_dir)
+        cfg = lm.config
+        print(f"# lmforge serve benchmark, {time.strftime('%Y-%m-%d')}")
+        print(f"lmforge {lmforge.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, server torch threads "
+              f"{args.threads}; device cpu, fp32")
+        print(f"model: {model_dir if args.model else 'gpt-tiny (random init)'}, {count_params(lm.model):,} "
+              f"parameters (dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}); "
+              f"{args.requests} requests per row, {args.new_tokens} new tokens, greedy\n")
+        print("| server | clients | req/s | tokens/s | p50 latency (ms) | p90 (ms) | p99 (ms) "
+              "| p50 TTFT, streamed (ms) | p99 TTFT (ms) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        torch.set_num_threads(args.threads)
+        p = peer(model_dir, args.requests, args.new_tokens)
+        print(f"| peer: generate_text, no server | 1 | {p['req_s']:.1f} | {p['tok_s']:.0f} | {1e3 * p['p50']:.0f} | "
+              f"{1e3 * p['p90']:.0f} | {1e3 * p['p99']:.0f} | – | – |", flush=True)
+        for max_active in args.max_active:
+            port = free_port()
+            proc = start_server(model_dir, port, max_active, args.threads)
+            try:
+                for c in args.concurrency:
+                    url = f"http://127.0.0.1:{port}"
+                    r = asyncio.run(load_test(url, c, args.requests, args.new_tokens, stream=False))
+                    s = asyncio.run(load_test(url, c, args.requests, args.new_tokens, stream=True))
+                    print(f"| serve, max_active={max_active} | {c} | {r['req_s']:.1f} | {r['tok_s']:.0f} | "
+                          f"{1e3 * r['p50']:.0f} | {1e3 * r['p90']:.0f} | {1e3 * r['p99']:.0f} | "
+                          f"{1e3 * s['p50']:.0f} | {1e3 * s['p99']:.0f} |", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        print("\ncommand: python bench/bench_serve.py " + " ".join(sys.argv[1:]))
+        print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}}))
+
+
+if __name__ == "__main__":
+    main()
