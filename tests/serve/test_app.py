@@ -3,6 +3,7 @@ OpenAI shapes (bodies, stream chunks, errors), auth, limits, and bad requests.""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import threading
@@ -11,6 +12,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from lmforge.api import LM
 from lmforge.generate import chat_prompt, generate_text
 from lmforge.serve import GenerationRequest, Limits, create_app
 from lmforge.serve.engine import EngineBusy
@@ -283,3 +285,21 @@ def test_full_queue_answers_503(lm):
 
 def engine_request(lm) -> GenerationRequest:
     return GenerationRequest(prompts=[lm.tokenizer.encode("hi")], max_tokens=2)
+
+
+def test_chat_uses_the_tokenizers_own_template(lm):
+    tok = copy.copy(lm.tokenizer)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('no system messages') }}{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                         "{% endfor %}[assistant] ")
+    with TestClient(create_app(LM(lm.model, tok))) as c:
+        messages = [{"role": "user", "content": "Hi"}]
+        body = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0}).json()
+        rendered = "<|endoftext|>[user] Hi\n[assistant] "
+        assert chat_prompt(tok, messages) == rendered
+        ids = tok.encode(rendered, add_special_tokens=False)  # the template placed BOS itself
+        assert body["usage"]["prompt_tokens"] == len(ids)
+        expected = generate_text(lm.model, tok, rendered, max_new_tokens=5, add_special_tokens=False)[0]
+        assert body["choices"][0]["message"]["content"] == expected
+        err = error_of(c.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]}), 400)
+        assert "no system messages" in err["message"] and err["param"] == "messages"

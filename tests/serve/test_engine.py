@@ -12,8 +12,9 @@ import torch
 
 from lmforge.generate import generate_text
 from lmforge.models import build, preset
-from lmforge.serve.engine import Engine, EngineBusy, GenerationRequest, TokenInfo, _held_back, _Row
-from lmforge.serve.protocol import token_bytes
+from lmforge.serve.detokenize import Detokenizer, TokenInfo, held_back
+from lmforge.serve.engine import Engine, EngineBusy, GenerationRequest
+from lmforge.serve.protocol import bytes_of
 
 from .conftest import UNICODE_LINE, tiny_gpt
 
@@ -95,7 +96,7 @@ def test_token_strings_name_the_bytes_of_partial_characters(engine, tokenizer):
     ids = tokenizer.encode("日本語 🙂", add_special_tokens=False)
     strings = [engine.token_string(i) for i in ids]
     assert any(s.startswith("bytes:\\x") for s in strings)
-    assert b"".join(bytes(token_bytes(s)) for s in strings).decode() == "日本語 🙂"
+    assert b"".join(bytes(bytes_of(s)) for s in strings).decode() == "日本語 🙂"
 
 
 def test_a_model_that_always_says_eos_stops_at_once(lm):
@@ -114,14 +115,14 @@ def test_a_model_that_always_says_eos_stops_at_once(lm):
     assert result.completion_tokens == 1
 
 
-def _feed(row: _Row, ids: list[int]) -> list:
+def _feed(row: Detokenizer, ids: list[int]) -> list:
     pieces = [row.push(TokenInfo(i, "")) for i in ids]
     return [p for p in pieces if p is not None]
 
 
 def test_detokenizer_waits_for_split_characters(tokenizer):
     ids = tokenizer.encode("日本語 🙂 ☃ ok", add_special_tokens=False)
-    row = _Row(0, tokenizer, tokenizer.eos_id, [])
+    row = Detokenizer(0, tokenizer, tokenizer.eos_id, [])
     pieces = _feed(row, ids) + [row.finish("length")]
     assert "".join(p.text for p in pieces) == "日本語 🙂 ☃ ok"
     assert not any("\ufffd" in p.text for p in pieces)
@@ -133,19 +134,19 @@ def test_detokenizer_waits_for_split_characters(tokenizer):
 def test_detokenizer_cuts_a_stop_string_across_tokens(tokenizer):
     text = "hello world, and more"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    row = _Row(0, tokenizer, tokenizer.eos_id, ["lo wor"])
+    row = Detokenizer(0, tokenizer, tokenizer.eos_id, ["lo wor"])
     pieces = _feed(row, ids)
     assert "".join(p.text for p in pieces) == "hel" and pieces[-1].finish_reason == "stop"
     assert all(p.finish_reason is None for p in pieces[:-1])
     # Text that could be the start of a stop string is held back until it is ruled out.
-    row = _Row(0, tokenizer, tokenizer.eos_id, ["d, x"])
+    row = Detokenizer(0, tokenizer, tokenizer.eos_id, ["d, x"])
     released, held = "", 0
     for i in range(len(ids)):
         piece = row.push(TokenInfo(ids[i], ""))
         released += piece.text if piece else ""
         decoded = tokenizer.decode(ids[: i + 1])
-        assert decoded.startswith(released) and len(released) <= len(decoded) - _held_back(decoded, ["d, x"])
-        held += _held_back(decoded, ["d, x"]) > 0
+        assert decoded.startswith(released) and len(released) <= len(decoded) - held_back(decoded, ["d, x"])
+        held += held_back(decoded, ["d, x"]) > 0
     released += row.finish("length").text
     assert released == text and held >= 2  # "d" and "d," were held back
 

@@ -6,6 +6,11 @@
     POST /v1/completions       prompt(s) -> text; stream=true for server-sent events
     POST /v1/chat/completions  messages -> the assistant's reply; stream=true likewise
 
+Chat messages are rendered with the tokenizer's chat template; a tokenizer without one
+(e.g. trained from scratch) gets lmforge.generate's DEFAULT_CHAT_TEMPLATE:
+"<|role|>\ncontent\n" per message, then "<|assistant|>\n" for the reply. The request's
+"model" field is not checked: the server serves one model, whatever a client calls it.
+
 Every request is bounded before it reaches the model: the body size (checked from
 Content-Length and while reading, before any parsing), the JSON (strictly typed, see
 schemas.py), the prompt length and max_tokens, the number of choices, and the queue
@@ -152,6 +157,16 @@ class _Server:
             raise APIError(400, f"{field} is empty (encodes to no tokens)", param=field)
         return ids
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages rendered with the tokenizer's chat template (or lmforge's default one) -> ids.
+        A template of the tokenizer's own places any special tokens itself (Hugging Face's
+        convention), so the tokenizer adds none; the default template has none, so it does."""
+        try:
+            text = chat_prompt(self.tokenizer, messages)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        return self.encode(text, "messages", add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+
     def check_prompt(self, ids: list[int], field: str) -> None:
         limit = min(self.limits.max_prompt_tokens, self.engine.max_context - 1)
         if len(ids) > limit:
@@ -226,7 +241,7 @@ def _failure(error: Exception) -> APIError:
     return APIError(500, "generation failed (see the server log)", type="server_error")
 
 
-async def _respond(srv: _Server, events: _Events, request: Request, stream: bool, chunks: Any, body: Any) -> Any:
+async def _respond(events: _Events, request: Request, stream: bool, chunks: Any, body: Any) -> Any:
     """A JSON body after the whole generation, or the chunks as server-sent events."""
     if not stream:
         got = [event async for event in events(request)]
@@ -301,26 +316,20 @@ def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = No
         chunks = protocol.CompletionChunks(model_name, req.logprobs is not None, req.include_usage)
         body = lambda result: protocol.completion_body(result, protocol.new_id("cmpl"), model_name,
                                                        req.logprobs is not None)
-        return await _respond(srv, events, request, req.stream, chunks, body)
+        return await _respond(events, request, req.stream, chunks, body)
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = validate(ChatCompletionRequest, await read_json(request, limits.max_body_bytes))
         srv.check_choices(req.n, 1)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = chat_prompt(srv.tokenizer, messages)
-        except ValueError as e:
-            raise APIError(400, f"messages: {e}", param="messages") from None
-        own_template = bool(getattr(srv.tokenizer, "chat_template", None))
-        ids = await run_in_threadpool(srv.encode, text, "messages", not own_template)
+        ids = await run_in_threadpool(srv.encode_chat, [{"role": m.role, "content": m.text()} for m in req.messages])
         srv.check_prompt(ids, "messages")
         gen = _generation_request(req, [ids], srv.max_tokens(req.max_tokens, limits.max_tokens, [ids]),
                                   req.logprobs, req.top_logprobs or 0)
         events = srv.submit(gen)
         chunks = protocol.ChatChunks(model_name, req.logprobs, req.include_usage)
         body = lambda result: protocol.chat_body(result, protocol.new_id("chatcmpl"), model_name, req.logprobs)
-        return await _respond(srv, events, request, req.stream, chunks, body)
+        return await _respond(events, request, req.stream, chunks, body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -96,7 +96,7 @@ class CompletionChunks:
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------
 
-def token_bytes(token: str) -> list[int]:
+def bytes_of(token: str) -> list[int]:
     """UTF-8 bytes of a token string; "bytes:\\xe2\\x80" strings (part of a character) -> their bytes."""
     if token.startswith("bytes:"):
         with contextlib.suppress(ValueError):
@@ -105,7 +105,7 @@ def token_bytes(token: str) -> list[int]:
 
 
 def _chat_token(token: str, logprob: float | None) -> dict[str, Any]:
-    return {"token": token, "logprob": _lp(logprob), "bytes": token_bytes(token)}
+    return {"token": token, "logprob": _lp(logprob), "bytes": bytes_of(token)}
 
 
 def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
