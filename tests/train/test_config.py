@@ -1,10 +1,12 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
 from lmforge.config import OptimConfig, RunConfig, config_parser, load_config, save_config
+from lmforge.train.pretrain import model_config
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
@@ -68,3 +70,18 @@ def test_help_shows_each_fields_docstring():
     for f in dataclasses.fields(OptimConfig):
         assert f"--optim.{f.name}" in text
     assert "peak learning rate" in text and "clip the global gradient norm" in text
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_resolve_a_model(path):
+    cfg = load_config(path)
+    model = model_config(cfg, vocab_size=1000)  # the vocabulary comes from the data's tokenizer
+    assert model.max_seq_len >= cfg.data.seq_len
+
+
+def test_there_are_example_configs_for_each_family():
+    objectives = {load_config(p).train.objective for p in CONFIGS.glob("*.yaml")}
+    assert objectives == {"clm", "mlm+nsp", "denoise"}

@@ -147,7 +147,7 @@ def parallelize(root: nn.Module, model: nn.Module, env: DistEnv, *, strategy: st
         # static_graph: the same parameters take part every step, and some never do (BERT's
         # NSP head under plain MLM), which DDP accepts without a per-step graph search.
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(root, device_ids=device_ids, static_graph=True)
+        return DistributedDataParallel(root, device_ids=device_ids, find_unused_parameters=True)
     raise ValueError(f"dist.strategy must be ddp or fsdp under torchrun, got {strategy!r}")
 
 

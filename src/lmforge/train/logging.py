@@ -43,6 +43,10 @@ GPU_PEAKS: dict[str, dict[str, float]] = {
 }
 
 
+# Progress-bar label -> record key; the ETA is tqdm's own (steps left / recent step rate).
+POSTFIX = {"loss": "train_loss", "val": "val_loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """6N + 12 L H Q T for a GPT, Bert or EncoderDecoder (or a task head over one: the
     backbone's attention shape is used; L counts encoder + decoder blocks)."""
@@ -129,6 +133,7 @@ class RunLogger:
         self.path = self.out_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self.bar = self.tb = None
+        self.postfix: dict[str, str] = {}
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +164,8 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(_tag(key), value, step)
         if self.bar is not None:
-            shown = {"loss": "train_loss", "val": "val_loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
-            self.bar.set_postfix({k: _short(record[v]) for k, v in shown.items() if v in record}, refresh=False)
+            self.postfix.update({k: _short(record[v]) for k, v in POSTFIX.items() if v in record})
+            self.bar.set_postfix(self.postfix, refresh=False)
 
     def write(self, message: str) -> None:
         """A line of text above the bar (rank 0 only)."""

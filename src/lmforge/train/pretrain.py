@@ -1,0 +1,120 @@
+"""Pretraining as a library call: RunConfig in, a trained model's final metrics out.
+
+    pretrain(config)                       # data from config.data
+    pretrain(config, data=my_builder)      # any data: a DataBuilder
+
+The model comes from config.model (preset + overrides); its vocabulary and special ids
+from the data (the tokenizer). The objective picks the family: clm trains a GPT, mlm and
+mlm+nsp a Bert, denoise an EncoderDecoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmforge.config import RunConfig
+from lmforge.dist import parallel
+from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
+from lmforge.models.weights import load_weights
+from lmforge.train import checkpoint
+from lmforge.train.loop import seed_everything, train
+from lmforge.train.objectives import FAMILY_OF_OBJECTIVE, get_objective
+from lmforge.train.pretrain_data import DataBuilder, prepared_data, synthetic_data
+
+# ----------------------------------------------------------------------------- model
+
+
+def _derived_fields(config: ModelConfig) -> set[str]:
+    """Fields a preset left to derivation (n_kv_heads, head_dim, hidden_dim when they equal
+    what None would give): reset before overriding, so that changing dim or n_heads
+    re-derives them instead of keeping the preset's resolved values."""
+    cls, d = type(config), config.to_dict()
+    derived = set()
+    for f in dataclasses.fields(cls):
+        if f.default is None and d[f.name] is not None:
+            if getattr(cls(**{**d, f.name: None}), f.name) == d[f.name]:
+                derived.add(f.name)
+    return derived
+
+
+def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
+    """The architecture: preset (or the family's defaults), then the data's fields
+    (vocab_size, special ids), then model.overrides. The family must suit the objective."""
+    spec, objective = config.model, config.train.objective
+    base = preset(spec.preset) if spec.preset else FAMILIES[spec.family][0]()
+    family = family_of(base)
+    if spec.family is not None and spec.family != family:
+        raise ValueError(f"model.family is {spec.family!r} but preset {spec.preset!r} is a {family} model")
+    if FAMILY_OF_OBJECTIVE[objective] != family:
+        raise ValueError(f"train.objective {objective!r} trains a {FAMILY_OF_OBJECTIVE[objective]} model, "
+                         f"but model.preset {spec.preset!r} is a {family} model")
+    fields = base.to_dict()
+    for name in _derived_fields(base):
+        fields[name] = None
+    known = set(fields)
+    for source, values in (("the data", data_overrides), ("model.overrides", spec.overrides)):
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {family} model field(s) {unknown}; known: {sorted(known)}")
+    cfg = type(base).from_dict({**fields, **{k: v for k, v in data_overrides.items() if k in known},
+                                **spec.overrides})
+    if config.data.seq_len > cfg.max_seq_len:
+        raise ValueError(f"data.seq_len ({config.data.seq_len}) is longer than the model's max_seq_len "
+                         f"({cfg.max_seq_len})")
+    return cfg
+
+
+def init_weights(model: nn.Module, path: str | Path) -> None:
+    """Start from the weights of a training checkpoint (verified first) or of an lmforge
+    model directory: model.safetensors, matched strictly by name and shape."""
+    path = Path(path)
+    if (path / checkpoint.MANIFEST).is_file():
+        checkpoint.verify(path)
+    load_weights(model, path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str, Any]:
+    """Build the model and data from `config`, train (resuming when a checkpoint is found),
+    and return the final metrics: step, tokens, stopped, train_loss, val_* metrics, best,
+    checkpoint (path), out_dir, params.
+
+    data: a DataBuilder (config, env) -> PretrainData; None: synthetic tokens when
+    config.data.synthetic, else config.data's prepared shards.
+    """
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    try:
+        if data is not None:
+            pdata = data(config, env)
+        elif config.data.synthetic:
+            vocab = config.model.overrides.get("vocab_size") or model_config(config).vocab_size
+            pdata = synthetic_data(config, env, vocab)
+        else:
+            pdata = prepared_data(config, env)
+        mcfg = model_config(config, **pdata.model_overrides)
+        seed_everything(config.train.seed)  # the same initial weights on every process
+        model = build(mcfg)
+        if config.model.init_from:
+            init_weights(model, config.model.init_from)
+        n_params = count_params(model)
+        if env.is_main:
+            t = config.train
+            print(f"lmforge pretrain: {family_of(mcfg)} {config.model.preset or ''} {n_params:,} parameters "
+                  f"({count_params(model, positions=False):,} without positions), objective {t.objective}, "
+                  f"global batch {t.micro_batch_size * t.grad_accum * env.world_size} x {config.data.seq_len} "
+                  f"tokens, {env.world_size} process(es), dist {config.dist.strategy}, out {t.out_dir}")
+        result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
+                       save_extra=pdata.save_extra)
+    finally:
+        parallel.shutdown()
+    return {"step": result.step, "tokens": result.tokens, "stopped": result.stopped,
+            "train_loss": result.train_loss, **result.val, "best": result.best,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "out_dir": str(result.out_dir), "params": n_params}
+

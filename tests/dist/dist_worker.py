@@ -1,0 +1,63 @@
+"""One training process of the distributed tests (not collected by pytest).
+
+usage: torchrun --nproc_per_node N dist_worker.py OUT_DIR STRATEGY MAX_STEPS
+       python dist_worker.py OUT_DIR none MAX_STEPS           (the single-process reference)
+
+Every process draws the same global micro-batches of 8 rows and keeps its contiguous
+share, so N processes see exactly what one process sees. Labels are masked unevenly
+across the shares: only a loss normalised by the global token count matches.
+"""
+
+import os
+import sys
+
+import torch
+
+from lmforge.config import load_config
+from lmforge.models import GPTConfig, build
+from lmforge.train.loop import train
+from lmforge.train.objectives import clm
+
+GLOBAL_ROWS, SEQ, V = 8, 16, 64
+
+
+class ShardedBatches:
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world, self.index = rank, world, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        g = torch.Generator().manual_seed(1000 + self.index)
+        w = torch.randint(0, V, (GLOBAL_ROWS, SEQ + 1), generator=g)
+        labels = w[:, 1:].clone()
+        labels[:3, SEQ // 2:] = -100  # fewer labelled tokens in rank 0's share
+        self.index += 1
+        share = GLOBAL_ROWS // self.world
+        rows = slice(self.rank * share, (self.rank + 1) * share)
+        return {"input_ids": w[rows, :-1].contiguous(), "labels": labels[rows].contiguous()}
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+torch.set_num_threads(1)
+out_dir, strategy, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = load_config(None, {
+    "train.out_dir": out_dir, "train.device": "cpu", "train.precision": "fp32", "train.max_steps": max_steps,
+    "train.grad_accum": 2, "train.micro_batch_size": GLOBAL_ROWS, "train.resume": "auto",
+    "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.lr": 3e-3, "log.every": 1,
+    "log.progress": False, "log.tensorboard": False, "log.plot": False, "log.peak_flops": 1e12,
+    "eval.every": 0, "checkpoint.every": 2, "checkpoint.keep_last": 10, "checkpoint.keep_best": False,
+    "data.seq_len": SEQ, "dist.strategy": strategy})
+torch.manual_seed(0)
+# No biases: the key bias gets a zero gradient up to rounding, which Adam would amplify into noise.
+model = build(GPTConfig(vocab_size=V, max_seq_len=SEQ, dim=32, n_layers=2, n_heads=2, bias=False))
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+result = train(model, clm, ShardedBatches(rank, world), config)
+print(f"rank {rank}: {result.stopped} {result.step}")
+torch.distributed.destroy_process_group() if world > 1 else None
