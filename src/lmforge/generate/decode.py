@@ -208,8 +208,11 @@ def compile_decode_step(model: nn.Module, mode: str = "reduce-overhead") -> Comp
 # ---- per-family sessions: cache, masks and positions of one generation ------------------------
 
 def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
+    """A KV cache for max_len slots; for a CUDA graph, always max_seq_len slots, so that one
+    captured graph serves every prompt length (only the batch size changes its shapes)."""
     dtype = next(model.parameters()).dtype
     if isinstance(decode_step, CompiledDecodeStep):
+        max_len = model.config.max_seq_len if device.type == "cuda" else max_len
         return decode_step.make_cache(model, batch, max_len, dtype, device)
     return model.make_cache(batch, max_len, dtype, device)
 
@@ -226,7 +229,7 @@ class _GPTSession:
                              f"max_seq_len ({model.config.max_seq_len})")
         self.model, self.ids, self.step_fn = model, ids, decode_step or gpt_decode_step
         self.cache = _new_cache(model, decode_step, N, P + max_new, ids.device)
-        self.cache_mask = torch.zeros(N, P + max_new, dtype=torch.bool, device=ids.device)  # (N, S_max)
+        self.cache_mask = torch.zeros(N, self.cache[0].max_len, dtype=torch.bool, device=ids.device)  # (N, S_max)
         self.cache_mask[:, :P] = mask
         self.position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P): real tokens count from 0
         self.next_pos = self.position_ids[:, -1:] + 1  # (N, 1)
@@ -265,7 +268,7 @@ class _EncDecSession:
         N, device = memory.size(0), memory.device
         self.model, self.step_fn = model, decode_step or encdec_decode_step
         self.cache = _new_cache(model, decode_step, N, max_new, device)
-        self.cache_mask = torch.zeros(N, max_new, dtype=torch.bool, device=device)
+        self.cache_mask = torch.zeros(N, self.cache[0].max_len, dtype=torch.bool, device=device)  # (N, S_max)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         # transformers' penalties see the decoder input, start token included.
         self.context = torch.full((N, 1), start_id, dtype=torch.long, device=device)
