@@ -127,3 +127,12 @@ def test_budget_and_data_end_stop_the_run(gpt, batches_cls, make_clm_batch, run_
     res = train(gpt(), clm, batches_cls(data, cycle=False),
                 run_config(**{"train.grad_accum": 2, "train.out_dir": str(res.out_dir) + "-2"}))
     assert res.stopped == "data_exhausted" and res.step == 1
+
+
+def test_out_of_memory_says_what_to_change(gpt, batches_cls, make_clm_batch, run_config):
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrainingError, match="lower train.micro_batch_size and raise train.grad_accum.*"
+                                            "activation_checkpointing"):
+        train(gpt(), oom, batches_cls([make_clm_batch(4, 16)]), run_config())

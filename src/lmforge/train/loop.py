@@ -43,7 +43,8 @@ from lmforge.train.optim import build_optimizer, build_scheduler
 class BatchIterator(Protocol):
     """What the loop consumes: an iterator of batches (dicts of CPU tensors: input_ids,
     labels, ...) whose position can be saved and restored exactly. Training stops when it
-    is exhausted, so a pretraining iterator cycles through its data forever."""
+    is exhausted, so a pretraining iterator cycles through its data forever. Under torchrun
+    each process has its own shard, and all shards must last equally many batches."""
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]: ...
 
@@ -194,7 +195,7 @@ def _optimizer_step(run: _Run, grad_norm: Tensor, found_inf: Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats | None:
+def _train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats | None:
     """One optimizer step over grad_accum micro-batches; None when the data ran out (the
     partial step is dropped, its gradients zeroed)."""
     dev, accum = run.env.device, run.config.train.grad_accum
@@ -208,14 +209,7 @@ def train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats | 
             run.optimizer.zero_grad(set_to_none=True)
             return None
         tokens += _n_tokens(batch)
-        try:
-            out = _forward_backward(run, to_device(batch, dev), sync=i == accum - 1)
-        except torch.OutOfMemoryError as e:
-            raise TrainingError(
-                f"out of memory on {dev} with train.micro_batch_size={run.config.train.micro_batch_size} "
-                f"(sequence length {batch['input_ids'].shape[-1]}): lower train.micro_batch_size and raise "
-                "train.grad_accum to keep the global batch, set train.activation_checkpointing=true, "
-                "or use dist.strategy=fsdp across GPUs") from e
+        out = _forward_backward(run, to_device(batch, dev), sync=i == accum - 1)
         loss += out.loss.detach().float()
         count += out.count
         for name, (value, n) in out.metrics.items():
@@ -440,8 +434,10 @@ def train(
     train_batches: this process's shard of the training batches (see BatchIterator).
     val_batches: re-iterable validation batches (each `iter()` starts over), this process's
         shard; evaluated every eval.every steps for val_loss, val_ppl and objective metrics.
-    eval_fn: more validation metrics, called with the training model at each evaluation on
-        every process (e.g. a task's accuracy); its keys join the val_* record.
+    eval_fn: more validation metrics, called with the (unwrapped) model at each evaluation on
+        every process, e.g. generation-based scores; its keys join the val_* record. Metrics
+        an objective returns (accuracy, ...) are reduced over processes automatically; prefer
+        them: under FSDP the model's root parameters are gathered only inside the objective.
     save_extra: writes more files into each checkpoint directory before it is sealed (rank 0).
     """
     run = _setup(model, objective, train_batches, config)
@@ -459,9 +455,12 @@ def train(
     result = TrainResult(Path(cfg.train.out_dir), run.step, run.tokens, "max_steps", best=run.best)
     last_saved = run.step if run.step else -1
     start = t_window = time.monotonic()
-    with _StopSignals() as signals:
+    with _StopSignals() as signals, contextlib.closing(logger):
         while run.step < run.total_steps:
-            stats = train_step(run, batches)
+            try:
+                stats = _train_step(run, batches)
+            except torch.OutOfMemoryError as e:
+                raise TrainingError(_out_of_memory(run)) from e
             if stats is None:
                 result.stopped = "data_exhausted"
                 break
@@ -500,16 +499,23 @@ def train(
                 result.stopped = stop
                 break
 
-        if val_batches is not None and cfg.eval.at_end and run.last_eval_step != run.step and run.step > 0:
+        interrupted = result.stopped == "interrupted"
+        if val_batches is not None and cfg.eval.at_end and run.last_eval_step != run.step and not interrupted:
             _evaluate_and_log(run, val_batches, eval_fn, logger)
         if last_saved != run.step and run.step > 0:
             result.checkpoint = _save(run, save_extra)
-    if result.stopped == "interrupted":
-        logger.write(f"stopped at step {run.step} ({signals.reason or 'stop requested by another process'}); "
-                     f"checkpoint {result.checkpoint}; run again with train.resume=auto to continue")
-    logger.close()
+        if interrupted:
+            logger.write(f"stopped at step {run.step} ({signals.reason or 'stop requested by another process'}); "
+                         f"checkpoint {result.checkpoint}; run again with train.resume=auto to continue")
     result.step, result.tokens, result.val, result.best = run.step, run.tokens, run.last_val, run.best
     return result
+
+
+def _out_of_memory(run: _Run) -> str:
+    t = run.config.train
+    return (f"out of memory on {run.env.device} with train.micro_batch_size={t.micro_batch_size} and "
+            f"data.seq_len={run.config.data.seq_len}: lower train.micro_batch_size and raise train.grad_accum "
+            "to keep the global batch, set train.activation_checkpointing=true, or shard with dist.strategy=fsdp")
 
 
 def _evaluate_and_log(run: _Run, val_batches: Iterable, eval_fn: Callable | None, logger: RunLogger) -> None:
