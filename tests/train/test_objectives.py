@@ -117,3 +117,15 @@ def test_loss_module_forward_is_the_objective(gpt, make_clm_batch):
     model = gpt()
     batch = make_clm_batch(2, 8)
     torch.testing.assert_close(LossModule(model, clm)(batch).loss, clm(model, batch).loss)
+
+
+def test_linear_cross_entropy_with_a_frozen_head():
+    torch.manual_seed(0)
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(8, 4)  # frozen: no gradient wanted or computed
+    y = torch.randint(0, 8, (6,))
+    linear_cross_entropy(h, w, y, 8, chunk_rows=4).backward()
+    h2 = h.detach().clone().requires_grad_()
+    F.cross_entropy(h2 @ w.t(), y, reduction="sum").backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    assert w.grad is None

@@ -81,8 +81,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, rows: int) -> Tensor:
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head needs no grad_w
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
@@ -94,15 +95,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = torch.exp(logits - lse[:, None])  # softmax, (n, V)
             g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
             g *= valid[:, None]
-            grad_h[start:start + rows] = (g.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
-            grad_w += (g.t().to(h.dtype) @ h).float()
+            if need_h:
+                grad_h[start:start + rows] = (g.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.t().to(h.dtype) @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return grad_h * grad_loss if need_h else None, grad_w * grad_loss if need_w else None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, *,
