@@ -26,7 +26,12 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "encdec": (EncoderDecoderConfig, EncoderDecoder),
 }
 
-PRESETS: dict[str, ModelConfig] = {**gpt.PRESETS, **bert.PRESETS, **encdec.PRESETS}
+# preset name -> (config class, the fields it sets)
+PRESETS: dict[str, tuple[type, dict]] = {
+    **{name: (GPTConfig, kw) for name, kw in gpt.PRESETS.items()},
+    **{name: (BertConfig, kw) for name, kw in bert.PRESETS.items()},
+    **{name: (EncoderDecoderConfig, kw) for name, kw in encdec.PRESETS.items()},
+}
 
 
 def family_of(config: ModelConfig) -> str:
@@ -37,11 +42,12 @@ def family_of(config: ModelConfig) -> str:
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A fresh copy of a preset config, with fields overridden (e.g. vocab_size=...)."""
+    """A preset's config with fields overridden (e.g. vocab_size=...). Fields derived
+    from others (head_dim, hidden_dim, n_kv_heads) follow the overrides unless set."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    config = copy.deepcopy(PRESETS[name])
-    return type(config).from_dict({**config.to_dict(), **overrides}) if overrides else config
+    config_cls, fields = PRESETS[name]
+    return config_cls.from_dict({**copy.deepcopy(fields), **overrides})
 
 
 def config_from_dict(family: str, d: dict) -> ModelConfig:

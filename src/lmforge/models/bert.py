@@ -68,11 +68,12 @@ class BertConfig(ArchConfig):
                          self.norm_eps, "mlp", self.act, True, self.dropout, self.attn_dropout)
 
 
-PRESETS: dict[str, BertConfig] = {
-    "bert-base": BertConfig(),
-    "bert-large": BertConfig(dim=1024, n_layers=24, n_heads=16),
-    "bert-tiny": BertConfig(dim=128, n_layers=2, n_heads=2),
-    "bert-mini": BertConfig(dim=256, n_layers=4, n_heads=4),
+# Presets: the config fields each one sets; derived fields (head_dim, ...) follow overrides.
+PRESETS: dict[str, dict] = {
+    "bert-base": dict(),
+    "bert-large": dict(dim=1024, n_layers=24, n_heads=16),
+    "bert-tiny": dict(dim=128, n_layers=2, n_heads=2),
+    "bert-mini": dict(dim=256, n_layers=4, n_heads=4),
 }
 
 

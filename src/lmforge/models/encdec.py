@@ -95,15 +95,16 @@ class EncoderDecoderConfig(ArchConfig):
                          self.act_dropout)
 
 
-PRESETS: dict[str, EncoderDecoderConfig] = {
-    "bart-base": EncoderDecoderConfig(position_offset=2),
-    "bart-large": EncoderDecoderConfig(dim=1024, n_layers=12, n_heads=16, position_offset=2),
-    "bart-tiny": EncoderDecoderConfig(dim=128, n_layers=2, n_heads=4, position_offset=2),
-    "transformer-base": EncoderDecoderConfig(vocab_size=37000, max_seq_len=1024, dim=512, n_heads=8,
+# Presets: the config fields each one sets; derived fields (head_dim, ...) follow overrides.
+PRESETS: dict[str, dict] = {
+    "bart-base": dict(position_offset=2),
+    "bart-large": dict(dim=1024, n_layers=12, n_heads=16, position_offset=2),
+    "bart-tiny": dict(dim=128, n_layers=2, n_heads=4, position_offset=2),
+    "transformer-base": dict(vocab_size=37000, max_seq_len=1024, dim=512, n_heads=8,
                                              hidden_dim=2048, positions="sinusoidal", act="relu",
                                              embed_scale=True, embed_norm=False, init="xavier",
                                              pad_token_id=0, decoder_start_token_id=1),
-    "transformer-tiny": EncoderDecoderConfig(vocab_size=4096, max_seq_len=256, dim=128, n_layers=2, n_heads=4,
+    "transformer-tiny": dict(vocab_size=4096, max_seq_len=256, dim=128, n_layers=2, n_heads=4,
                                              positions="sinusoidal", act="relu", embed_scale=True,
                                              embed_norm=False, init="xavier", pad_token_id=0,
                                              decoder_start_token_id=1),

@@ -90,15 +90,16 @@ class GPTConfig(ArchConfig):
                          self.norm, self.norm_eps, self.mlp, self.act, self.bias, self.dropout)
 
 
-PRESETS: dict[str, GPTConfig] = {
-    "gpt2-124m": GPTConfig(),
-    "gpt2-355m": GPTConfig(dim=1024, n_layers=24, n_heads=16),
-    "gpt-tiny": GPTConfig(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4),
+# Presets: the config fields each one sets; derived fields (head_dim, ...) follow overrides.
+PRESETS: dict[str, dict] = {
+    "gpt2-124m": dict(),
+    "gpt2-355m": dict(dim=1024, n_layers=24, n_heads=16),
+    "gpt-tiny": dict(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4),
     # A SmolLM-135M-shaped Llama: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
-    "llama-small": GPTConfig(vocab_size=49152, max_seq_len=2048, dim=576, n_layers=30, n_heads=9,
+    "llama-small": dict(vocab_size=49152, max_seq_len=2048, dim=576, n_layers=30, n_heads=9,
                              n_kv_heads=3, hidden_dim=1536, norm="rmsnorm", positions="rope",
                              mlp="swiglu", bias=False, norm_eps=1e-5),
-    "llama-tiny": GPTConfig(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4,
+    "llama-tiny": dict(vocab_size=4096, max_seq_len=256, dim=128, n_layers=4, n_heads=4,
                             n_kv_heads=2, hidden_dim=352, norm="rmsnorm", positions="rope",
                             mlp="swiglu", bias=False),
 }

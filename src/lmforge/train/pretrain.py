@@ -28,19 +28,6 @@ from lmforge.train.pretrain_data import DataBuilder, prepared_data, synthetic_da
 # ----------------------------------------------------------------------------- model
 
 
-def _derived_fields(config: ModelConfig) -> set[str]:
-    """Fields a preset left to derivation (n_kv_heads, head_dim, hidden_dim when they equal
-    what None would give): reset before overriding, so that changing dim or n_heads
-    re-derives them instead of keeping the preset's resolved values."""
-    cls, d = type(config), config.to_dict()
-    derived = set()
-    for f in dataclasses.fields(cls):
-        if f.default is None and d[f.name] is not None:
-            if getattr(cls(**{**d, f.name: None}), f.name) == d[f.name]:
-                derived.add(f.name)
-    return derived
-
-
 def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
     """The architecture: preset (or the family's defaults), then the data's fields
     (vocab_size, special ids), then model.overrides. The family must suit the objective."""
@@ -52,16 +39,13 @@ def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
     if FAMILY_OF_OBJECTIVE[objective] != family:
         raise ValueError(f"train.objective {objective!r} trains a {FAMILY_OF_OBJECTIVE[objective]} model, "
                          f"but model.preset {spec.preset!r} is a {family} model")
-    fields = base.to_dict()
-    for name in _derived_fields(base):
-        fields[name] = None
-    known = set(fields)
-    for source, values in (("the data", data_overrides), ("model.overrides", spec.overrides)):
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown {family} model field(s) {unknown}; known: {sorted(known)}")
-    cfg = type(base).from_dict({**fields, **{k: v for k, v in data_overrides.items() if k in known},
-                                **spec.overrides})
+    known = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(spec.overrides) - known)
+    if unknown:
+        raise ValueError(f"model.overrides: unknown {family} model field(s) {unknown}; known: {sorted(known)}")
+    # The data's fields (vocab_size, special ids) apply where the family has them.
+    fields = {**{k: v for k, v in data_overrides.items() if k in known}, **spec.overrides}
+    cfg = preset(spec.preset, **fields) if spec.preset else type(base).from_dict(fields)
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len ({config.data.seq_len}) is longer than the model's max_seq_len "
                          f"({cfg.max_seq_len})")
