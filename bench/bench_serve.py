@@ -10,7 +10,10 @@ send --requests requests in total, back to back, over keep-alive connections: fi
 prompts (8, rotating), --new-tokens new tokens, greedy, non-streaming -- latency is
 the whole request; then the same streamed, for the time to the first token (TTFT).
 Requests/s and tokens/s count only the non-streaming pass. Peer row: the same requests
-through `generate_text` in one process, one after another, with no server.
+through `generate_text` in one process, one after another, with no server. A server per
+--max-active setting runs throughout; the rows run interleaved, --rounds times in
+rotating order, so that load from other processes on a shared machine hits every row
+alike: req/s and tokens/s are medians over rounds, latency percentiles pool all rounds.
 
 Without --model the model is a randomly initialised gpt-tiny (dim 128, 4 layers) over
 a byte-level BPE of 4096 tokens trained on the bundled corpus (weights do not change
@@ -23,10 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.resources
-import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +109,7 @@ async def one(http: httpx.AsyncClient, i: int, new_tokens: int, stream: bool) ->
 
 
 async def load_test(url: str, concurrency: int, requests: int, new_tokens: int, stream: bool) -> dict:
+    """C clients sending `requests` requests in total: wall time, tokens, per-request seconds."""
     counter = iter(range(requests))
     results: list[tuple[float, int]] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -118,24 +122,34 @@ async def load_test(url: str, concurrency: int, requests: int, new_tokens: int, 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    times = [t for t, _ in results]
-    return {"wall": wall, "req_s": len(results) / wall, "tok_s": sum(n for _, n in results) / wall,
-            "p50": percentile(times, 50), "p90": percentile(times, 90), "p99": percentile(times, 99)}
+    return {"wall": wall, "tokens": sum(n for _, n in results), "times": [t for t, _ in results]}
 
 
-def peer(model_dir: Path, requests: int, new_tokens: int) -> dict:
-    lm = load(model_dir)
+def peer(lm: LM, requests: int, new_tokens: int) -> dict:
+    """The same requests through generate_text, one after another, in this process."""
     generate_text(lm.model, lm.tokenizer, PROMPTS[0], max_new_tokens=2)
-    times, tokens = [], 0
+    times = []
     start = time.perf_counter()
     for i in range(requests):
         t = time.perf_counter()
         generate_text(lm.model, lm.tokenizer, PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens)
         times.append(time.perf_counter() - t)
-        tokens += new_tokens
-    wall = time.perf_counter() - start
-    return {"req_s": requests / wall, "tok_s": tokens / wall, "p50": percentile(times, 50),
-            "p90": percentile(times, 90), "p99": percentile(times, 99)}
+    return {"wall": time.perf_counter() - start, "tokens": requests * new_tokens, "times": times}
+
+
+def row(name: str, clients: int, plain: list[dict], streamed: list[dict] | None) -> str:
+    """A table row: req/s and tokens/s are medians over rounds; latency percentiles pool all requests."""
+    req_s = statistics.median(len(r["times"]) / r["wall"] for r in plain)
+    tok_s = statistics.median(r["tokens"] / r["wall"] for r in plain)
+    times = [t for r in plain for t in r["times"]]
+    cells = [name, str(clients), f"{req_s:.1f}", f"{tok_s:.0f}",
+             *(f"{1e3 * percentile(times, q):.0f}" for q in (50, 90, 99))]
+    if streamed:
+        ttft = [t for r in streamed for t in r["times"]]
+        cells += [f"{1e3 * percentile(ttft, 50):.0f}", f"{1e3 * percentile(ttft, 99):.0f}"]
+    else:
+        cells += ["–", "–"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -143,7 +157,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="model directory (default: a random gpt-tiny built here)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-active", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--requests", type=int, default=48, help="requests per row")
+    ap.add_argument("--requests", type=int, default=32, help="requests per row and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the rows run interleaved, in rotating order")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server and the peer (1 leaves a core to the load generator on a "
@@ -152,38 +167,41 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(Path(tmp) / "model")
+        torch.set_num_threads(args.threads)
         lm = load(model_dir)
+        servers = {ma: free_port() for ma in args.max_active}
+        procs = [start_server(model_dir, port, ma, args.threads) for ma, port in servers.items()]
+        try:
+            rows = [("peer", 1)] + [(ma, c) for ma in args.max_active for c in args.concurrency]
+            plain: dict = {key: [] for key in rows}
+            streamed: dict = {key: [] for key in rows}
+            for r in range(args.rounds):
+                for key in rows[r % len(rows):] + rows[: r % len(rows)]:
+                    if key[0] == "peer":
+                        plain[key].append(peer(lm, args.requests, args.new_tokens))
+                        continue
+                    url = f"http://127.0.0.1:{servers[key[0]]}"
+                    plain[key].append(asyncio.run(load_test(url, key[1], args.requests, args.new_tokens, False)))
+                    streamed[key].append(asyncio.run(load_test(url, key[1], args.requests, args.new_tokens, True)))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+
         cfg = lm.config
         print(f"# lmforge serve benchmark, {time.strftime('%Y-%m-%d')}")
         print(f"lmforge {lmforge.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, server torch threads "
-              f"{args.threads}; device cpu, fp32")
+              f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}; device cpu, fp32")
         print(f"model: {model_dir if args.model else 'gpt-tiny (random init)'}, {count_params(lm.model):,} "
-              f"parameters (dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}); "
+              f"parameters (dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}); {args.rounds} rounds x "
               f"{args.requests} requests per row, {args.new_tokens} new tokens, greedy\n")
         print("| server | clients | req/s | tokens/s | p50 latency (ms) | p90 (ms) | p99 (ms) "
               "| p50 TTFT, streamed (ms) | p99 TTFT (ms) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        torch.set_num_threads(args.threads)
-        p = peer(model_dir, args.requests, args.new_tokens)
-        print(f"| peer: generate_text, no server | 1 | {p['req_s']:.1f} | {p['tok_s']:.0f} | {1e3 * p['p50']:.0f} | "
-              f"{1e3 * p['p90']:.0f} | {1e3 * p['p99']:.0f} | – | – |", flush=True)
-        for max_active in args.max_active:
-            port = free_port()
-            proc = start_server(model_dir, port, max_active, args.threads)
-            try:
-                for c in args.concurrency:
-                    url = f"http://127.0.0.1:{port}"
-                    r = asyncio.run(load_test(url, c, args.requests, args.new_tokens, stream=False))
-                    s = asyncio.run(load_test(url, c, args.requests, args.new_tokens, stream=True))
-                    print(f"| serve, max_active={max_active} | {c} | {r['req_s']:.1f} | {r['tok_s']:.0f} | "
-                          f"{1e3 * r['p50']:.0f} | {1e3 * r['p90']:.0f} | {1e3 * r['p99']:.0f} | "
-                          f"{1e3 * s['p50']:.0f} | {1e3 * s['p99']:.0f} |", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+        for key in rows:
+            name = "peer: generate_text, no server" if key[0] == "peer" else f"serve, max_active={key[0]}"
+            print(row(name, key[1], plain[key], streamed[key]))
         print("\ncommand: python bench/bench_serve.py " + " ".join(sys.argv[1:]))
-        print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from lmforge.serve.detokenize import INCOMPLETE, Detokenizer, Piece, TokenInfo, 
 
 log = logging.getLogger(__name__)
 
+
 class EngineBusy(Exception):
     """The queue is full: the request was not accepted (HTTP 503)."""
 
@@ -85,6 +86,8 @@ Event = Piece | Done | Failed
 
 @dataclass
 class Choice:
+    """One finished choice: its text, the tokens that made it, and why it ended."""
+
     index: int
     text: str
     tokens: list[TokenInfo]
@@ -93,6 +96,8 @@ class Choice:
 
 @dataclass
 class GenerationResult:
+    """A whole request: choices in index order, and the token counts for `usage`."""
+
     choices: list[Choice]
     prompt_tokens: int
     completion_tokens: int
