@@ -7,25 +7,17 @@ lmforge's format or Hugging Face's.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmforge.files import atomic_dir, atomic_write_json
-from lmforge.interop.hf import read_hf_model, write_hf_model
-from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
-from lmforge.models.weights import load_weights, save_weights
+from lmforge.generate.text import chat_prompt, generate_text, stream_text
+from lmforge.interop.model_dir import load_model_dir, save_model_dir, special_ids
+from lmforge.models import HeadSpec, ModelConfig, family_of
 from lmforge.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
-SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class LM:
@@ -60,13 +52,29 @@ class LM:
 
     def special_ids(self) -> dict[str, int | None]:
         """bos/eos/pad ids: the tokenizer's when there is one, else the checkpoint's."""
-        ids = dict(self.special)
-        if self.tokenizer is not None:
-            for key, value in (("bos_token_id", self.tokenizer.bos_id), ("eos_token_id", self.tokenizer.eos_id),
-                               ("pad_token_id", self.tokenizer.pad_id)):
-                if value is not None:
-                    ids[key] = value
-        return ids
+        return special_ids(self.tokenizer, self.special)
+
+    def _needs_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and this model directory has none")
+        return self.tokenizer
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, **options) -> list[str] | list[list[str]]:
+        """Continue each prompt (GPT) or transform each source (EncoderDecoder); returns the new
+        text per prompt. Options: temperature, top_k, top_p, repetition_penalty,
+        no_repeat_ngram_size, num_beams, length_penalty, num_return_sequences, stop, seed, ...
+        (see lmforge.generate.text.generate_text). temperature=0 (the default) is greedy."""
+        return generate_text(self.backbone, self._needs_tokenizer("generate"), prompts, max_new_tokens, **options)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, **options) -> Iterator[str]:
+        """Yield the new text of one prompt piece by piece as it is generated."""
+        return stream_text(self.backbone, self._needs_tokenizer("stream"), prompt, max_new_tokens, **options)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **options) -> str:
+        """One assistant reply to chat messages [{"role": ..., "content": ...}], rendered with
+        the tokenizer's chat template."""
+        prompt = chat_prompt(self._needs_tokenizer("chat"), messages)
+        return self.generate(prompt, max_new_tokens, add_special_tokens=False, **options)[0]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
         self.model.to(device=device, dtype=dtype)
@@ -78,63 +86,18 @@ class LM:
         format="lmforge": config.json + model.safetensors in lmforge's names;
         format="hf": config.json + model.safetensors that transformers' Auto classes load.
         """
-        if format not in ("lmforge", "hf"):
-            raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            if format == "hf":
-                write_hf_model(self.model, self.head, tmp, self.special_ids())
-            else:
-                atomic_write_json(tmp / "config.json", {
-                    "format": "lmforge", "format_version": FORMAT_VERSION, "family": self.family,
-                    "model": self.config.to_dict(), "head": self.head.to_dict() if self.head else None,
-                    "special": self.special_ids()})
-                save_weights(self.model, tmp / "model.safetensors")
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-        return path
+        return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
+                              special=self.special)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None) -> LM:
     """Load an lmforge checkpoint directory or a Hugging Face model directory
     (model_type gpt2, llama, bert or bart) into an LM."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    if cfg.get("format") == "lmforge":
-        model, head, special = _load_lmforge(path, cfg)
-    elif "model_type" in cfg:
-        model, head, fresh, cfg = read_hf_model(path)
-        if fresh:
-            log.warning("%s: freshly initialised (not in the checkpoint): %s", path, ", ".join(fresh))
-        special = {k: cfg.get(k) for k in SPECIAL_KEYS}
-    else:
-        raise ValueError(f"{config_file}: neither an lmforge config (format: lmforge) nor a Hugging Face one "
-                         "(model_type)")
-    tokenizer = Tokenizer.from_pretrained(path) if any((path / f).exists() for f in TOKENIZER_FILES) else None
+    model, head, tokenizer, special = load_model_dir(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return LM(model.eval(), tokenizer, head, special).to(device, dtype)
-
-
-def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, dict]:
-    version = cfg.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path / 'config.json'}: format_version {version!r} unsupported (expected {FORMAT_VERSION})")
-    try:
-        config = config_from_dict(cfg["family"], cfg["model"])
-        head = HeadSpec(**cfg["head"]) if cfg.get("head") else None
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path / 'config.json'}: invalid model config ({e})") from None
-    model = attach_head(build(config), head)
-    load_weights(model, path / "model.safetensors")
-    return model, head, cfg.get("special") or {}
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:

@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -40,9 +41,157 @@ def _convert(a: Namespace) -> None:
     print(f"wrote {out} ({a.to} format)")
 
 
-# name -> (help, add arguments, run); a tuple of such tables makes a command group.
+def _model_args(p: ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+
+
+def _load(a: Namespace):
+    import torch
+
+    from lmforge.api import load
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(a.model, device=device, dtype=a.dtype)
+
+
+def _pretrain_args(p: ArgumentParser) -> None:
+    from lmforge.config import RunConfig
+
+    p.add_argument("--config", action="config", help="YAML file with any of the sections below")
+    p.add_class_arguments(RunConfig, fail_untyped=True, sub_configs=True)
+
+
+def _pretrain(a: Namespace) -> None:
+    from lmforge.config import from_namespace
+    from lmforge.train.loop import TrainingError
+    from lmforge.train.pretrain import pretrain
+
+    try:
+        result = pretrain(from_namespace(a))
+    except TrainingError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=str))
+    if result.get("stopped") == "interrupted":
+        sys.exit(130)
+
+
+def _generate_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--prompt", type=list[str], default=[], help="prompt(s); several give a batch")
+    p.add_argument("--chat", action="store_true", help="interactive chat with the model's chat template")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--stop", type=list[str], default=[], help="stop strings")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _generate(a: Namespace) -> None:
+    lm = _load(a)
+    options = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                   no_repeat_ngram_size=a.no_repeat_ngram_size, stop=a.stop or None, seed=a.seed)
+    if a.chat:
+        return _chat_loop(lm, a.max_new_tokens, options)
+    if not a.prompt:
+        raise UserError("give --prompt TEXT (or --chat)")
+    if a.stream:
+        for piece in lm.stream(a.prompt[0], a.max_new_tokens, **options):
+            print(piece, end="", flush=True)
+        print()
+        return
+    outputs = lm.generate(a.prompt, a.max_new_tokens, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                          num_return_sequences=a.num_return_sequences, **options)
+    for prompt, out in zip(a.prompt, outputs):
+        for text in out if isinstance(out, list) else [out]:
+            print(f"{prompt}{text}" if lm.family == "gpt" else text)
+            print("-" * 40)
+
+
+def _chat_loop(lm, max_new_tokens: int, options: dict) -> None:
+    if lm.tokenizer is None or lm.tokenizer.chat_template is None:
+        raise UserError("--chat needs a model whose tokenizer has a chat template (fine-tune one with `sft`)")
+    messages: list[dict[str, str]] = []
+    print("chat: type a message, an empty line or Ctrl-D to quit")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        reply = lm.chat(messages, max_new_tokens, **options)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+
+
+def _inspect_attention_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--text", required=True, help="the input text")
+    p.add_argument("--target", default=None, help="decoder text for encoder-decoder models")
+    p.add_argument("--out", default="inspect", help="output directory for the PNG and HTML pages")
+
+
+def _inspect_attention(a: Namespace) -> None:
+    from lmforge.inspection import inspect_attention
+
+    lm = _load(a)
+    for path in inspect_attention(lm.model, lm._needs_tokenizer("inspect"), a.text, a.out, target=a.target):
+        print(f"wrote {path}")
+
+
+def _inspect_next_token_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--text", required=True, help="the input text (use the [MASK] token for BERT models)")
+    p.add_argument("--k", type=int, default=5, help="how many alternatives per position")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _inspect_next_token(a: Namespace) -> None:
+    from lmforge.inspection import inspect_next_token
+
+    lm = _load(a)
+    rows, text = inspect_next_token(lm.model, lm._needs_tokenizer("inspect"), a.text, a.k)
+    print(json.dumps(rows, indent=1, ensure_ascii=False) if a.json else text)
+
+
+def _inspect_positions_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--out", default="inspect", help="output directory for the pictures")
+    p.add_argument("--max-positions", type=int, default=None)
+
+
+def _inspect_positions(a: Namespace) -> None:
+    from lmforge.inspection import inspect_positions
+
+    lm = _load(a)
+    for path in inspect_positions(lm.model, a.out, max_positions=a.max_positions):
+        print(f"wrote {path}")
+
+
+# name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "pretrain": ("pretrain a model (clm, mlm, mlm+nsp, denoise) from a YAML config and dotted overrides",
+                 _pretrain_args, _pretrain),
+    "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
+                 _generate_args, _generate),
+    "inspect": {
+        "attention": ("attention weights of every layer and head as PNG and HTML", _inspect_attention_args,
+                      _inspect_attention),
+        "next-token": ("top-k next tokens and entropy per position (fill-mask for BERT)",
+                       _inspect_next_token_args, _inspect_next_token),
+        "positions": ("pictures of the model's position encodings", _inspect_positions_args, _inspect_positions),
+    },
     "convert": ("convert a model directory between lmforge and Hugging Face formats", _convert_args, _convert),
 }
 
@@ -62,8 +211,8 @@ def _add_commands(parser: ArgumentParser, table: dict) -> None:
     for name, entry in table.items():
         p = ArgumentParser(prog=f"{parser.prog} {name}")
         if isinstance(entry, dict):
-            _add_commands(p, entry)
             sub.add_subcommand(name, p, help=f"{name} commands: {', '.join(entry)}")
+            _add_commands(p, entry)
         else:
             entry[1](p)
             sub.add_subcommand(name, p, help=entry[0])

@@ -375,12 +375,17 @@ def load_config(path: str | os.PathLike | None = None,
     parser = config_parser()
     where = f"{path}: " if path is not None else ""
     try:
-        ns = parser.parse_args(args + _override_args(overrides))
-        ns.pop("config", None)
-        cfg = parser.instantiate(ns)
+        return from_namespace(parser.parse_args(args + _override_args(overrides)))
     except (ArgumentError, ValueError) as e:
         message = " ".join(str(e).replace("\n...", "").split())  # jsonargparse's multi-line text on one line
         raise ValueError(f"{where}{message}") from None
+
+
+def from_namespace(ns) -> RunConfig:
+    """RunConfig from the namespace `config_parser()` (or the CLI's pretrain command) parsed."""
+    ns = ns.clone()
+    ns.pop("config", None)
+    cfg = config_parser().instantiate(ns)
     return RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
 
 

@@ -451,6 +451,7 @@ def read_hf_model(directory: str | os.PathLike) -> tuple[nn.Module, HeadSpec | N
     the config dict)."""
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text())
+    config_from_hf(cfg)  # an unsupported model says so before its weights are read
     tensors, source = read_hf_weights(directory)
     model, head, fresh = from_hf(cfg, tensors, source)
     return model, head, fresh, cfg

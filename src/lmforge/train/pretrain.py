@@ -18,8 +18,11 @@ from torch import nn
 
 from lmforge.config import RunConfig
 from lmforge.dist import parallel
+from lmforge.interop.hf import ConversionError, model_type_of
+from lmforge.interop.model_dir import save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.weights import load_weights
+from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint
 from lmforge.train.loop import seed_everything, train
 from lmforge.train.objectives import FAMILY_OF_OBJECTIVE, get_objective
@@ -64,6 +67,16 @@ def init_weights(model: nn.Module, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- pretrain
 
 
+def export(model: nn.Module, tokenizer: Tokenizer | None, path: Path) -> Path:
+    """Save the trained model for `lmforge.load` and transformers: Hugging Face format where
+    transformers has the architecture, else lmforge's (e.g. the original Transformer)."""
+    try:
+        model_type_of(model.config)
+    except ConversionError:
+        return save_model_dir(path, model, tokenizer=tokenizer, format="lmforge")
+    return save_model_dir(path, model, tokenizer=tokenizer, format="hf")
+
+
 def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str, Any]:
     """Build the model and data from `config`, train (resuming when a checkpoint is found),
     and return the final metrics: step, tokens, stopped, train_loss, val_* metrics, best,
@@ -95,6 +108,9 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
                   f"tokens, {env.world_size} process(es), dist {config.dist.strategy}, out {t.out_dir}")
         result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
                        save_extra=pdata.save_extra)
+        if env.is_main and result.stopped != "interrupted":
+            export_dir = export(model, pdata.tokenizer, Path(result.out_dir) / "model")
+            print(f"lmforge pretrain: final model in {export_dir}")
     finally:
         parallel.shutdown()
     return {"step": result.step, "tokens": result.tokens, "stopped": result.stopped,

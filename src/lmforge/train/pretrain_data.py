@@ -52,13 +52,14 @@ class PretrainData:
     train: this process's training batches; val: re-iterable validation batches or None;
     model_overrides: model fields the data decides (vocab_size, pad_token_id,
     decoder_start_token_id); save_extra: writes files the data owns (the tokenizer) into
-    each checkpoint directory.
+    each checkpoint directory; tokenizer: saved with the final model.
     """
 
     train: BatchIterator
     val: Iterable[dict[str, Tensor]] | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     save_extra: Callable[[Path], None] | None = None
+    tokenizer: Tokenizer | None = None
 
 
 DataBuilder = Callable[[RunConfig, DistEnv], PretrainData]
@@ -200,7 +201,7 @@ def prepared_data(config: RunConfig, env: DistEnv) -> PretrainData:
         train = RandomWindows(shards, B, d.seq_len, seed=d.seed, rank=rank, world_size=world)
         val = SequentialWindows(val_shards, B, d.seq_len, rank=rank, world_size=world,
                                 max_batches=max_val) if has_val else None
-        return PretrainData(train, val, overrides, save_extra)
+        return PretrainData(train, val, overrides, save_extra, tok)
     vocab = _vocab_info(tok, d.whole_word_mask)
     overrides["pad_token_id"] = vocab.pad_id
     make, collate = _document_objective(config, tok, vocab, seed=d.seed * 1000 + rank)
@@ -214,7 +215,7 @@ def prepared_data(config: RunConfig, env: DistEnv) -> PretrainData:
         val_docs = Documents(val_shards, shuffle=False, rank=rank, world_size=world, epochs=1)
         source = PooledExamples(val_docs, val_make, val_collate, B, seed=d.seed + 1)
         val = _equal_length(list(source) if max_val is None else [b for _, b in zip(range(max_val), source)])
-    return PretrainData(train, val or None, overrides, save_extra)
+    return PretrainData(train, val or None, overrides, save_extra, tok)
 
 
 # Special ids of the synthetic vocabulary; ordinary tokens are drawn from [N_SPECIAL, V).

@@ -1,0 +1,100 @@
+"""A model directory on disk, in lmforge's format or Hugging Face's.
+
+lmforge format: config.json {"format": "lmforge", "family", "model", "head", "special"}
+plus model.safetensors in lmforge's tensor names. Hugging Face format: what
+transformers' Auto classes load. Either may hold tokenizer files beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from lmforge.files import atomic_dir, atomic_write_json
+from lmforge.interop.hf import read_hf_model, write_hf_model
+from lmforge.models import HeadSpec, attach_head, build, config_from_dict, family_of
+from lmforge.models.weights import load_weights, save_weights
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_ids(tokenizer: Tokenizer | None, known: dict[str, int | None] | None = None) -> dict[str, int | None]:
+    """bos/eos/pad ids: the tokenizer's when there is one, else the ones already known."""
+    ids = dict(known or {})
+    if tokenizer is not None:
+        for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                           ("pad_token_id", tokenizer.pad_id)):
+            if value is not None:
+                ids[key] = value
+    return ids
+
+
+def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
+                   tokenizer: Tokenizer | None = None, format: str = "lmforge",
+                   special: dict[str, int | None] | None = None) -> Path:
+    """Write a model directory atomically (a crash leaves any previous one intact)."""
+    if format not in ("lmforge", "hf"):
+        raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
+    path = Path(path)
+    backbone = model.backbone if head is not None else model
+    special = special_ids(tokenizer, special)
+    with atomic_dir(path) as tmp:
+        if format == "hf":
+            write_hf_model(model, head, tmp, special)
+        else:
+            atomic_write_json(tmp / "config.json", {
+                "format": "lmforge", "format_version": FORMAT_VERSION, "family": family_of(backbone.config),
+                "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special})
+            save_weights(model, tmp / "model.safetensors")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
+
+
+def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
+    """Read an lmforge or Hugging Face model directory -> (model, head, tokenizer or None,
+    special ids). Hugging Face tensors missing from the checkpoint (e.g. the heads of a
+    plain BertModel) are logged as freshly initialised."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if cfg.get("format") == "lmforge":
+        model, head, special = _load_lmforge(path, cfg)
+    elif "model_type" in cfg:
+        model, head, fresh, cfg = read_hf_model(path)
+        if fresh:
+            log.warning("%s: freshly initialised (not in the checkpoint): %s", path, ", ".join(fresh))
+        special = {k: cfg.get(k) for k in SPECIAL_KEYS}
+    else:
+        raise ValueError(f"{config_file}: neither an lmforge config (format: lmforge) nor a Hugging Face one "
+                         "(model_type)")
+    tokenizer = Tokenizer.from_pretrained(path) if any((path / f).exists() for f in TOKENIZER_FILES) else None
+    return model, head, tokenizer, special
+
+
+def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, dict]:
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path / 'config.json'}: format_version {version!r} unsupported (expected {FORMAT_VERSION})")
+    try:
+        config = config_from_dict(cfg["family"], cfg["model"])
+        head = HeadSpec(**cfg["head"]) if cfg.get("head") else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: invalid model config ({e})") from None
+    model = attach_head(build(config), head)
+    load_weights(model, path / "model.safetensors")
+    return model, head, cfg.get("special") or {}
