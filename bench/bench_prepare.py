@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.resources
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -94,6 +95,12 @@ def lmforge_prepare(tok: Tokenizer, corpus: Path, out: Path, workers: int) -> in
     return stats["n_tokens"]
 
 
+def cpu_seconds() -> float:
+    """User + system time of this process (all its threads) and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def versions() -> str:
     names = ["tokenizers", "datasets", "numpy", "pyarrow", "lmforge"]
     found = []
@@ -138,24 +145,28 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.skip:
             methods.pop(short[name])
         times: dict[str, list[float]] = {name: [] for name in methods}
+        cpu: dict[str, list[float]] = {name: [] for name in methods}
         tokens: dict[str, int] = {}
+        load_before = os.getloadavg()[0]
         for _ in range(args.repeats):
             for name, fn in methods.items():
                 out = Path(tempfile.mkdtemp(dir=work))
-                start = time.perf_counter()
+                cpu_start, start = cpu_seconds(), time.perf_counter()
                 tokens[name] = fn(out)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(cpu_seconds() - cpu_start)
                 shutil.rmtree(out)
                 print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         ours = statistics.median(times[list(methods)[-1]])
         print(f"\nCorpus: {corpus.name}, {mb:.1f} MB; tokenizer: byte-level BPE, vocab {tok.vocab_size}; "
-              f"median of {args.repeats} interleaved runs\n")
-        print("| method | median s | MB/s | M tokens/s | tokens | lmforge speed-up |")
-        print("|---|---:|---:|---:|---:|---:|")
+              f"median of {args.repeats} interleaved runs; load average {load_before:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after\n")
+        print("| method | median s | MB/s | M tokens/s | CPU s (all processes) | tokens | lmforge speed-up |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, ts in times.items():
             t = statistics.median(ts)
-            print(f"| {name} | {t:.2f} | {mb / t:.2f} | {tokens[name] / t / 1e6:.2f} | {tokens[name]:,} | "
-                  f"{t / ours:.2f}x |")
+            print(f"| {name} | {t:.2f} | {mb / t:.2f} | {tokens[name] / t / 1e6:.2f} | "
+                  f"{statistics.median(cpu[name]):.2f} | {tokens[name]:,} | {t / ours:.2f}x |")
         print(f"\n{versions()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -177,7 +177,7 @@ class Tokenizer:
         directory = path.parent if path.is_file() else path
         config = _read_config(directory)
         specials = {r: config[f"{r}_token"] for r in SPECIAL_ROLES if config.get(f"{r}_token")}
-        chosen = path if path.is_file() else None
+        chosen = (directory / "vocab.json" if path.name == "merges.txt" else path) if path.is_file() else None
         if chosen is None:
             for name in ("tokenizer.json", "vocab.json", "vocab.txt"):
                 if (directory / name).is_file():

@@ -165,10 +165,10 @@ def test_packed_documents_run_across_epochs(train):
 
 
 def test_documents_each_once_disjoint_across_ranks_and_resumable(train):
-    everything = [d.tolist() for d in Documents(train, shuffle=False)]
+    everything = [d.tolist() for d in Documents(train, shuffle=False, epochs=1)]
     assert everything == [train.document(i).tolist() for i in range(train.n_docs)]
     assert all(d[-1] != train.eos_id for d in everything)
-    ranks = [[tuple(d.tolist()) for d in Documents(train, seed=4, rank=r, world_size=2)] for r in range(2)]
+    ranks = [[tuple(d.tolist()) for d in Documents(train, seed=4, rank=r, world_size=2, epochs=1)] for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == sorted(map(tuple, everything))
     assert abs(len(ranks[0]) - len(ranks[1])) <= 1
     reference = [d.tolist() for d in take(Documents(train, seed=4, epochs=None), 30)]

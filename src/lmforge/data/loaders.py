@@ -53,7 +53,8 @@ class RandomWindows:
     """Infinite batches of random windows: {"input_ids": (B, T), "labels": (B, T)} int64.
 
     Step k draws the global batch's window starts from a generator seeded with (seed, k), so any
-    step can be reproduced from its number alone: that is the whole resumable state.
+    step can be reproduced from its number alone: that is the whole resumable state. Windows run
+    across document ends (documents are separated by EOS), as in GPT-2 style pretraining.
     """
 
     def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
@@ -252,7 +253,7 @@ class Documents:
     """
 
     def __init__(self, shards: TokenShards, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, epochs: int | None = 1) -> None:
+                 world_size: int = 1, epochs: int | None = None) -> None:
         _check_rank(rank, world_size)
         self.shards, self.seed, self.shuffle = shards, seed, shuffle
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
