@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmforge.models import PRESETS, build, count_params, preset
 from lmforge.nn.attention import _Heads
-from lmforge.plan import make_plan
+from lmforge.plan import engine_chunk_rows, make_plan
 from lmforge.plan.arch import describe
 from lmforge.plan.dataflow import Shape
 from lmforge.plan.device import Device, GiB
@@ -71,7 +71,7 @@ def test_encdec_variants_count_exactly():
         assert make_plan(config, seq_len=8).params["total"] == count_params(build(config))
 
 
-def _counted_flops(model: nn.Module, arch, shape: Shape, ce_chunk: int | None) -> int:
+def _counted_flops(model: nn.Module, arch, shape: Shape, ce_chunk: int) -> int:
     batch = random_batch(arch, shape, "cpu")
     with FlopCounterMode(display=False) as counter:
         loss(model, arch, batch, ce_chunk).backward()
@@ -79,34 +79,48 @@ def _counted_flops(model: nn.Module, arch, shape: Shape, ce_chunk: int | None) -
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec"])
-def test_matmul_flops_equal_flop_counter(kind):
+@pytest.mark.parametrize("ce_chunk", [0, 16])
+def test_matmul_flops_equal_flop_counter(kind, ce_chunk):
     """With the reference attention (explicit matmuls) every FLOP is a counted GEMM, and
-    the planner's forward + backward equals FlopCounterMode exactly."""
+    the planner's forward + backward equals FlopCounterMode exactly — for the plain loss
+    and for the chunked one, whose gradient GEMMs run inside its forward."""
     config = tiny(kind)
     model = build(config).train()
     for m in model.modules():
         if isinstance(m, _Heads):
             m.use_reference = True
-    plan = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, ce_chunk=0)
+    plan = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, ce_chunk=ce_chunk)
     arch = describe(config)
     f = plan.flops
     expected = f["matmul_forward_per_micro_batch"] + f["matmul_backward_per_micro_batch"]
-    assert _counted_flops(model, arch, make_shape(arch, plan.settings), None) == expected
+    assert _counted_flops(model, arch, make_shape(arch, plan.settings), ce_chunk) == expected
+    assert f["recompute_per_micro_batch"] == 0
 
 
-def test_flops_under_cpu_sdpa_and_chunked_loss():
-    """The two documented differences: CPU's fused attention kernel is not in the
-    counter's table (so it sees no attention FLOPs), and the checkpointed loss chunks run
-    the LM head forward again in backward (the planner's recompute FLOPs)."""
+def test_flops_under_cpu_sdpa_and_the_chunked_loss():
+    """The documented differences: CPU's fused attention kernel is not in the counter's
+    table (it sees no attention FLOPs), and the chunked loss multiplies by the unpadded
+    vocabulary where a plain LM head multiplies by the padded one."""
     config = tiny("gpt")
     model = build(config).train()
-    plan = cpu_plan(config, seq_len=32, batch_size=2, ce_chunk=16)
-    f, arch = plan.flops, describe(config)
-    counted = _counted_flops(model, arch, make_shape(arch, plan.settings), 16)
-    attention = f["attention_forward_per_micro_batch"] * 3
+    arch = describe(config)
+    chunked = cpu_plan(config, seq_len=32, batch_size=2, ce_chunk=16)
+    plain = cpu_plan(config, seq_len=32, batch_size=2, ce_chunk=0)
+    f = chunked.flops
     model_flops = f["matmul_forward_per_micro_batch"] + f["matmul_backward_per_micro_batch"]
-    assert counted == model_flops - attention + f["recompute_per_micro_batch"]
-    assert f["recompute_per_micro_batch"] == 2 * 64 * 32 * arch.padded_vocab
+    counted = _counted_flops(model, arch, make_shape(arch, chunked.settings), 16)
+    assert counted == model_flops - 3 * f["attention_forward_per_micro_batch"]
+    padding = 6 * 64 * config.dim * (arch.padded_vocab - arch.vocab_size)
+    assert plain.flops["model_flops_per_step"] - f["model_flops_per_step"] == padding
+
+
+def test_default_chunk_is_the_training_engines():
+    from lmforge.train.objectives import _chunk_rows
+
+    for name in ("gpt2-124m", "llama-small", "bart-base"):
+        plan = make_plan(name, seq_len=128)
+        assert plan.settings["ce_chunk"] == _chunk_rows(plan.config.vocab_size) == engine_chunk_rows(
+            plan.config.vocab_size)
 
 
 def test_gpt2_formula_and_exact_count_agree():
@@ -116,7 +130,7 @@ def test_gpt2_formula_and_exact_count_agree():
     assert abs(f["model_flops_per_token"] / f["formula_per_token"] - 1) < 0.01  # biases and norms are not GEMMs
 
 
-def _saved_bytes(model: nn.Module, arch, shape: Shape, lowp: bool) -> int:
+def _saved_bytes(model: nn.Module, arch, shape: Shape, lowp: bool, ce_chunk: int) -> int:
     batch = random_batch(arch, shape, "cpu")
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *batch.values()]}
     seen: dict[int, int] = {}
@@ -129,22 +143,22 @@ def _saved_bytes(model: nn.Module, arch, shape: Shape, lowp: bool) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=lowp):
-        loss(model, arch, batch, None)
+        loss(model, arch, batch, ce_chunk)
     return sum(seen.values())
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_activation_bytes_equal_saved_tensors(kind, precision):
+@pytest.mark.parametrize("precision,ce_chunk", [("fp32", 0), ("bf16", 0), ("fp32", 16), ("bf16", 16)])
+def test_activation_bytes_equal_saved_tensors(kind, precision, ce_chunk):
     """Every tensor autograd keeps for backward, by storage: predicted equals measured up
     to the batch's own tensors (ids the embeddings and the loss keep)."""
     over = dict(dropout=0.1) if kind in ("gpt", "encdec") else {}
     config = tiny(kind, **over)
     model = build(config).train()
-    plan = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, ce_chunk=0, precision=precision)
+    plan = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, ce_chunk=ce_chunk, precision=precision)
     arch = describe(config)
     shape = make_shape(arch, plan.settings)
-    measured = _saved_bytes(model, arch, shape, precision == "bf16")
+    measured = _saved_bytes(model, arch, shape, precision == "bf16", ce_chunk)
     predicted = plan.memory["components"]["activations_saved"]
     assert measured > 50_000
     assert abs(predicted - measured) <= batch_bytes(arch, shape)

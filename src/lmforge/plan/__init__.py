@@ -8,6 +8,6 @@
 """
 
 from lmforge.plan.arch import describe
-from lmforge.plan.core import DEFAULT_CE_CHUNK, Plan, make_plan
+from lmforge.plan.core import Plan, engine_chunk_rows, make_plan
 
-__all__ = ["DEFAULT_CE_CHUNK", "Plan", "describe", "make_plan"]
+__all__ = ["Plan", "describe", "engine_chunk_rows", "make_plan"]

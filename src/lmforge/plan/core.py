@@ -10,11 +10,16 @@ from lmforge.models import ModelConfig, family_of
 from lmforge.plan import estimate as est
 from lmforge.plan.arch import check_lora_targets, describe, resolve_config
 from lmforge.plan.device import get_device
+from lmforge.train.objectives import CHUNK_ELEMENTS
 
 OPTIMIZERS = ("adamw", "sgd")
 STRATEGIES = ("ddp", "fsdp")
-#: Rows of logits the chunked cross-entropy materialises at once (the planner's default).
-DEFAULT_CE_CHUNK = 1024
+
+
+def engine_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of the training engine's chunked cross-entropy
+    (train.objectives.linear_cross_entropy's default): about CHUNK_ELEMENTS logits."""
+    return max(64, CHUNK_ELEMENTS // vocab_size)
 
 
 @dataclass
@@ -77,7 +82,7 @@ def make_plan(
     strategy: str = "ddp",
     device: str = "h100",
     mfu: float | None = None,
-    ce_chunk: int | None = DEFAULT_CE_CHUNK,
+    ce_chunk: int | None = None,
     mlm_fraction: float = 0.15,
     backend: str | None = None,
 ) -> Plan:
@@ -87,7 +92,8 @@ def make_plan(
     model's max_seq_len); target_len: decoder tokens (default seq_len); batch_size: the
     micro-batch per device; precision: "fp32", "bf16" or "fp16" autocast; device: "h100",
     "a100", "cpu" or "measured" (benchmarks this machine); mfu: override the device's
-    assumed utilisation; ce_chunk: rows per cross-entropy chunk (0 or None: unchunked);
+    assumed utilisation; ce_chunk: rows per cross-entropy chunk (None: the training
+    engine's default, about 2^26 logits per chunk; 0: plain unchunked cross-entropy);
     mlm_fraction: Bert's masked share of positions; backend: "cuda" or "cpu" kernels
     (default: the device's). Raises ValueError naming a bad setting.
     """
@@ -115,7 +121,8 @@ def make_plan(
     s = dict(seq_len=seq_len, target_len=target_len, batch_size=batch_size, grad_accum=grad_accum,
              precision=precision, optimizer=optimizer, activation_checkpointing=bool(activation_checkpointing),
              lora_rank=lora_rank, lora_targets=list(lora_targets), devices=devices, strategy=strategy,
-             device=device, mfu=mfu, ce_chunk=ce_chunk or 0, mlm_fraction=mlm_fraction)
+             device=device, mfu=mfu, ce_chunk=engine_chunk_rows(arch.vocab_size) if ce_chunk is None else ce_chunk,
+             mlm_fraction=mlm_fraction)
     shape = est.make_shape(arch, s)
     dev = get_device(device, precision, est.gemm_shapes(arch, shape),
                      (shape.batch * shape.seq_len, arch.dim, arch.stacks[0].spec.hidden_dim), mfu)

@@ -2,11 +2,11 @@
 
 Each function mirrors the module it names — keep them in step with src/lmforge/nn/
 and src/lmforge/models/ (the tests fail when they drift). The training objective is
-the one `verify` runs: next-token cross-entropy over every target position for GPT and
-encoder-decoder models; for Bert, masked-LM cross-entropy on `mlm_rows` positions per
-sequence plus next-sentence prediction on the pooled [CLS] vector. With `ce_chunk`,
-the loss runs the LM head and cross-entropy on chunks of rows under activation
-checkpointing, so backward keeps only the hidden states and recomputes each chunk.
+the training engine's (lmforge.train.objectives, which `verify` runs): next-token
+cross-entropy over every target position for GPT and encoder-decoder models through the
+chunked `linear_cross_entropy` (`ce_chunk` rows per chunk; 0: plain cross-entropy over
+all logits); for Bert, masked-LM cross-entropy on `mlm_rows` positions per sequence
+plus next-sentence prediction on the pooled [CLS] vector.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmforge.plan.arch import Arch, Linear, Stack
-from lmforge.plan.trace import FP32, Segment, Sym, Walk
+from lmforge.plan.trace import FP32, INT64, Segment, Sym, Walk
 
 
 @dataclass(frozen=True)
@@ -92,20 +92,29 @@ def _blocks(w: Walk, x: Sym, st: Stack, T: int, **kw) -> Sym:
     return x
 
 
-def _lm_loss(w: Walk, arch: Arch, h: Sym, rows: int, ce_chunk: int | None) -> None:
-    """LM head + cross-entropy on `rows` positions of h (B, T, D)."""
+def _lm_loss(w: Walk, arch: Arch, h: Sym, rows: int, ce_chunk: int) -> None:
+    """LM head + summed cross-entropy on `rows` positions of h (B, T, D).
+
+    Chunked (train.objectives.linear_cross_entropy): forward computes each chunk's fp32
+    logits, and from softmax - onehot both gradients right away; it keeps only the
+    gradient of the hidden states (rows x D, h's dtype) and of the unpadded LM head
+    weight (V x D fp32), and backward just scales them. Unchunked: logits over the padded
+    vocabulary, then F.cross_entropy, which keeps the fp32 log-softmax (rows x V)."""
     D, Vp, V = arch.dim, arch.padded_vocab, arch.vocab_size
     if ce_chunk:
-        w.save(h, "activations")  # the checkpointed chunks keep only their input
-        w.gemm(rows, D, Vp, h.rg, w.o.trainable_base)
-        w.seg.recompute_flops += 2 * rows * D * Vp
-    else:
-        w.linear(h, Linear("lm_head", D, Vp, False, "head"))
-        w.keep(rows * V * FP32, "logits (log-softmax)")
+        need_w = w.o.trainable_base
+        if h.rg or need_w:
+            w.gemm(rows, D, V, h.rg, need_w)  # the "backward" GEMMs run inside forward, chunk by chunk
+            w.keep(rows * D * h.itemsize, "loss gradients")
+            w.keep(V * D * FP32 if need_w else 0, "loss gradients")
+        w.move(rows * V * FP32 * 8)
+        return
+    w.linear(h, Linear("lm_head", D, Vp, False, "head"))
+    w.keep(rows * V * FP32, "logits (log-softmax)")
     w.move(rows * V * FP32 * 8)  # log-softmax and its backward, fp32
 
 
-def gpt(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+def gpt(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     c, B, T = arch.config, shape.batch, shape.seq_len
     tr = w.o.trainable_base
     w.begin("embed")
@@ -123,34 +132,28 @@ def gpt(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment
     return w.segments
 
 
-def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     c, B, T = arch.config, shape.batch, shape.seq_len
     D, tr = c.dim, w.o.trainable_base
     w.begin("embed")
     x = w.add(w.add(w.embedding(B * T, D, tr, arch.padded_vocab), w.embedding(T, D, tr, c.max_seq_len)),
               w.embedding(B * T, D, tr, c.type_vocab_size))
     x = _blocks(w, w.dropout(w.norm(x, "layernorm", D), c.dropout), arch.stacks[0], T)
-    w.begin("head")
+    w.begin("head")  # train.objectives.mlm_nsp: the MLM head on the masked rows only, never chunked
     rows = B * shape.mlm_rows
-    w.keep(rows * 8, "indices")  # hidden[masked]: backward needs only the indices
+    w.keep(3 * rows * INT64, "indices")  # hidden[mask]: (batch, position) indices; the targets
     g = Sym(rows * D, FP32, x.rg)
-    if ce_chunk:
-        w.save(g, "activations")
-        w.gemm(rows, D, D, g.rg, tr)
-        w.gemm(rows, D, arch.padded_vocab, g.rg, tr)
-        w.seg.recompute_flops += 2 * rows * D * (D + arch.padded_vocab)
-        w.move(rows * c.vocab_size * FP32 * 8)
-    else:
-        h = w.activation(w.linear(g, Linear("dense", D, D, True, "head")), c.act)
-        h = w.norm(h, "layernorm", D)
-        w.linear(h, Linear("decoder", D, arch.padded_vocab, True, "head"))
-        w.keep(rows * c.vocab_size * FP32, "logits (log-softmax)")
+    h = w.activation(w.linear(g, Linear("dense", D, D, True, "head")), c.act)
+    h = w.norm(h, "layernorm", D)
+    w.linear(h, Linear("decoder", D, arch.padded_vocab, True, "head"))
+    w.keep(rows * c.vocab_size * FP32, "logits (log-softmax)")
+    w.move(rows * c.vocab_size * FP32 * 8)
     pooled = w.activation(w.linear(Sym(B * D, FP32, x.rg, base=x), Linear("pooler", D, D, True, "head")), "tanh")
     w.linear(pooled, Linear("nsp_head", D, 2, True, "head"))
     return w.segments
 
 
-def encdec(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+def encdec(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     c, B, S, T = arch.config, shape.batch, shape.seq_len, shape.target_len
     D, tr = c.dim, w.o.trainable_base
     enc, dec = arch.stacks
@@ -181,6 +184,6 @@ def encdec(w: Walk, arch: Arch, shape: Shape, ce_chunk: int | None) -> list[Segm
 WALKS = {"gpt": gpt, "bert": bert, "encdec": encdec}
 
 
-def walk(arch: Arch, w: Walk, shape: Shape, ce_chunk: int | None) -> list[Segment]:
+def walk(arch: Arch, w: Walk, shape: Shape, ce_chunk: int) -> list[Segment]:
     """Segments of one micro-batch's forward pass, in order."""
     return WALKS[arch.family](w, arch, shape, ce_chunk)

@@ -35,7 +35,7 @@ def segments(arch: Arch, shape: Shape, s: dict[str, Any], backend: str) -> list[
     """One micro-batch's forward pass, walked symbolically (trace.py, dataflow.py)."""
     opts = WalkOptions(shape.batch, PRECISIONS[s["precision"]], backend, s["lora_rank"] == 0,
                        s["lora_rank"], tuple(s["lora_targets"]))
-    return walk(arch, Walk(opts), shape, s["ce_chunk"] or None)
+    return walk(arch, Walk(opts), shape, s["ce_chunk"])
 
 
 def parameters(arch: Arch, s: dict[str, Any]) -> dict[str, int]:
@@ -76,7 +76,7 @@ def memory(arch: Arch, shape: Shape, s: dict[str, Any], backend: str,
         per_block = {st.name: lora_params(_one_stack(arch, st), s["lora_rank"], tuple(s["lora_targets"]))
                      // st.n_layers for st in arch.stacks}
     ms = MemorySettings(PRECISIONS[s["precision"]], s["optimizer"], s["activation_checkpointing"],
-                        s["ce_chunk"] or None, d, s["strategy"], s["grad_accum"], per_block)
+                        s["ce_chunk"], d, s["strategy"], s["grad_accum"], per_block)
     persistent = sum(v for k, v in comp.items() if k != "gradients")
     peak, moment, parts = replay(arch, segs, shape, ms, persistent, comp["gradients"], shard)
     comp["activations_saved"] = sum(seg.saved_bytes for seg in segs)

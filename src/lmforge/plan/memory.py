@@ -8,17 +8,16 @@ fp32 moments; SGD with momentum: one), non-persistent buffers (RoPE / sinusoidal
 BART's logit bias) and the batch.
 
 The step replay visits the moments where memory can peak:
-- end of forward: everything autograd saved (trace.py) plus the loss head's logits and,
-  under autocast with activation checkpointing, the cached low-precision weight copies;
-- start of backward (the loss head): the saved activations plus cross-entropy's
-  gradient chain and the LM head's weight gradient (`head_transients`);
+- end of forward: everything autograd saved (trace.py) plus the loss head's working
+  set (`head_transients`) and, under autocast with activation checkpointing, the cached
+  low-precision weight copies;
+- start of backward (the loss head): the saved activations plus the head's gradients;
 - each block's backward, in reverse: activations not yet freed, gradients produced so
   far, the block's own gradients and working buffers (with activation checkpointing,
   the recomputed block's activations);
 - each embedding's backward: with a tied embedding, its dense gradient exists beside the
-  LM head's buffered contribution and, in fp32 (where that contribution is a transposed
-  view), their out-of-place sum: one or two V x D fp32 tensors beyond the gradients —
-  the peak of small batches;
+  LM head's buffered contribution and sometimes their sum (`tied_sum_extra`): one or two
+  V x D fp32 tensors beyond the gradients — the peak of small batches;
 - the optimizer step (fused AdamW / SGD: no temporaries beyond the states).
 With gradient accumulation, micro-batches after the first run with every gradient alive.
 """
@@ -42,7 +41,7 @@ class MemorySettings:
     lowp: int | None
     optimizer: str
     activation_checkpointing: bool
-    ce_chunk: int | None
+    ce_chunk: int  # rows per cross-entropy chunk; 0: unchunked
     devices: int
     strategy: str  # "ddp" | "fsdp"
     grad_accum: int
@@ -96,33 +95,45 @@ def head_rows(arch: Arch, shape: Shape) -> int:
 
 
 def head_transients(arch: Arch, shape: Shape, s: MemorySettings) -> tuple[int, int]:
-    """Extra bytes the loss head holds beyond saved activations: (end of forward, start of backward).
+    """Extra bytes the loss head holds beyond saved tensors: (during forward, start of backward).
 
-    Forward: one chunk's logits (all rows unchunked) and, under autocast, their fp32
-    copy; with chunks under autocast also the cached low-precision LM head weight.
-    Backward: the larger of cross-entropy's gradient chain (log-softmax, its gradient,
-    the logits' gradient: 3 x rows x V fp32, one of them saved when unchunked) and the
-    moment the LM head's weight gradient (V x D fp32, computed in low precision first
-    under autocast) sits beside the logits' gradient; plus, with several chunks, the
-    summed weight gradient of earlier chunks and the full-size gradient of the hidden
-    states, and under autocast the recomputed weight and input copies.
+    Chunked `linear_cross_entropy`, per chunk of n rows: the fp32 logits, `logits - lse`
+    and its exp (the softmax, turned into the logits' gradient in place), and the previous
+    chunk's gradient: 4 x n x V fp32; or, while the weight gradient is accumulated,
+    logits, gradient, the product and (under autocast) its low-precision inputs. Backward
+    scales the two saved gradients (new rows x D and V x D tensors). Unchunked: the logits
+    (padded vocabulary) beside the log-softmax in forward; in backward the log-softmax's
+    gradient chain (two more rows x V fp32) or the LM head's weight gradient beside the
+    logits' gradient.
     """
     rows, D, V, Vp = head_rows(arch, shape), arch.dim, arch.vocab_size, arch.padded_vocab
-    chunk = min(s.ce_chunk or rows, rows)
-    several = -(-rows // chunk) > 1
-    it = s.lowp or FP32
-    E = 0 if s.lora_per_block is not None else Vp * D * FP32
-    fwd = chunk * Vp * it + (chunk * V * FP32 if s.lowp else 0)
-    if s.ce_chunk and s.lowp:
-        fwd += Vp * D * s.lowp
-    ce_chain = (3 if s.ce_chunk else 2) * chunk * V * FP32
-    weight_grad = chunk * Vp * it + E + (Vp * D * s.lowp if s.lowp and E else 0)
-    bwd = max(ce_chain, weight_grad)
-    if s.ce_chunk and s.lowp:
-        bwd += (Vp * D + chunk * D) * s.lowp
-    if several:
-        bwd += E + rows * D * FP32
+    need_w = s.lora_per_block is None
+    lowp = s.lowp or 0
+    if arch.family != "bert" and s.ce_chunk:
+        n = min(s.ce_chunk, rows)
+        logits = n * V * FP32
+        first = V * D * lowp + n * V * lowp + (n * V * lowp if arch.family == "encdec" else 0) + logits
+        grad_w = 2 * logits + n * V * lowp + V * D * (FP32 + lowp) if need_w else 0
+        # From the second chunk on, the previous chunk's logits and gradient stay bound to
+        # their Python names until reassigned. And the hidden states, the loss's input, are
+        # alive though nothing saves them.
+        prev = 2 * logits if rows > n else 0
+        fwd = max(first + prev, 3 * logits + prev // 2, grad_w) + rows * D * FP32
+        return fwd, rows * D * FP32 + (V * D * FP32 if need_w else 0)
+    E = Vp * D * FP32 if need_w else 0
+    it = lowp or FP32
+    fwd = rows * Vp * it + (rows * V * FP32 if lowp else 0)
+    bwd = max(2 * rows * V * FP32, rows * Vp * it + E + (Vp * D * lowp if E else 0))
     return fwd, bwd
+
+
+def tied_sum_extra(arch: Arch, s: MemorySettings) -> int:
+    """How many V x D fp32 tensors beyond the finished gradients a tied embedding's backward
+    holds: its dense gradient, plus the out-of-place sum with the LM head's buffered
+    contribution when that is a transposed view (an fp32 nn.Linear / matmul head; the
+    chunked loss's and autocast's contributions are fresh tensors, summed in place)."""
+    transposed = s.lowp is None and (arch.family == "bert" or not s.ce_chunk)
+    return 2 if transposed else 1
 
 
 def _stack_of(arch: Arch, seg: Segment):
@@ -217,9 +228,7 @@ def replay(arch: Arch, segs: list[Segment], shape: Shape, s: MemorySettings, per
             add(f"backward: {seg.name}", activations=a_left - saved[i], grads=g_so_far + seg_grads[i],
                 tied_grad_buffer=buffer, working=work)
         elif seg.name.endswith("embed") and tied:
-            # the dense gradient, plus (fp32) the out-of-place sum with the buffered one: the
-            # LM head's fp32 contribution is a transposed view that cannot be summed into in place
-            extra = (2 if s.lowp is None else 1) + (1 if accumulating and i == 0 else 0)
+            extra = tied_sum_extra(arch, s) + (1 if accumulating and i == 0 else 0)
             add(f"backward: {seg.name}", activations=a_left, grads=g_so_far, tied_grad_buffer=buffer,
                 embedding_grad=E * extra)
         a_left -= saved[i]

@@ -1,10 +1,11 @@
 """`verify_plan`: run the planned setup for a few real steps and put the measurements
 beside the predictions.
 
-The step is plain PyTorch (objective.py): the model built from the plan's config, a
-random batch, autocast per the plan's precision (fp16 with a GradScaler), activation
-checkpointing per block when planned, `zero_grad(set_to_none=True)`, grad accumulation,
-and fused AdamW (or SGD with momentum 0.9). Peak memory and step time are measured as
+The step is the training engine's recipe in plain PyTorch: the model built from the
+plan's config, a random batch, the engine's objectives (objective.py) under autocast per
+the plan's precision (fp16 with a GradScaler), lmforge.dist's activation checkpointing
+per block when planned, `zero_grad(set_to_none=True)`, grad accumulation, and fused AdamW
+(or SGD with momentum 0.9). Peak memory and step time are measured as
 described in measure.py, on CUDA when the plan's device is a GPU and one is present,
 else on CPU. A plan made for a GPU but verified on CPU is re-planned for the CPU
 (its kernels differ), and LoRA or multi-device plans are refused: verification runs one
@@ -17,12 +18,13 @@ from typing import Any
 
 import torch
 
+from lmforge.dist.parallel import apply_activation_checkpointing
 from lmforge.models import build
 from lmforge.plan.arch import describe
 from lmforge.plan.core import Plan, make_plan
 from lmforge.plan.estimate import make_shape
 from lmforge.plan.measure import measure_peak, phase, state_tensors, time_steps
-from lmforge.plan.objective import checkpoint_blocks, loss, random_batch
+from lmforge.plan.objective import loss, random_batch
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,12 +44,12 @@ def training_step(plan: Plan, device: torch.device):
     model = build(plan.config).to(device)
     model.train()
     if s["activation_checkpointing"]:
-        checkpoint_blocks(model)
+        apply_activation_checkpointing(model)
     optimizer = _optimizer(s["optimizer"], model.parameters(), fused=True)
     batch = random_batch(arch, make_shape(arch, s), device)
     dtype = _AUTOCAST.get(s["precision"])
     scaler = torch.amp.GradScaler(device.type) if s["precision"] == "fp16" else None
-    chunk = s["ce_chunk"] or None
+    chunk = s["ce_chunk"]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
