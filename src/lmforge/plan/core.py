@@ -124,8 +124,7 @@ def make_plan(
              device=device, mfu=mfu, ce_chunk=engine_chunk_rows(arch.vocab_size) if ce_chunk is None else ce_chunk,
              mlm_fraction=mlm_fraction)
     shape = est.make_shape(arch, s)
-    dev = get_device(device, precision, est.gemm_shapes(arch, shape),
-                     (shape.batch * shape.seq_len, arch.dim, arch.stacks[0].spec.hidden_dim), mfu)
+    dev = get_device(device, precision, est.gemm_shapes(arch, shape), mfu)
     s["backend"] = backend or dev.kind
     segs = est.segments(arch, shape, s, s["backend"])
     fl = est.flops(arch, shape, s, segs)
@@ -140,7 +139,7 @@ def make_plan(
         params=est.parameters(arch, s),
         flops=fl,
         memory=mem,
-        time=est.step_time(arch, s, dev, fl, segs),
+        time=est.step_time(arch, shape, s, dev, fl),
         device={"name": dev.name, "kind": dev.kind, "memory": dev.memory, "peak_flops": dev.peak,
                 "bandwidth": dev.bandwidth, "mfu": dev.mfu, "note": dev.note},
         max_micro_batch=est.max_micro_batch(arch, s, dev),

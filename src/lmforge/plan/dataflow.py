@@ -107,11 +107,9 @@ def _lm_loss(w: Walk, arch: Arch, h: Sym, rows: int, ce_chunk: int) -> None:
             w.gemm(rows, D, V, h.rg, need_w)  # the "backward" GEMMs run inside forward, chunk by chunk
             w.keep(rows * D * h.itemsize, "loss gradients")
             w.keep(V * D * FP32 if need_w else 0, "loss gradients")
-        w.move(rows * V * FP32 * 8)
         return
     w.linear(h, Linear("lm_head", D, Vp, False, "head"))
     w.keep(rows * V * FP32, "logits (log-softmax)")
-    w.move(rows * V * FP32 * 8)  # log-softmax and its backward, fp32
 
 
 def gpt(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
@@ -147,7 +145,6 @@ def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     h = w.norm(h, "layernorm", D)
     w.linear(h, Linear("decoder", D, arch.padded_vocab, True, "head"))
     w.keep(rows * c.vocab_size * FP32, "logits (log-softmax)")
-    w.move(rows * c.vocab_size * FP32 * 8)
     pooled = w.activation(w.linear(Sym(B * D, FP32, x.rg, base=x), Linear("pooler", D, D, True, "head")), "tanh")
     w.linear(pooled, Linear("nsp_head", D, 2, True, "head"))
     return w.segments

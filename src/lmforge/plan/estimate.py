@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.plan.arch import Arch, lora_params
+from lmforge.plan.calibrate import step_parts
 from lmforge.plan.dataflow import Shape, walk
 from lmforge.plan.device import Device, GiB
 from lmforge.plan.memory import (
@@ -22,7 +23,6 @@ PRECISIONS = {"fp32": None, "bf16": 2, "fp16": 2}
 CHINCHILLA_TOKENS_PER_PARAM = 20
 CUDA_CONTEXT = GiB // 2  # CUDA context and cuBLAS workspaces, outside the allocator's count
 ALLOCATOR_SLACK = 1.05  # caching-allocator fragmentation on top of the tensor peak
-OPTIMIZER_TRAFFIC = {"adamw": 28, "sgd": 20}  # bytes per trainable parameter: fused update reads and writes
 
 
 def make_shape(arch: Arch, s: dict[str, Any], batch: int | None = None) -> Shape:
@@ -183,27 +183,26 @@ def flops(arch: Arch, shape: Shape, s: dict[str, Any], segs: list[Segment]) -> d
     }
 
 
-def step_time(arch: Arch, s: dict[str, Any], device: Device, fl: dict[str, Any], segs: list[Segment]) -> dict:
+def step_time(arch: Arch, shape: Shape, s: dict[str, Any], device: Device, fl: dict[str, Any]) -> dict:
     """Seconds per optimizer step on each device (data parallel: devices run in parallel,
-    gradient communication assumed overlapped with backward)."""
-    lowp = s["precision"]
-    peak = device.peak.get(lowp) or next(iter(device.peak.values()))
-    trainable = parameters(arch, s)["trainable"]
-    shard = s["devices"] if s["strategy"] == "fsdp" else 1
+    gradient communication assumed overlapped with backward).
+
+    Named devices: hardware FLOPs / (peak x MFU). Measured devices: the parts of a step
+    timed on this machine (calibrate.py), composed: grad_accum x (blocks + loss head and
+    embedding) + optimizer update (divided by the devices under FSDP)."""
+    peak = device.peak.get(s["precision"]) or next(iter(device.peak.values()))
     if device.mfu is not None:
         seconds = fl["hardware_flops_per_step"] / (peak * device.mfu)
         how = f"hardware FLOPs / ({peak / 1e12:.1f} TFLOP/s peak x MFU {device.mfu})"
     else:
-        traffic = sum(seg.traffic for seg in segs) * s["grad_accum"]
-        update = OPTIMIZER_TRAFFIC[s["optimizer"]] * trainable // shard
-        opt_rate = device.optimizer_bandwidth or device.bandwidth
-        seconds = fl["hardware_flops_per_step"] / peak + traffic / device.bandwidth + update / opt_rate
-        how = (f"matmul FLOPs / measured {peak / 1e9:.1f} GFLOP/s + {traffic / 1e9:.2f} GB of other ops / "
-               f"measured {device.bandwidth / 1e9:.1f} GB/s + {update / 1e9:.2f} GB optimizer update / "
-               f"{opt_rate / 1e9:.1f} GB/s")
+        trainable = parameters(arch, s)["trainable"] // (s["devices"] if s["strategy"] == "fsdp" else 1)
+        parts = step_parts(arch, shape, s["precision"], s["ce_chunk"], s["optimizer"], trainable,
+                           s["activation_checkpointing"], device.kind)
+        seconds = s["grad_accum"] * (parts["blocks"] + parts["head"]) + parts["optimizer"]
+        how = (f"parts timed here: blocks {parts['blocks']:.3f} s + loss head and embedding {parts['head']:.3f} s "
+               f"per micro-batch, optimizer {parts['optimizer']:.3f} s; matmul peak {peak / 1e9:.1f} GFLOP/s")
     tokens = fl["tokens_per_micro_batch"] * s["grad_accum"] * s["devices"]
-    total_params = parameters(arch, s)["total"]
-    chinchilla = CHINCHILLA_TOKENS_PER_PARAM * total_params
+    chinchilla = CHINCHILLA_TOKENS_PER_PARAM * parameters(arch, s)["total"]
     return {
         "step_seconds": seconds,
         "tokens_per_step": tokens,

@@ -14,8 +14,6 @@ element, requires-grad) and records, per segment (embeddings, each block, the lo
   not shared; weight casts are cached per forward); LayerNorm and RMSNorm run in fp32
   and save their fp32 input and statistics; GELU and SiLU save their input, ReLU its
   output; dropout with p > 0 saves its mask (a float tensor on CPU, a bool on CUDA);
-- bytes moved by the non-matmul ops (norms, activations, residual adds, casts), for the
-  bandwidth term of the step-time model.
 
 Attention follows the SDPA kernel PyTorch picks: a fused kernel (flash / memory-
 efficient) saves q, k, v, the output and the fp32 log-sum-exp — never the T x S
@@ -60,7 +58,6 @@ class Segment:
     bwd_flops: int = 0
     attn_fwd_flops: int = 0  # the part of fwd_flops in attention scores and mixing (no weights)
     saved: dict[str, int] = field(default_factory=dict)  # what -> bytes
-    traffic: int = 0  # bytes read + written by non-matmul ops, forward and backward
     recompute_flops: int = 0  # forward FLOPs run again in backward (checkpointed loss chunks)
 
     @property
@@ -104,9 +101,6 @@ class Walk:
         """A saved tensor that no other op can share (statistics, masks, weight copies)."""
         self.seg.saved[what] = self.seg.saved.get(what, 0) + nbytes
 
-    def move(self, nbytes: int) -> None:
-        self.seg.traffic += nbytes
-
     def act_dtype(self) -> int:
         return self.o.lowp or FP32
 
@@ -119,7 +113,6 @@ class Walk:
         """Autocast's cast of an fp32 activation to the low-precision dtype (a new tensor)."""
         if self.o.lowp is None or x.itemsize != FP32:
             return x
-        self.move(x.numel * (FP32 + self.o.lowp) * 2)  # the cast, and its backward
         return Sym(x.numel, self.o.lowp, x.rg)
 
     def linear(self, x: Sym, lin: Linear) -> Sym:
@@ -129,13 +122,9 @@ class Walk:
         xc = self.cast(x)
         if trainable:
             self.save(xc, "activations")
-        if self.o.lowp is not None:  # autocast's low-precision weight copy (and its gradient's cast back)
-            self.move(lin.params * (FP32 + self.o.lowp) * (2 if trainable else 1))
-            if xc.rg:
-                self.keep(lin.d_in * lin.d_out * self.o.lowp, "autocast weight copies")
+        if self.o.lowp is not None and xc.rg:  # autocast's low-precision weight copy
+            self.keep(lin.d_in * lin.d_out * self.o.lowp, "autocast weight copies")
         self.gemm(tokens, lin.d_in, lin.d_out, xc.rg, trainable)
-        if trainable and lin.bias:  # the bias gradient: a sum of the output gradient over tokens
-            self.move(tokens * lin.d_out * FP32)
         out = Sym(tokens * lin.d_out, self.act_dtype(), xc.rg or trainable)
         if self.o.lora_rank and lin.name in self.o.lora_targets:
             out = self._lora(x, lin, tokens, out)
@@ -151,7 +140,6 @@ class Walk:
         self.gemm(tokens, r, lin.d_out, True, True)
         if self.o.lowp is not None:
             self.keep((lin.d_in + lin.d_out) * r * self.o.lowp, "autocast weight copies")
-        self.move(base_out.nbytes * 3 * 2)  # scale, add, and their backward
         return Sym(base_out.numel, base_out.itemsize, True)
 
     def norm(self, x: Sym, kind: str, dim: int) -> Sym:
@@ -159,7 +147,6 @@ class Walk:
         output fp32 under autocast, which runs norms in fp32)."""
         trainable = self.o.trainable_base
         tokens = x.numel // dim
-        self.move(x.numel * FP32 * 3 * 2)
         if kind == "layernorm":  # CUDA autocast runs layer_norm in fp32, CPU autocast in the input's dtype
             xf = Sym(x.numel, FP32, x.rg) if x.itemsize != FP32 and self.o.backend == "cuda" else x
             if x.rg or trainable:
@@ -179,7 +166,6 @@ class Walk:
         out = Sym(x.numel, x.itemsize, x.rg)
         if x.rg:
             self.save(out if act in ("relu", "tanh") else x, "activations")  # these keep their output
-        self.move(x.nbytes * 2 * 2)
         return out
 
     def dropout(self, x: Sym, p: float) -> Sym:
@@ -188,11 +174,9 @@ class Walk:
         out = Sym(x.numel, x.itemsize, x.rg)
         if x.rg:  # CPU: x * (bernoulli mask / (1-p)) keeps the float mask; CUDA: a bool mask
             self.keep(x.numel * (x.itemsize if self.o.backend == "cpu" else 1), "dropout masks")
-        self.move(x.nbytes * 3 * 2)
         return out
 
     def add(self, x: Sym, y: Sym) -> Sym:
-        self.move(max(x.numel, y.numel) * FP32 * 3 * 2)
         return Sym(max(x.numel, y.numel), max(x.itemsize, y.itemsize), x.rg or y.rg)
 
     def mul(self, x: Sym, y: Sym) -> Sym:
@@ -200,7 +184,6 @@ class Walk:
             self.save(y, "activations")
         if y.rg:
             self.save(x, "activations")
-        self.move(x.nbytes * 3 * 2)
         return Sym(x.numel, max(x.itemsize, y.itemsize), x.rg or y.rg)
 
     def embedding(self, rows: int, dim: int, trainable: bool, table: int) -> Sym:
@@ -208,8 +191,6 @@ class Walk:
         indices and writes a dense, zero-filled gradient of the whole table."""
         if trainable:
             self.keep(rows * INT64, "indices")
-            self.move(table * dim * FP32 * 2)
-        self.move(rows * dim * FP32 * 3)
         return Sym(rows * dim, FP32, trainable)
 
     def rope(self, x: Sym, tables: Sym, T: int, Dh: int) -> Sym:
@@ -220,7 +201,6 @@ class Walk:
                 self.save(tables, "rope tables")
             else:
                 self.keep(2 * T * Dh * self.o.lowp, "rope tables")
-        self.move(x.nbytes * 6 * 2)
         return Sym(x.numel, x.itemsize, x.rg)
 
     def sdpa(self, q: Sym, k: Sym, v: Sym, H: int, Hkv: int, Dh: int, T: int, S: int, p: float) -> Sym:
@@ -242,7 +222,6 @@ class Walk:
                     self.save(t, "activations")
                 lse_len = T if self.o.backend == "cpu" or self.o.lowp else -(-T // 32) * 32
                 self.keep(B * H * lse_len * FP32, "attention log-sum-exp")
-            self.move((q.nbytes + k.nbytes + v.nbytes + out.nbytes) * 3)
             return out
         # Math path: q*s, k^T*s, softmax, [dropout], @ v; on CPU in fp32 even under autocast.
         mit = FP32 if self.o.backend == "cpu" else it
@@ -251,7 +230,6 @@ class Walk:
             self.keep(scores * mit, "attention scores")
             if p > 0.0:
                 self.keep(scores * (mit if self.o.backend == "cpu" else 1) + scores * mit, "attention scores")
-        self.move(scores * mit * 8)
         out = Sym(B * T * H * Dh, it, q.rg)  # transpose(1, 2).reshape copies the (B, H, T, Dh) output
         return out
 
