@@ -110,12 +110,14 @@ def test_logprobs_line_up_with_the_text(client):
 
 
 def test_stop_strings(client, lm):
-    # The random model's greedy continuation of PROMPT starts "ttttttttttttt\x0f}}}".
-    body = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
-                                                "stop": "\x0f}"}).json()
-    choice = body["choices"][0]
-    assert choice["finish_reason"] == "stop" and choice["text"] == "t" * 13
-    assert choice["text"] == generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=20, stop=["\x0f}"])[0]
+    req = {"prompt": PROMPT, "max_tokens": 20, "temperature": 1.0, "seed": 1}  # (greedy text repeats a character)
+    full = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    k = next(i for i, ch in enumerate(full) if ch != full[0])  # full[k:k+2] first occurs at k
+    stop = full[k:k + 2]
+    choice = client.post("/v1/completions", json={**req, "stop": stop}).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == full[:k]
+    assert choice["text"] == generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=20, temperature=1.0, seed=1,
+                                           stop=[stop])[0]
 
 
 def test_streaming_completion_equals_the_plain_one(client):

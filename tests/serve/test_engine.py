@@ -26,7 +26,7 @@ CASES = {
     "top-k-top-p": dict(temperature=0.8, top_k=20, top_p=0.9, seed=3),
     "n=3": dict(temperature=1.0, seed=11, n=3),
     "penalty": dict(temperature=0.0, repetition_penalty=1.5),
-    "stop": dict(temperature=0.0, stop=["\x0f}", "never seen"]),  # the random model's greedy text: "ttt\x0f}}}"
+    "stop-unseen": dict(temperature=0.0, stop=["never seen"]),
 }
 
 
@@ -57,10 +57,25 @@ def test_matches_generate_text(engine, lm, case):
     for c in result.choices:
         assert "".join(t.text for t in c.tokens) == c.text
         assert c.finish_reason in ("stop", "length")
-    if case == "stop":
-        assert result.choices[0].finish_reason == "stop" and result.choices[0].text.strip("t") == ""
     if case == "greedy":
         assert result.choices[0].finish_reason == "length" and result.completion_tokens == 24
+
+
+def stop_inside(text: str) -> tuple[str, int]:
+    """A two-character stop string that first occurs at index k >= 1 of text, and k."""
+    k = next(i for i, ch in enumerate(text) if ch != text[0])  # text[1:k] repeat text[0], so it first occurs at k
+    return text[k:k + 2], k
+
+
+def test_stop_strings_cut_like_generate_text(engine, lm):
+    sampled = dict(temperature=1.0, seed=1)  # (the random model's greedy text repeats one character)
+    full = engine.generate(request(lm.tokenizer, **sampled)).choices[0].text
+    stop, k = stop_inside(full)
+    result = engine.generate(request(lm.tokenizer, stop=[stop, "never seen"], **sampled))
+    assert result.choices[0].text == full[:k] and result.choices[0].finish_reason == "stop"
+    assert result.choices[0].text == generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=24,
+                                                   stop=[stop, "never seen"], **sampled)[0]
+    assert "".join(t.text for t in result.choices[0].tokens) == full[:k]
 
 
 def test_stream_pieces_add_up_to_the_result(engine, lm):

@@ -110,9 +110,11 @@ def test_concurrent_requests_each_equal_their_answer_alone(live):
     assert sum(bool(text) for texts in alone for text in texts) >= 20  # not trivially empty
 
 
-def _wait_idle(engine, timeout: float = 10) -> None:
+def _wait_cancelled(engine, before: int, timeout: float = 20) -> None:
+    """Until the engine has cancelled one more request (the handler may not even have
+    submitted it when the client leaves) and nothing runs any more."""
     deadline = time.monotonic() + timeout
-    while engine.load()["accepted"] and time.monotonic() < deadline:
+    while (engine.stats["cancelled"] == before or engine.load()["accepted"]) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -127,6 +129,7 @@ def long_server(tokenizer):
 
 def test_streaming_client_that_leaves_frees_its_slot(long_server):
     engine = long_server.app.state.engine
+    before = dict(engine.stats)
     body = {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
     with httpx.Client(base_url=long_server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
@@ -135,9 +138,9 @@ def test_streaming_client_that_leaves_frees_its_slot(long_server):
             started = time.monotonic()
             health = http.get("/health").json()  # the event loop answers while the model works
             assert health["running"] == 1 and time.monotonic() - started < 1.0
-        _wait_idle(engine)
-        assert engine.load()["accepted"] == 0 and engine.stats["cancelled"] == 1
-        assert engine.stats["tokens"] < 1000
+        _wait_cancelled(engine, before["cancelled"])
+        assert engine.load()["accepted"] == 0 and engine.stats["cancelled"] == before["cancelled"] + 1
+        assert engine.stats["tokens"] - before["tokens"] < 1000
         assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
@@ -146,8 +149,10 @@ def test_waiting_client_that_leaves_frees_its_slot(long_server):
     before = dict(engine.stats)
     with httpx.Client(base_url=long_server.url, timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
-    _wait_idle(engine)
-    assert engine.stats["cancelled"] == before["cancelled"] + 1
+    # On a busy machine the server may see the client gone before it even submits the request;
+    # either way the model must not go on generating for nobody.
+    _wait_cancelled(engine, before["cancelled"], timeout=5)
+    assert engine.load()["accepted"] == 0 and engine.stats["completed"] == before["completed"]
     assert engine.stats["tokens"] - before["tokens"] < 1000
 
 

@@ -43,6 +43,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lmforge.api import LM, load
 from lmforge.generate.text import chat_prompt
@@ -109,10 +110,13 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if int(length) > limit:
             raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected while sending the request") from None
     if not body:
         raise APIError(400, "request body is empty: send a JSON object")
     try:
@@ -217,6 +221,8 @@ class _Events:
     async def __call__(self, request: Request | None = None) -> AsyncIterator[Event]:
         """Events up to Done or Failed. With `request`, stops early when its client has gone
         (for non-streaming responses; a stream is cancelled by the server when its client goes)."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 if request is None:
@@ -225,8 +231,12 @@ class _Events:
                     try:
                         event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
                     except TimeoutError:
+                        event = None
+                    if loop.time() - checked >= DISCONNECT_POLL_S:  # events may flow without a pause
+                        checked = loop.time()
                         if await request.is_disconnected():
                             return
+                    if event is None:
                         continue
                 yield event
                 if isinstance(event, Done | Failed):
