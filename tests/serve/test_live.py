@@ -107,7 +107,7 @@ def test_concurrent_requests_each_equal_their_answer_alone(live):
     assert together == alone
     assert live.app.state.engine.stats["peak_running"] == 4  # requests really were decoded side by side
     assert [len(t) for t in alone] == [b.get("n", 1) for _, b in reqs]
-    assert sum(bool(text) for texts in alone for text in texts) >= 20  # not trivially empty
+    assert sum(bool(text) for texts in alone for text in texts) >= 12  # not trivially empty
 
 
 def _wait_cancelled(engine, before: int, timeout: float = 20) -> None:
