@@ -1,0 +1,19 @@
+"""Fine-tuning tasks: one module per task (data + head + loss + metric), all trained by one
+driver (lmforge.tasks.finetune) on lmforge's one training loop.
+
+    classify   text / text-pair classification, single- or multi-label
+    ner        token classification (BIO tags), entity-level F1
+
+    finetune("classify", model=..., train=..., valid=..., out=..., epochs=3)
+    evaluate("classify", model=..., data=..., out=...)
+
+A task registers itself here by name; `TASKS` maps names to tasks.
+"""
+
+from lmforge.tasks.base import TASKS, Base, FinetuneConfig, Setup, Task, get_task, register
+from lmforge.tasks.classify import Classify
+from lmforge.tasks.finetune import evaluate, finetune
+
+register(Classify())
+
+__all__ = ["TASKS", "Base", "FinetuneConfig", "Setup", "Task", "evaluate", "finetune", "get_task", "register"]

@@ -1,0 +1,402 @@
+"""Fine-tuning: one driver for every task, on lmforge's one training loop.
+
+    finetune("classify", model="runs/bert/model", train="train.csv", valid="valid.csv",
+             out="runs/agnews", epochs=3, lr=5e-5)        # -> the validation metrics
+    evaluate("classify", model="runs/agnews/model", data="test.csv", out="runs/agnews/test")
+
+What the driver does, for any task:
+    load the model directory and its tokenizer (lmforge or Hugging Face format; checked to fit)
+    task.setup(...)        read + tokenize the data, attach or check the head  -> Setup
+    training scope         freeze the backbone / train the last K blocks / LoRA adapters
+    RunConfig              AdamW (0.9, 0.999), linear warmup then linear decay to 0, grad clip 1,
+                           max_steps = epochs x steps per epoch, eval + checkpoint every epoch
+    train(...)             lmforge.train.loop.train; early stopping ends the batch iterator
+    best model             the checkpoint with the best validation metric (keep_best)
+    final evaluation       the task's full metrics on the validation set
+    out/                   metrics.json, metrics.jsonl (the loop's), finetune.yaml (resolved
+                           options), report.md, task pictures (confusion_matrix.png), and
+                           model/: Hugging Face format where transformers has the class (LoRA
+                           merged into the weights), else lmforge's
+
+Writing a task (see lmforge.tasks.base for the types)
+------------------------------------------------------
+A task is an object with `name`, `metric` (main validation metric), `metrics` (every
+scalar metric it reports, higher is better), `max_length` (default input length) and
+
+    setup(base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup
+
+`base` is the starting checkpoint (model, tokenizer, head, special ids). `setup` reads the
+files, tokenizes them into features (one dict per item the model sees), builds the model
+(attach_head on base.backbone, or base.model for tasks without a head) and returns:
+
+    Setup(model, head, train=features, valid=features,
+          collate=lambda features: {"input_ids": (B, T), ...},     # CPU tensors
+          step=lambda model, batch: (ObjectiveOutput(loss_sum, count, metrics), outputs),
+          score=lambda model, outputs: {"f1": ..., ...},
+          report=None | (metrics, out_dir) -> {heading: table}, notes=[...])
+
+`step` is the objective: a summed loss and the number of items it sums over (the loop
+divides once per optimizer step), and per-item outputs (B, ...) (a tensor, a tuple of
+tensors, or None). The driver keeps the outputs of validation batches, keyed by feature
+position (batches carry an "index" (B,) tensor), and passes them to `score`, so metrics
+come from the same forward pass as the validation loss. A generative task may return None
+outputs and generate inside `score` instead. With train=None (`evaluate`), setup must
+use the head already on the model (base.head) and refuse data it does not fit.
+Register the task in lmforge/tasks/__init__.py (`register(MyTask())`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lmforge.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    ModelSpec,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
+from lmforge.dist import parallel
+from lmforge.eval.report import markdown_report, write_metrics_json
+from lmforge.files import atomic_write_text
+from lmforge.interop.hf import ConversionError
+from lmforge.interop.model_dir import save_model_dir
+from lmforge.models import HeadSpec, count_params
+from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
+from lmforge.tasks.lora import apply_lora, merge_lora
+from lmforge.train import checkpoint, loop
+from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
+from lmforge.train.objectives import LossModule, ObjectiveOutput
+
+log = logging.getLogger("lmforge.tasks")
+
+PRETRAINING_HEADS = ("lm_head", "nsp_head")  # a backbone's own heads, unused under a task head
+
+
+# ----------------------------------------------------------------------------- outputs and early stopping
+
+
+class OutputCollector:
+    """Keeps what a task's `step` returned for validation batches (the model in eval mode)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Any]] = []
+        self.loss: list[tuple[Tensor, Tensor]] = []
+
+    def objective(self, step):
+        """The loop's objective: the task's step, keeping outputs while the model evaluates."""
+        def objective(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+            out, outputs = step(model, batch)
+            if not model.training:
+                self.loss.append((out.loss.detach(), out.count))
+                if outputs is not None:
+                    self.parts.append((batch["index"], outputs))
+            return out
+        return objective
+
+    def mean_loss(self) -> float:
+        """Mean loss of the collected batches (as the loop's val_loss); empties that part."""
+        if not self.loss:
+            return math.nan
+        total = torch.stack([s.double() for s, _ in self.loss]).sum()
+        count = torch.stack([c.double() for _, c in self.loss]).sum()
+        self.loss = []
+        return float(total / count.clamp(min=1))  # host sync (evaluation only)
+
+    def take(self) -> Outputs:
+        """{feature position: its outputs (fp32 CPU tensors)}; empties the collector."""
+        result: Outputs = {}
+        for index, outputs in self.parts:
+            positions = index.tolist()  # host sync (evaluation only)
+            if isinstance(outputs, Tensor):
+                items = outputs.detach().float().cpu().unbind(0)
+            else:
+                items = list(zip(*(o.detach().float().cpu().unbind(0) for o in outputs)))
+            result.update(zip(positions, items))
+        self.parts, self.loss = [], []
+        return result
+
+
+class EarlyStopping:
+    """Stops the batch iterator after `patience` evaluations without improving `key`; its
+    state travels in the iterator's state (checkpointed with the data position)."""
+
+    def __init__(self, key: str, mode: str, patience: int | None, batches: ExampleBatches) -> None:
+        self.key, self.mode, self.patience, self.batches = key, mode, patience, batches
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.batches.extra_state.setdefault("early_stopping", {"best": None, "bad": 0})
+
+    def update(self, values: dict[str, float]) -> None:
+        value, s = values.get(self.key), self.state
+        ok = value is not None and math.isfinite(value)
+        if ok and (s["best"] is None or (value > s["best"] if self.mode == "max" else value < s["best"])):
+            s["best"], s["bad"] = value, 0
+            return
+        s["bad"] += 1
+        if self.patience is not None and s["bad"] >= self.patience:
+            log.warning("early stopping: %s did not improve for %d evaluations (best %s)", self.key, s["bad"],
+                        s["best"])
+            self.batches.stop()
+
+
+def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The flat numbers of a metrics dict (nested tables left out), keys prefixed."""
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def freeze_pretraining_heads(backbone: nn.Module) -> None:
+    """A task head never reads the backbone's LM / NSP heads: freeze their own parameters
+    (not those tied to the embeddings, which the task uses)."""
+    heads = {id(p) for name in PRETRAINING_HEADS if hasattr(backbone, name)
+             for p in getattr(backbone, name).parameters()}
+    elsewhere = {id(p) for n, p in backbone.named_parameters(remove_duplicate=False)
+                 if n.split(".")[0] not in PRETRAINING_HEADS}
+    for p in backbone.parameters():
+        if id(p) in heads - elsewhere:
+            p.requires_grad_(False)
+
+
+def _last_layers_trainable(name: str, k: int, n_blocks: dict[str, int]) -> bool:
+    """Is parameter `name` of a backbone trainable when only the last k blocks train?
+    Blocks: the last k of each `blocks` list; embeddings: no; the rest (final norm, pooler): yes."""
+    parts = name.split(".")
+    if "blocks" in parts:
+        i = parts.index("blocks")
+        owner = ".".join(parts[:i + 1])
+        return int(parts[i + 1]) >= n_blocks[owner] - k
+    return not any("emb" in part for part in parts[:-1])
+
+
+def apply_training_scope(model: nn.Module, head: HeadSpec | None, config: FinetuneConfig) -> str:
+    """Freeze what should not train (in place): the backbone (freeze_backbone), all but the
+    last K blocks (train_last_layers), or everything but LoRA adapters (lora_rank); the task
+    head always trains. Returns a one-line description."""
+    backbone = model.backbone if head is not None else model
+    if head is not None:
+        freeze_pretraining_heads(backbone)
+    if (config.freeze_backbone or config.train_last_layers is not None) and head is None:
+        raise ValueError("freeze_backbone / train_last_layers need a task head to train")
+    what = "all parameters"
+    if config.lora_rank:
+        backbone.requires_grad_(False)
+        wrapped = apply_lora(backbone, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        what = f"LoRA r={config.lora_rank} alpha={config.lora_alpha} on {len(wrapped)} layers"
+    elif config.freeze_backbone:
+        backbone.requires_grad_(False)
+        what = "the head only (backbone frozen)"
+    elif config.train_last_layers is not None:
+        k = config.train_last_layers
+        n_blocks = {name: len(m) for name, m in backbone.named_modules()
+                    if name.split(".")[-1] == "blocks" and isinstance(m, nn.ModuleList)}
+        if not n_blocks or k > min(n_blocks.values()):
+            raise ValueError(f"train_last_layers {k} exceeds the model's {min(n_blocks.values(), default=0)} layers")
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(p.requires_grad and _last_layers_trainable(name, k, n_blocks))
+        what = f"the last {k} layers and the head"
+    trainable = count_params(model, trainable_only=True)
+    line = f"training {trainable:,} of {count_params(model):,} parameters: {what}"
+    log.info(line)
+    return line
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _resolve(task: str | Task, config: FinetuneConfig | None, options: dict[str, Any]) -> tuple[Task, FinetuneConfig]:
+    task = get_task(task) if isinstance(task, str) else task
+    config = config or FinetuneConfig()
+    if options:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FinetuneConfig)})
+        if unknown:
+            raise ValueError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
+        config = dataclasses.replace(config, **options)
+    return task, config
+
+
+def _with_max_length(config: FinetuneConfig, task: Task, max_seq_len: int) -> FinetuneConfig:
+    """The task's default max_length when none is given, capped by the model's positions."""
+    if config.max_length is not None and config.max_length > max_seq_len:
+        raise ValueError(f"max_length {config.max_length} exceeds the model's max_seq_len {max_seq_len}")
+    return dataclasses.replace(config, max_length=config.max_length or min(task.max_length, max_seq_len))
+
+
+def selection_metric(task: Task, config: FinetuneConfig) -> tuple[str, str]:
+    """(metric name, "max" or "min") that early stopping and the best model follow."""
+    name = config.early_stopping_metric or task.metric
+    name = name.removeprefix("val_")
+    if name == "loss":
+        return name, "min"
+    if name not in task.metrics:
+        raise ValueError(f"early_stopping_metric {name!r} is not a metric of task {task.name}; choose from "
+                         f"{', '.join((*task.metrics, 'loss'))}")
+    return name, "max"
+
+
+def _run_config(config: FinetuneConfig, family: str, out: Path, total: int, every: int, metric: str,
+                mode: str) -> RunConfig:
+    warmup = round(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+    return RunConfig(
+        model=ModelSpec(preset=None, family=family),
+        data=DataConfig(seq_len=config.max_length, seed=config.seed),
+        optim=OptimConfig(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay,
+                          warmup_steps=min(warmup, total), schedule="linear", min_lr_ratio=0.0, grad_clip=1.0),
+        train=TrainConfig(micro_batch_size=config.batch_size, grad_accum=config.grad_accum, max_steps=total,
+                          seed=config.seed, precision=config.precision, compile=config.compile, device=config.device,
+                          out_dir=str(out), resume=config.resume),
+        eval=EvalConfig(every=every, steps=None, at_end=True),
+        checkpoint=CheckpointConfig(every=every, keep_last=1, keep_best=config.keep_best, metric=f"val_{metric}",
+                                    mode=mode),
+        log=LogConfig(every=config.log_every, progress=config.progress, tensorboard=config.tensorboard),
+    )
+
+
+def _restore_best(model: nn.Module, result: TrainResult, out: Path) -> int:
+    """Load the best checkpoint's weights when it is not the last step; returns the best step."""
+    best = result.best
+    if best is None or best["step"] == result.step:
+        return result.step
+    state = checkpoint.load_weights(checkpoint.step_dir(out / "checkpoints", best["step"]) / "model.safetensors")
+    model.load_state_dict(state)
+    log.info("best %s %.4g at step %d: exporting those weights", best["metric"], best["value"], best["step"])
+    return best["step"]
+
+
+def run_evaluation(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor]], device: torch.device,
+                   precision: str) -> dict[str, Any]:
+    """The task's full metrics (and the loss) over prepared validation batches."""
+    collector = OutputCollector()
+    runner = LossModule(model, collector.objective(setup.step))
+    with torch.no_grad():
+        val = loop.evaluate(runner, batches, device, precision=precision)
+    return {**setup.score(model, collector.take()), "loss": val["val_loss"]}
+
+
+def hf_exportable(head: HeadSpec | None, family: str) -> bool:
+    """Does transformers' class for this head compute what ours does? (BERT classifiers pool
+    with the pooler, GPT-2 ones take the last token through a bias-free `score`.)"""
+    if head is None or head.kind != "sequence-classification":
+        return True
+    return (head.pooling, head.bias) in ((("pooler", True),) if family == "bert" else (("last", False),))
+
+
+def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: str) -> str:
+    """Merge LoRA adapters and write model/ (HF format where possible); returns the format used."""
+    merge_lora(model)
+    model.cpu()
+    fmt = save_format
+    if fmt == "auto":
+        fmt = "hf" if hf_exportable(setup.head, base.family) else "lmforge"
+    if fmt == "hf":
+        try:
+            save_model_dir(path, model, head=setup.head, tokenizer=base.tokenizer, format="hf", special=base.special)
+            return "hf"
+        except ConversionError as e:
+            if save_format == "hf":
+                raise
+            log.info("saving in lmforge format: %s", e)
+    save_model_dir(path, model, head=setup.head, tokenizer=base.tokenizer, format="lmforge", special=base.special)
+    return "lmforge"
+
+
+def write_outputs(out: Path, title: str, metrics: dict[str, Any], setup: Setup, extra: dict[str, object]) -> None:
+    """metrics.json and report.md (and the task's pictures) into out/."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(out / "metrics.json", metrics)
+    sections: dict[str, object] = {"metrics": scalars(metrics)}
+    if setup.report is not None:
+        sections.update(setup.report(metrics, out))
+    sections.update(extra)
+    if setup.notes:
+        sections["notes"] = "\n".join(f"- {n}" for n in setup.notes)
+    atomic_write_text(out / "report.md", markdown_report(title, sections))
+
+
+def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLike, valid: str | os.PathLike,
+             out: str | os.PathLike, config: FinetuneConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Fine-tune the model directory `model` for `task` on `train`, evaluating on `valid`
+    every epoch, and write the run to `out` (see the module docstring). Options are
+    FinetuneConfig's fields. Returns the final validation metrics (those in metrics.json)."""
+    task, config = _resolve(task, config, options)
+    out = Path(out)
+    seed_everything(config.seed)  # the new head's initialisation
+    base = load_base(model, config.tokenizer)
+    config = _with_max_length(config, task, base.config.max_seq_len)
+    metric, mode = selection_metric(task, config)
+    setup = task.setup(base, config, Path(train), Path(valid))
+    env = parallel.init_distributed("ddp", "auto", config.device)
+    scope = apply_training_scope(setup.model, setup.head, config)
+
+    batches = ExampleBatches(setup.train, setup.collate, config.batch_size, epochs=config.epochs, seed=config.seed,
+                             rank=env.rank, world_size=env.world_size)
+    steps_per_epoch = max(1, batches.batches_per_epoch // config.grad_accum)
+    total = steps_per_epoch * config.epochs
+    every = config.eval_every or steps_per_epoch
+    val = eval_batches(setup.valid, setup.collate, config.batch_size)
+    collector = OutputCollector()
+    stopper = EarlyStopping(f"val_{metric}", mode, config.patience, batches)
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        loss = collector.mean_loss()  # the loop's val_loss, from the same pass
+        values = scalars(setup.score(m, collector.take()), "val_")
+        stopper.update({**values, "val_loss": loss})
+        return values
+
+    run_config = _run_config(config, base.family, out, total, every, metric, mode)
+    started = time.perf_counter()
+    result = loop.train(setup.model, collector.objective(setup.step), batches, run_config, val_batches=val,
+                   eval_fn=eval_fn)
+    seconds = time.perf_counter() - started
+    best_step = _restore_best(setup.model, result, out) if config.keep_best else result.step
+    precision = resolve_precision(config.precision, env.device)
+    metrics = run_evaluation(setup, setup.model, val, env.device, precision)
+    metrics["run"] = {"steps": result.step, "best_step": best_step, "stopped": result.stopped,
+                      "epochs": round(result.step / steps_per_epoch, 3), "train_samples": batches.items,
+                      "train_seconds": seconds, "train_samples_per_s": batches.items / max(seconds, 1e-9),
+                      "trainable": scope}
+    if env.is_main:
+        metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format)
+        resolved = {"task": task.name, "model": str(model), "train": str(train), "valid": str(valid), "out": str(out),
+                    **config.to_dict()}
+        atomic_write_text(out / "finetune.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        write_outputs(out, f"{task.name}: {Path(model).name} fine-tuned on {Path(train).name}", metrics, setup,
+                      {"run": {k: v for k, v in metrics["run"].items()}})
+        if not config.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return metrics
+
+
+def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike | None = None,
+             config: FinetuneConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Evaluate a fine-tuned model directory on `data` with the task's metrics; with `out`,
+    write metrics.json and report.md there. The labels come with the model (its head)."""
+    task, config = _resolve(task, config, options)
+    base = load_base(model, config.tokenizer)
+    config = _with_max_length(config, task, base.config.max_seq_len)
+    setup = task.setup(base, config, None, Path(data))
+    device = parallel.resolve_device(config.device)
+    setup.model.to(device).eval()
+    batches = eval_batches(setup.valid, setup.collate, config.batch_size)
+    metrics = run_evaluation(setup, setup.model, batches, device, resolve_precision(config.precision, device))
+    if out is not None:
+        write_outputs(Path(out), f"{task.name}: {Path(model).name} on {Path(data).name}", metrics, setup, {})
+    return metrics
