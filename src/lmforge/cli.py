@@ -178,6 +178,26 @@ def _inspect_positions(a: Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _serve_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")
+    p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting before 503")
+    p.add_argument("--max-active", type=int, default=4, help="requests decoded in turn at once")
+
+
+def _serve(a: Namespace) -> None:
+    from lmforge.serve import serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_tokens=a.max_tokens,
+          max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes, max_queue=a.max_queue,
+          max_active=a.max_active, device=a.device, dtype=a.dtype)
+
+
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
@@ -185,6 +205,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                  _pretrain_args, _pretrain),
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
                  _generate_args, _generate),
+    "serve": ("serve a model over HTTP: OpenAI-compatible API and a web playground", _serve_args, _serve),
     "inspect": {
         "attention": ("attention weights of every layer and head as PNG and HTML", _inspect_attention_args,
                       _inspect_attention),
