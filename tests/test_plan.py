@@ -22,6 +22,7 @@ from lmforge.plan.memory import batch_bytes
 from lmforge.plan.objective import loss, random_batch
 from lmforge.plan.report import format_plan, format_verify, plan_json
 from lmforge.plan.verify import verify_plan
+from lmforge.tasks.lora import apply_lora
 
 TINY = {
     "gpt": dict(vocab_size=300, max_seq_len=64, dim=32, n_layers=2, n_heads=4),
@@ -187,6 +188,47 @@ def test_json_output_parses_and_matches_the_plan():
     assert d["config"]["dim"] == 128
     text = format_plan(plan)
     assert f"{plan.params['total']:,}" in text and "peak (predicted)" in text
+
+
+def _lora_model(config, rank: int, targets: tuple[str, ...]) -> nn.Module:
+    model = build(config).train()
+    model.requires_grad_(False)
+    apply_lora(model, targets, rank, alpha=16.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama", "encdec"])
+def test_lora_counts_flops_and_saved_tensors_equal_the_real_adapters(kind):
+    """tasks.lora on a frozen model: parameter counts, FLOPs (frozen bases skip weight
+    gradients, the first layer's input needs none) and saved tensors match exactly."""
+    config, targets = tiny(kind), ("wqkv", "wo", "up")
+    model = _lora_model(config, 4, targets)
+    for m in model.modules():
+        if isinstance(m, _Heads):
+            m.use_reference = True
+    plan = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, lora_rank=4, lora_targets=targets, ce_chunk=16)
+    assert plan.params["total"] == count_params(model)
+    assert plan.params["trainable"] == count_params(model, trainable_only=True)
+    arch = describe(config)
+    shape = make_shape(arch, plan.settings)
+    f = plan.flops
+    assert _counted_flops(model, arch, shape, 16) == f["matmul_forward_per_micro_batch"] + f[
+        "matmul_backward_per_micro_batch"]
+    for m in model.modules():
+        if isinstance(m, _Heads):
+            m.use_reference = False
+    for precision in ("fp32", "bf16"):
+        p = cpu_plan(config, seq_len=24, target_len=16, batch_size=2, lora_rank=4, lora_targets=targets,
+                     ce_chunk=16, precision=precision)
+        measured = _saved_bytes(model, arch, shape, precision == "bf16", 16)
+        assert abs(p.memory["components"]["activations_saved"] - measured) <= batch_bytes(arch, shape)
+
+
+def test_lora_peak_memory_of_real_steps_within_15_percent():
+    plan = cpu_plan(tiny("llama", max_seq_len=128, dim=64, vocab_size=2000), seq_len=128, batch_size=4,
+                    precision="bf16", lora_rank=8, lora_targets=("wqkv", "wo", "gate", "up", "down"))
+    result = verify_plan(plan, steps=1)
+    assert abs(result["peak_error"]) < 0.15, result
 
 
 def test_lora_shrinks_trainable_parameters_and_optimizer_state():

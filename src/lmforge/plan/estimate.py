@@ -183,6 +183,15 @@ def flops(arch: Arch, shape: Shape, s: dict[str, Any], segs: list[Segment]) -> d
     }
 
 
+def measured_step_seconds(arch: Arch, shape: Shape, s: dict[str, Any], kind: str) -> tuple[float, dict]:
+    """A step composed from its parts timed on this machine now (calibrate.py):
+    grad_accum x (blocks + loss head and embedding) + optimizer update (sharded by FSDP)."""
+    trainable = parameters(arch, s)["trainable"] // (s["devices"] if s["strategy"] == "fsdp" else 1)
+    parts = step_parts(arch, shape, s["precision"], s["ce_chunk"], s["optimizer"], trainable,
+                       s["activation_checkpointing"], kind)
+    return s["grad_accum"] * (parts["blocks"] + parts["head"]) + parts["optimizer"], parts
+
+
 def step_time(arch: Arch, shape: Shape, s: dict[str, Any], device: Device, fl: dict[str, Any]) -> dict:
     """Seconds per optimizer step on each device (data parallel: devices run in parallel,
     gradient communication assumed overlapped with backward).
@@ -195,10 +204,7 @@ def step_time(arch: Arch, shape: Shape, s: dict[str, Any], device: Device, fl: d
         seconds = fl["hardware_flops_per_step"] / (peak * device.mfu)
         how = f"hardware FLOPs / ({peak / 1e12:.1f} TFLOP/s peak x MFU {device.mfu})"
     else:
-        trainable = parameters(arch, s)["trainable"] // (s["devices"] if s["strategy"] == "fsdp" else 1)
-        parts = step_parts(arch, shape, s["precision"], s["ce_chunk"], s["optimizer"], trainable,
-                           s["activation_checkpointing"], device.kind)
-        seconds = s["grad_accum"] * (parts["blocks"] + parts["head"]) + parts["optimizer"]
+        seconds, parts = measured_step_seconds(arch, shape, s, device.kind)
         how = (f"parts timed here: blocks {parts['blocks']:.3f} s + loss head and embedding {parts['head']:.3f} s "
                f"per micro-batch, optimizer {parts['optimizer']:.3f} s; matmul peak {peak / 1e9:.1f} GFLOP/s")
     tokens = fl["tokens_per_micro_batch"] * s["grad_accum"] * s["devices"]

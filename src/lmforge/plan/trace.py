@@ -131,6 +131,9 @@ class Walk:
         return out
 
     def _lora(self, x: Sym, lin: Linear, tokens: int, base_out: Sym) -> Sym:
+        """tasks.lora.LoRALinear: base(x) + (alpha / r) * B(A(dropout(x))), dropout 0 (the
+        default) returning x itself; A and B train, so A keeps its input (its own cast of x
+        under autocast) and B keeps the r-wide A(x)."""
         r = self.o.lora_rank
         xa = self.cast(x)  # a second cast: autocast does not share activation casts
         self.save(xa, "activations")
@@ -138,8 +141,8 @@ class Walk:
         a = Sym(tokens * r, self.act_dtype(), True)
         self.save(a, "activations")
         self.gemm(tokens, r, lin.d_out, True, True)
-        if self.o.lowp is not None:
-            self.keep((lin.d_in + lin.d_out) * r * self.o.lowp, "autocast weight copies")
+        if self.o.lowp is not None:  # the adapters' cached low-precision copies, kept for input gradients
+            self.keep((lin.d_in * r * int(xa.rg) + lin.d_out * r) * self.o.lowp, "autocast weight copies")
         return Sym(base_out.numel, base_out.itemsize, True)
 
     def norm(self, x: Sym, kind: str, dim: int) -> Sym:

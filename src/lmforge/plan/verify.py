@@ -8,8 +8,8 @@ per block when planned, `zero_grad(set_to_none=True)`, grad accumulation, and fu
 (or SGD with momentum 0.9). Peak memory and step time are measured as
 described in measure.py, on CUDA when the plan's device is a GPU and one is present,
 else on CPU. A plan made for a GPU but verified on CPU is re-planned for the CPU
-(its kernels differ), and LoRA or multi-device plans are refused: verification runs one
-device and full training.
+(its kernels differ). LoRA plans run tasks.lora's adapters on the frozen model (alpha 16,
+no adapter dropout). Multi-device plans are refused: verification runs one device.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from lmforge.dist.parallel import apply_activation_checkpointing
 from lmforge.models import build
 from lmforge.plan.arch import describe
 from lmforge.plan.core import Plan, make_plan
-from lmforge.plan.estimate import make_shape
+from lmforge.plan.estimate import make_shape, measured_step_seconds
 from lmforge.plan.measure import measure_peak, phase, state_tensors, time_steps
 from lmforge.plan.objective import loss, random_batch
+from lmforge.tasks.lora import apply_lora
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,9 +44,12 @@ def training_step(plan: Plan, device: torch.device):
     arch = describe(plan.config)
     model = build(plan.config).to(device)
     model.train()
+    if s["lora_rank"]:  # the fine-tuning recipe: frozen model, trainable adapters
+        model.requires_grad_(False)
+        apply_lora(model, s["lora_targets"], s["lora_rank"], alpha=16.0)
     if s["activation_checkpointing"]:
         apply_activation_checkpointing(model)
-    optimizer = _optimizer(s["optimizer"], model.parameters(), fused=True)
+    optimizer = _optimizer(s["optimizer"], [p for p in model.parameters() if p.requires_grad], fused=True)
     batch = random_batch(arch, make_shape(arch, s), device)
     dtype = _AUTOCAST.get(s["precision"])
     scaler = torch.amp.GradScaler(device.type) if s["precision"] == "fp16" else None
@@ -80,8 +84,6 @@ def verify_plan(plan: Plan, steps: int = 3, device: str | None = None) -> dict[s
     device: "cuda" or "cpu" (default: CUDA when the plan targets a GPU and one is present).
     """
     s = plan.settings
-    if s["lora_rank"]:
-        raise ValueError("verify: LoRA plans cannot be verified (lmforge has no LoRA layers to run yet)")
     if s["devices"] > 1:
         raise ValueError("verify: runs on one device; plan with --devices 1 to verify")
     if not isinstance(steps, int) or steps < 1:
@@ -96,8 +98,20 @@ def verify_plan(plan: Plan, steps: int = 3, device: str | None = None) -> dict[s
     step, state = training_step(plan, dev)
     step()  # warm-up: creates optimizer states, picks kernels
     peak, phases = measure_peak(step, state, dev, steps=1)
-    seconds = time_steps(step, steps, dev.type == "cuda")
     predicted_peak, predicted_time = plan.memory["peak"], plan.time["step_seconds"]
+    if plan.device["mfu"] is None:
+        # A measured device: alternate real steps with fresh timings of the step's parts, so
+        # that both see the same machine (on a shared CPU its speed drifts by several x
+        # within minutes); the fastest of each is compared. The prediction still never
+        # looks at the real step.
+        measured, predicted = [], []
+        arch = describe(plan.config)
+        for _ in range(steps):
+            measured.append(time_steps(step, 1, dev.type == "cuda"))
+            predicted.append(measured_step_seconds(arch, make_shape(arch, s), s, kind)[0])
+        seconds, predicted_time = min(measured), min(predicted)
+    else:
+        seconds = time_steps(step, steps, dev.type == "cuda")
     return {
         "model": plan.model,
         "device": plan.device["name"],
@@ -109,6 +123,7 @@ def verify_plan(plan: Plan, steps: int = 3, device: str | None = None) -> dict[s
         "predicted_peak_moment": plan.memory["peak_moment"],
         "measured_phase_peaks": phases,
         "predicted_step_seconds": predicted_time,
+        "planned_step_seconds": plan.time["step_seconds"],
         "measured_step_seconds": seconds,
         "time_error": predicted_time / seconds - 1.0,
         "plan": plan,
