@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lmforge.interop.hf import config_from_hf
 from lmforge.models import PRESETS, build, count_params, preset
 from lmforge.nn.attention import _Heads
 from lmforge.plan import engine_chunk_rows, make_plan
@@ -20,7 +21,7 @@ from lmforge.plan.device import Device, GiB
 from lmforge.plan.estimate import make_shape, max_micro_batch, memory
 from lmforge.plan.memory import batch_bytes
 from lmforge.plan.objective import loss, random_batch
-from lmforge.plan.report import format_plan, format_verify, plan_json
+from lmforge.plan.report import format_plan, format_verify, plan_json, verify_json
 from lmforge.plan.verify import verify_plan
 from lmforge.tasks.lora import apply_lora
 
@@ -177,6 +178,7 @@ def test_peak_memory_of_real_steps_within_15_percent(kind, kw):
     assert result["measured_peak_bytes"] > plan.memory["components"]["weights"]
     assert abs(result["peak_error"]) < 0.15, result
     assert "peak memory" in format_verify(result)
+    assert json.loads(verify_json(result))["measured_peak_bytes"] == result["measured_peak_bytes"]
 
 
 def test_json_output_parses_and_matches_the_plan():
@@ -306,6 +308,23 @@ def test_kv_cache_equals_the_models_cache(kind):
 def test_bad_settings_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         make_plan("gpt-tiny", **{"seq_len": 64, **kw})
+
+
+def test_plans_from_model_directories_and_config_files(tmp_path):
+    config = tiny("llama")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "config.json").write_text(json.dumps({"format": "lmforge", "family": "gpt",
+                                                                "model": config.to_dict()}))
+    assert make_plan(tmp_path / "ours", seq_len=16).params["total"] == count_params(build(config))
+    hf = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 128}
+    (tmp_path / "hf.json").write_text(json.dumps(hf))
+    assert make_plan(str(tmp_path / "hf.json"), seq_len=16).params["total"] == count_params(
+        build(config_from_hf(hf)))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        make_plan(str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        make_plan(str(tmp_path / "missing"))
 
 
 def test_unknown_preset_is_a_value_error():

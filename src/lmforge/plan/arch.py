@@ -9,9 +9,22 @@ model built on the meta device for every preset.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from lmforge.models import BertConfig, EncoderDecoderConfig, GPTConfig, ModelConfig, family_of, preset
+from lmforge.interop.hf import config_from_hf
+from lmforge.models import (
+    PRESETS,
+    BertConfig,
+    EncoderDecoderConfig,
+    GPTConfig,
+    ModelConfig,
+    config_from_dict,
+    family_of,
+    preset,
+)
 from lmforge.nn.block import BlockSpec
 
 #: The linear layers LoRA may target, by their module name (the last path component).
@@ -122,16 +135,37 @@ class Arch:
         return [(s, lin) for s in self.stacks for lin in s.linears()]
 
 
-def resolve_config(model: str | ModelConfig) -> ModelConfig:
-    """A preset name or a config object -> a config (ValueError names an unknown preset)."""
-    if isinstance(model, str):
-        return preset(model)
-    family_of(model)  # TypeError for anything that is not a model config
-    return model
+def resolve_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
+    """A preset name, a model directory or its config.json (lmforge or Hugging Face
+    format; weights are not read), or a config object -> the architecture config.
+    Raises ValueError / FileNotFoundError naming the preset or the file."""
+    if not isinstance(model, (str, os.PathLike)):
+        family_of(model)  # TypeError for anything that is not a model config
+        return model
+    if str(model) in PRESETS:
+        return preset(str(model))
+    path = Path(model)
+    if not path.exists():
+        if isinstance(model, str) and os.sep not in model and not model.endswith(".json"):
+            return preset(model)  # not a path: report the unknown preset with the list of presets
+        raise FileNotFoundError(f"{path}: no such model directory or config file")
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not a readable JSON config ({e})") from None
+    try:
+        if cfg.get("format") == "lmforge":
+            return config_from_dict(cfg["family"], cfg["model"])
+        if "model_type" in cfg:
+            return config_from_hf(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid model config ({e})") from None
+    raise ValueError(f"{file}: neither an lmforge config (format: lmforge) nor a Hugging Face one (model_type)")
 
 
-def describe(model: str | ModelConfig) -> Arch:
-    """The planner's view of a preset name or a model config."""
+def describe(model: str | os.PathLike | ModelConfig) -> Arch:
+    """The planner's view of a model (anything `resolve_config` accepts)."""
     c = resolve_config(model)
     if isinstance(c, GPTConfig):
         return _gpt(c)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,7 @@ NOTES = [
 
 
 def make_plan(
-    model: str | ModelConfig,
+    model: str | os.PathLike | ModelConfig,
     *,
     seq_len: int | None = None,
     target_len: int | None = None,
@@ -86,7 +87,8 @@ def make_plan(
     mlm_fraction: float = 0.15,
     backend: str | None = None,
 ) -> Plan:
-    """Plan training `model` (a preset name or a config) with these settings.
+    """Plan training `model` (a preset name, a model directory or config.json, or a config)
+    with these settings.
 
     seq_len: tokens per sequence (the source length for encoder-decoder; default the
     model's max_seq_len); target_len: decoder tokens (default seq_len); batch_size: the
@@ -133,7 +135,7 @@ def make_plan(
     mem["device_memory"] = dev.memory
     mem["fits"] = mem["reserved_estimate"] <= dev.memory
     return Plan(
-        model=model if isinstance(model, str) else f"custom {family_of(config)}",
+        model=str(model) if isinstance(model, (str, os.PathLike)) else f"custom {family_of(config)}",
         family=arch.family,
         settings=s,
         params=est.parameters(arch, s),

@@ -75,8 +75,8 @@ def memory(arch: Arch, shape: Shape, s: dict[str, Any], backend: str,
     if lora:
         per_block = {st.name: lora_params(_one_stack(arch, st), s["lora_rank"], tuple(s["lora_targets"]))
                      // st.n_layers for st in arch.stacks}
-    ms = MemorySettings(PRECISIONS[s["precision"]], s["optimizer"], s["activation_checkpointing"],
-                        s["ce_chunk"], d, s["strategy"], s["grad_accum"], per_block)
+    ms = MemorySettings(PRECISIONS[s["precision"]], s["activation_checkpointing"], s["ce_chunk"], s["grad_accum"],
+                        per_block)
     persistent = sum(v for k, v in comp.items() if k != "gradients")
     peak, moment, parts = replay(arch, segs, shape, ms, persistent, comp["gradients"], shard)
     comp["activations_saved"] = sum(seg.saved_bytes for seg in segs)

@@ -38,12 +38,9 @@ HEAD_GROUPS = ("norm_f", "lm_head", "mlm_head", "pooler", "nsp_head", "decoder.n
 class MemorySettings:
     """What changes the memory model beyond the dataflow (see `make_plan`)."""
 
-    lowp: int | None
-    optimizer: str
+    lowp: int | None  # bytes of the autocast dtype, None for fp32
     activation_checkpointing: bool
     ce_chunk: int  # rows per cross-entropy chunk; 0: unchunked
-    devices: int
-    strategy: str  # "ddp" | "fsdp"
     grad_accum: int
     lora_per_block: dict[str, int] | None = None  # adapter parameters per block, by stack; None: full training
 

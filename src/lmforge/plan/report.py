@@ -92,6 +92,11 @@ def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2)
 
 
+def verify_json(result: dict[str, Any]) -> str:
+    """A `verify_plan` result as JSON, the plan itself included as a dict."""
+    return json.dumps({**result, "plan": result["plan"].to_dict()}, indent=2)
+
+
 def format_verify(result: dict[str, Any]) -> str:
     """Predicted beside measured, from `verify_plan`."""
     rows = [
