@@ -28,6 +28,20 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- commands
 
 
+def _quickstart_args(p: ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--corpus", default=None, help="a text file (default: the packaged Tiny Shakespeare)")
+    p.add_argument("--minutes", type=float, default=5.0, help="wall-time budget for the whole job")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=1337)
+
+
+def _quickstart(a: Namespace) -> None:
+    from lmforge.quickstart import quickstart
+
+    quickstart(a.out, a.corpus, a.minutes, a.device, a.seed)
+
+
 def _convert_args(p: ArgumentParser) -> None:
     p.add_argument("src", help="model directory (lmforge or Hugging Face)")
     p.add_argument("dst", help="output directory")
@@ -201,6 +215,8 @@ def _serve(a: Namespace) -> None:
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "quickstart": ("the main job: tokenizer, GPT pretraining, evaluation and samples on Tiny Shakespeare in "
+                   "minutes", _quickstart_args, _quickstart),
     "pretrain": ("pretrain a model (clm, mlm, mlm+nsp, denoise) from a YAML config and dotted overrides",
                  _pretrain_args, _pretrain),
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",

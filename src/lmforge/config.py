@@ -68,7 +68,8 @@ class DataConfig:
 
     Args:
         train: training data: a directory written by `lmforge prepare`, or a text file.
-        val: validation data, in the same form; None: no validation loss.
+        val: a directory prepared from validation text (all of it is used); None: the validation split
+            of data.train.
         tokenizer: tokenizer file or directory; None: the one saved beside prepared data.
         seq_len: tokens per training sequence (at most the model's max_seq_len).
         synthetic: train on uniformly random tokens instead of data (smoke tests, throughput

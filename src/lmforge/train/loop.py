@@ -473,7 +473,8 @@ def train(
             out_of_time = cfg.train.max_time is not None and time.monotonic() - start > cfg.train.max_time * 60
             stop = "interrupted" if signals.reason else "max_time" if out_of_time else None
 
-            if run.step % cfg.log.every == 0 or run.step == run.total_steps:
+            # A single process also logs the step it stops at (processes under torchrun agree at log steps).
+            if run.step % cfg.log.every == 0 or run.step == run.total_steps or (stop and not env.distributed):
                 record, bad, stop_any = _log_train(run, window, stats, bad_run, skipped, stop is not None,
                                                    time.monotonic() - t_window)
                 logger.log(record)

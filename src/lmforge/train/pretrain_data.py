@@ -35,7 +35,8 @@ from lmforge.data.collators import (
     word_continuation_table,
 )
 from lmforge.data.loaders import Documents, RandomWindows, SequentialWindows
-from lmforge.data.shards import TokenShards
+from lmforge.data.prepare import prepare_corpus
+from lmforge.data.shards import META_FILE, TokenShards
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
 from lmforge.tokenizer import Tokenizer
@@ -178,6 +179,23 @@ def _equal_length(batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
 # ----------------------------------------------------------------------------- builders
 
 
+def _prepared(source: str, tok: Tokenizer | None, target: Path, val_fraction: float, env: DistEnv) -> str:
+    """`source` itself when it is a prepared directory; else raw text files (paths, a directory or
+    a glob) tokenized into `target` by rank 0 (idempotent: an identical preparation is reused)."""
+    if (Path(source) / META_FILE).is_file():
+        return source
+    if tok is None:
+        raise ValueError(f"{source}: raw text needs data.tokenizer (train one with `lmforge tokenizer train`), "
+                         "or prepare it first with `lmforge data prepare`")
+    if env.is_main:
+        stats = prepare_corpus(tok, source, target, val_fraction=val_fraction)
+        if not stats["skipped"]:
+            print(f"prepared {source} -> {target}: {stats['n_tokens']:,} tokens in {stats['seconds']:.1f}s")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return str(target)
+
+
 def prepared_data(config: RunConfig, env: DistEnv) -> PretrainData:
     """Batches from a directory written by `lmforge data prepare` (config.data.train; its
     validation split, or config.data.val's, for evaluation)."""
@@ -185,14 +203,18 @@ def prepared_data(config: RunConfig, env: DistEnv) -> PretrainData:
     if d.train is None:
         raise ValueError("data.train is required: a directory written by `lmforge data prepare` "
                          "(or set data.synthetic=true to measure speed on random tokens)")
-    shards = TokenShards(d.train, "train")
     tok = Tokenizer.from_pretrained(d.tokenizer) if d.tokenizer else None
+    train_dir = _prepared(d.train, tok, Path(t.out_dir) / "data" / "train", 0.005, env)
+    val_dir = _prepared(d.val, tok, Path(t.out_dir) / "data" / "val", 0.0, env) if d.val else None
+    shards = TokenShards(train_dir, "train")
     if tok is not None:
         shards.check_tokenizer(tok)
     elif t.objective != "clm":
         raise ValueError(f"data.tokenizer is required for train.objective {t.objective!r} (mask, [CLS], [SEP] ids)")
-    val_shards = TokenShards(d.val or d.train, "validation")
-    has_val = val_shards.n_tokens > d.seq_len + 1 and val_shards.n_docs >= 2
+    # data.val: a separately prepared directory, all of it validation; else data.train's own split.
+    val_shards = TokenShards(val_dir, "train") if val_dir else TokenShards(train_dir, "validation")
+    # Windows (clm) need one sequence's worth of tokens; document objectives (NSP) need 2+ documents.
+    has_val = val_shards.n_tokens > d.seq_len + 1 and (t.objective == "clm" or val_shards.n_docs >= 2)
     max_val = config.eval.steps
     overrides: dict[str, Any] = {"vocab_size": shards.vocab_size}
     save_extra = tok.save if tok is not None else None

@@ -1,0 +1,45 @@
+"""The main job, shortened: a minute-long quickstart on part of the corpus leaves a complete run directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as hf
+
+import lmforge
+from lmforge.quickstart import default_corpus, split_text
+
+
+def test_split_keeps_the_last_tenth_for_validation():
+    text = "".join(f"line {i}\n" for i in range(1000))
+    train, val = split_text(text)
+    assert train + val == text and train.endswith("\n")
+    assert abs(len(val) / len(text) - 0.1) < 0.01
+
+
+@pytest.mark.slow
+def test_quickstart_run_directory_is_complete(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(default_corpus().read_text()[:150_000])
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(out), "--corpus", str(corpus),
+                        "--minutes", "0.75"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bits per character" in r.stdout and "samples" in r.stdout
+    for name in ("metrics.jsonl", "loss.png", "report.md", "metrics.json", "config.yaml", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["bits_per_char"] > 0 and metrics["steps"] >= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_loss" in r or "val_loss" in r for r in records) and all("step" in r for r in records)
+    report = (out / "report.md").read_text()
+    assert "bits per character" in report and "ROMEO:" in report and "loss.png" in report
+    # model/ loads in both lmforge and transformers, with the same logits
+    lm = lmforge.api.load(out / "model")
+    theirs = hf.AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([lm.tokenizer.encode("ROMEO: what light")])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
