@@ -3,6 +3,7 @@ driver (lmforge.tasks.finetune) on lmforge's one training loop.
 
     classify   text / text-pair classification, single- or multi-label
     ner        token classification (BIO tags), entity-level F1
+    qa         extractive question answering (SQuAD v1.1 / v2.0)
 
     finetune("classify", model=..., train=..., valid=..., out=..., epochs=3)
     evaluate("classify", model=..., data=..., out=...)
@@ -13,7 +14,11 @@ A task registers itself here by name; `TASKS` maps names to tasks.
 from lmforge.tasks.base import TASKS, Base, FinetuneConfig, Setup, Task, get_task, register
 from lmforge.tasks.classify import Classify
 from lmforge.tasks.finetune import evaluate, finetune
+from lmforge.tasks.ner import Ner
+from lmforge.tasks.qa import ExtractiveQA
 
 register(Classify())
+register(Ner())
+register(ExtractiveQA())
 
 __all__ = ["TASKS", "Base", "FinetuneConfig", "Setup", "Task", "evaluate", "finetune", "get_task", "register"]

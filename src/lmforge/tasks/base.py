@@ -88,7 +88,8 @@ class FinetuneConfig:
         patience: stop after this many evaluations without improvement; None: never stop early.
         keep_best: export the weights of the best evaluation, not the last.
         scheme: ner: tagging scheme of the files, iob2 (BIO) or iob1 (converted to IOB2).
-        doc_stride: qa: context tokens shared by consecutive windows of a long context.
+        doc_stride: qa: context tokens shared by consecutive windows of a long context; None:
+            max_length // 3 (128 for the default 384, as transformers' run_qa).
         max_query_length: qa: questions are cut to this many tokens.
         max_answer_length: qa: longest answer span, in tokens.
         n_best: qa: start and end candidates per window (the top-n logits of each).
@@ -134,7 +135,7 @@ class FinetuneConfig:
     patience: int | None = None
     keep_best: bool = True
     scheme: Literal["iob1", "iob2"] = "iob2"
-    doc_stride: int = 128
+    doc_stride: int | None = None
     max_query_length: int = 64
     max_answer_length: int = 30
     n_best: int = 20
@@ -179,7 +180,7 @@ class FinetuneConfig:
                 "lora_rank": self.lora_rank})
         _check(self.eval_every >= 0, "eval_every", "must be >= 0", self.eval_every)
         _check(self.patience is None or self.patience >= 1, "patience", "must be >= 1", self.patience)
-        _check(self.doc_stride >= 0, "doc_stride", "must be >= 0", self.doc_stride)
+        _check(self.doc_stride is None or self.doc_stride >= 0, "doc_stride", "must be >= 0", self.doc_stride)
         _check(self.max_query_length >= 1, "max_query_length", "must be >= 1", self.max_query_length)
         _check(self.max_answer_length >= 1, "max_answer_length", "must be >= 1", self.max_answer_length)
         _check(self.n_best >= 1, "n_best", "must be >= 1", self.n_best)
@@ -491,3 +492,18 @@ def class_weight_vector(weights: str | Sequence[float] | None, counts: np.ndarra
 def count_of(n: int, device: torch.device) -> Tensor:
     """A () int64 count on the device, made there (no host-to-device copy)."""
     return torch.full((), n, dtype=torch.int64, device=device)
+
+
+class OnDevice:
+    """A small constant tensor (class weights) for a step function, copied to each device once."""
+
+    def __init__(self, value: Tensor | None) -> None:
+        self.value: Tensor | None = value
+        self.copies: dict[torch.device, Tensor] = {}
+
+    def on(self, device: torch.device) -> Tensor | None:
+        if self.value is None:
+            return None
+        if device not in self.copies:
+            self.copies[device] = self.value.to(device)
+        return self.copies[device]

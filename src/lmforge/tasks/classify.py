@@ -29,6 +29,7 @@ from lmforge.models import HeadSpec
 from lmforge.tasks.base import (
     Base,
     FinetuneConfig,
+    OnDevice,
     Outputs,
     Setup,
     class_weight_vector,
@@ -96,7 +97,7 @@ class Classify:
             valid=encode(base, valid_data, config.max_length, str(valid), notes),
             collate=functools.partial(collate, pad_id=base.pad_id, n_labels=len(head.labels),
                                       multi_label=head.multi_label),
-            step=functools.partial(step, multi_label=head.multi_label, weights=_OnDevice(weights)),
+            step=functools.partial(step, multi_label=head.multi_label, weights=OnDevice(weights)),
             score=functools.partial(score, data=valid_data),
             report=report, notes=notes)
 
@@ -106,20 +107,6 @@ class Classify:
         return read_classification(path, text_col=config.text_column, label_col=config.label_column,
                                    text_pair_col=config.text_pair_column, multi_label=multi_label,
                                    label_sep=config.label_sep, label_names=label_names, skip_bad=config.skip_bad)
-
-
-class _OnDevice:
-    """A small constant tensor (class weights), copied to each device once."""
-
-    def __init__(self, value: Tensor | None) -> None:
-        self.value, self.copies = value, {}
-
-    def on(self, device: torch.device) -> Tensor | None:
-        if self.value is None:
-            return None
-        if device not in self.copies:
-            self.copies[device] = self.value.to(device)
-        return self.copies[device]
 
 
 def collate(features: list[dict[str, Any]], pad_id: int, n_labels: int, multi_label: bool) -> dict[str, Tensor]:
@@ -135,7 +122,7 @@ def collate(features: list[dict[str, Any]], pad_id: int, n_labels: int, multi_la
 
 
 def step(model: nn.Module, batch: dict[str, Tensor], multi_label: bool,
-         weights: _OnDevice) -> tuple[ObjectiveOutput, Tensor]:
+         weights: OnDevice) -> tuple[ObjectiveOutput, Tensor]:
     """Summed loss over the batch's examples (multi-label: over example x label cells)."""
     logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()  # (B, L)
     labels = batch["labels"]
