@@ -45,7 +45,8 @@ def hf_model(ours: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, tuple[float, torch.Tensor]]:
+def timed(runs: dict, warmup: int, repeats: int, device: str,
+          clock=time.perf_counter) -> dict[str, tuple[float, torch.Tensor]]:
     """Median seconds per call of each run, and its last output. The runs are interleaved
     (one call of each per round, in rotating order), so that load from other processes on
     a shared machine hits every side alike."""
@@ -60,11 +61,11 @@ def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, tuple
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             outputs[label] = runs[label]()
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(clock() - t0)
     return {label: (statistics.median(times[label]), outputs[label]) for label in runs}
 
 
@@ -102,7 +103,7 @@ def bench_model(name: str, a: argparse.Namespace) -> list[dict]:
         n = a.new_tokens
         runs = make_runs(ours, theirs, ids, mask, n, a.device, a.compile_cpu)
         with torch.inference_mode():
-            results = timed(runs, a.warmup, a.repeats, a.device)
+            results = timed(runs, a.warmup, a.repeats, a.device, time.process_time if a.cpu_time else time.perf_counter)
         for label, (seconds, _) in results.items():
             print(f"  {name} batch {batch} {label}: {batch * n / seconds:.0f} tok/s", flush=True)
         base = results["transformers"][0]
@@ -124,13 +125,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile-cpu", action="store_true",
                    help="on CPU, also time lmforge with its decode step compiled by torch.compile (default mode)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU time instead of wall-clock: steadier on a shared, loaded CPU "
+                        "(use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}, "
-          f"{'bf16' if a.device == 'cuda' else 'fp32'}, prompt {a.prompt_len}, new tokens {a.new_tokens}")
+          f"{'bf16' if a.device == 'cuda' else 'fp32'}, prompt {a.prompt_len}, new tokens {a.new_tokens}, "
+          f"{'CPU time' if a.cpu_time else 'wall-clock'}")
     rows = [row for name in a.models for row in bench_model(name, a)]
     print("\n| model | params | batch | implementation | tokens/s | vs transformers | same tokens |")
     print("|---|---|---|---|---|---|---|")
