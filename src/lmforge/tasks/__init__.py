@@ -1,5 +1,5 @@
 """Fine-tuning tasks: one module per task (data + head + loss + metric), all trained by one
-driver (lmforge.tasks.finetune) on lmforge's one training loop.
+driver (lmforge.tasks.driver) on lmforge's one training loop.
 
     classify   text / text-pair classification, single- or multi-label
     ner        token classification (BIO tags), entity-level F1
@@ -13,7 +13,7 @@ A task registers itself here by name; `TASKS` maps names to tasks.
 
 from lmforge.tasks.base import TASKS, Base, FinetuneConfig, Setup, Task, get_task, register
 from lmforge.tasks.classify import Classify
-from lmforge.tasks.finetune import evaluate, finetune
+from lmforge.tasks.driver import evaluate, finetune
 from lmforge.tasks.ner import Ner
 from lmforge.tasks.qa import ExtractiveQA
 

@@ -2,7 +2,7 @@
 implements (Task -> Setup), the starting model (Base), batches over in-memory features,
 and a few helpers for tokenizing with truncation.
 
-The driver that uses all of this is lmforge.tasks.finetune; its docstring describes the
+The driver that uses all of this is lmforge.tasks.driver; its docstring describes the
 task interface from a task author's side.
 """
 
@@ -273,7 +273,7 @@ Outputs = dict[int, Any]  # feature position -> what Setup.step returned for it 
 
 @dataclass
 class Setup:
-    """What a task hands the driver for one run (see lmforge.tasks.finetune).
+    """What a task hands the driver for one run (see lmforge.tasks.driver).
 
     model: the model to train or evaluate, head attached (its backbone is the base's).
     head: the HeadSpec saved with the model (None for tasks without a head, e.g. seq2seq).

@@ -56,9 +56,10 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.scale * update
 
     def merged_weight(self) -> Tensor:
-        """W + (alpha / r) B A, computed in fp32 and cast back to W's dtype."""
-        delta = self.lora_B.float() @ self.lora_A.float()  # (out, in)
-        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+        """W + (alpha / r) B A, computed in at least fp32 and cast back to W's dtype."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self.lora_B.to(dtype) @ self.lora_A.to(dtype)  # (out, in)
+        return (self.weight.to(dtype) + self.scale * delta).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
