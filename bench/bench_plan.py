@@ -53,13 +53,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (the fastest counts)")
     ap.add_argument("--only", default=None, help="run only this preset")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="process: CPU seconds, robust on a shared CPU (use with --threads 1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = CUDA_GRID if args.device == "cuda" else CPU_GRID
     device = args.named_gpu or ("measured" if args.device == "cuda" else "cpu")
     print(f"date {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} threads, {args.clock} clock, load average at start {os.getloadavg()[0]:.1f}")
     print()
     print("| preset | setting | predicted peak | measured peak | error | predicted step | measured step | error "
           "| peak at |")
@@ -68,7 +70,7 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         plan = make_plan(name, device=device, **kw)
-        r = verify_plan(plan, steps=args.steps, device=args.device)
+        r = verify_plan(plan, steps=args.steps, device=args.device, clock=args.clock)
         mib = 2**20
         print(f"| {name} | {describe(kw)} | {r['predicted_peak_bytes'] / mib:.0f} MiB | "
               f"{r['measured_peak_bytes'] / mib:.0f} MiB | {r['peak_error'] * 100:+.1f}% | "

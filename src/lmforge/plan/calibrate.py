@@ -32,22 +32,30 @@ _BLOCKS = {("pre", False): PreNormBlock, ("post", False): PostNormBlock,
            ("pre", True): PreNormDecoderBlock, ("post", True): PostNormDecoderBlock}
 
 
-def _best(fn: Callable[[], None], dev: torch.device, calls: int = 3) -> float:
-    """Seconds of the fastest of `calls` calls after one warm-up."""
-    fn()
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def best_time(fn: Callable[[], None], dev: torch.device, calls: int = 3, clock: str = "wall",
+              warm_up: bool = True) -> float:
+    """Seconds of the fastest of `calls` calls after one warm-up. clock "wall" is elapsed
+    time; "process" is this process's CPU time (all threads), which a shared CPU's other
+    work does not inflate — use it with one thread."""
+    now = CLOCKS[clock]
+    if warm_up:
+        fn()
     best = float("inf")
     for _ in range(calls):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return best
 
 
-def _block_times(arch: Arch, st: Stack, shape: Shape, dev: torch.device, autocast) -> tuple[float, float]:
+def _block_times(arch: Arch, st: Stack, shape: Shape, dev: torch.device, autocast, clock: str) -> tuple[float, float]:
     """(forward + backward, forward alone) of one block of `st`."""
     c, B = arch.config, shape.batch
     T = shape.target_len if st.cross else shape.seq_len
@@ -69,11 +77,11 @@ def _block_times(arch: Arch, st: Stack, shape: Shape, dev: torch.device, autocas
         forward().float().sum().backward()
 
     with torch.no_grad():
-        fwd = _best(lambda: forward(), dev)
-    return _best(step, dev), fwd
+        fwd = best_time(lambda: forward(), dev, clock=clock)
+    return best_time(step, dev, clock=clock), fwd
 
 
-def _head_time(arch: Arch, shape: Shape, ce_chunk: int, dev: torch.device, autocast) -> float:
+def _head_time(arch: Arch, shape: Shape, ce_chunk: int, dev: torch.device, autocast, clock: str) -> float:
     """The loss head forward and backward, and the token embedding's backward."""
     D, Vp, V, B = arch.dim, arch.padded_vocab, arch.vocab_size, shape.batch
     weight = nn.Parameter(torch.randn(Vp, D, device=dev) * 0.02)
@@ -106,21 +114,21 @@ def _head_time(arch: Arch, shape: Shape, ce_chunk: int, dev: torch.device, autoc
         value.backward()
         emb(ids).sum().backward()
 
-    return _best(step, dev)
+    return best_time(step, dev, clock=clock)
 
 
-def _optimizer_time(optimizer: str, params: int, dev: torch.device) -> float:
+def _optimizer_time(optimizer: str, params: int, dev: torch.device, clock: str) -> float:
     """The fused update of `params` parameters, timed on at most 2^24 and scaled."""
     n = min(params, 2**24)
     p = nn.Parameter(torch.randn(n, device=dev))
     p.grad = torch.randn_like(p)
     opt = (torch.optim.AdamW([p], fused=True) if optimizer == "adamw" else
            torch.optim.SGD([p], lr=1e-3, momentum=0.9, fused=True))
-    return _best(opt.step, dev) * params / n
+    return best_time(opt.step, dev, clock=clock) * params / n
 
 
 def step_parts(arch: Arch, shape: Shape, precision: str, ce_chunk: int, optimizer: str, trainable: int,
-               activation_checkpointing: bool, kind: str) -> dict[str, float]:
+               activation_checkpointing: bool, kind: str, clock: str = "wall") -> dict[str, float]:
     """Seconds of each part of one optimizer step on this machine (see the module docstring):
     'blocks' and 'head' per micro-batch, 'optimizer' per step."""
     dev = torch.device(kind)
@@ -128,7 +136,7 @@ def step_parts(arch: Arch, shape: Shape, precision: str, ce_chunk: int, optimize
     autocast = lambda: torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     blocks = 0.0
     for st in arch.stacks:
-        both, fwd = _block_times(arch, st, shape, dev, autocast)
+        both, fwd = _block_times(arch, st, shape, dev, autocast, clock)
         blocks += st.n_layers * (both + (fwd if activation_checkpointing else 0.0))
-    return {"blocks": blocks, "head": _head_time(arch, shape, ce_chunk, dev, autocast),
-            "optimizer": _optimizer_time(optimizer, trainable, dev)}
+    return {"blocks": blocks, "head": _head_time(arch, shape, ce_chunk, dev, autocast, clock),
+            "optimizer": _optimizer_time(optimizer, trainable, dev, clock)}

@@ -183,12 +183,13 @@ def flops(arch: Arch, shape: Shape, s: dict[str, Any], segs: list[Segment]) -> d
     }
 
 
-def measured_step_seconds(arch: Arch, shape: Shape, s: dict[str, Any], kind: str) -> tuple[float, dict]:
+def measured_step_seconds(arch: Arch, shape: Shape, s: dict[str, Any], kind: str,
+                          clock: str = "wall") -> tuple[float, dict]:
     """A step composed from its parts timed on this machine now (calibrate.py):
     grad_accum x (blocks + loss head and embedding) + optimizer update (sharded by FSDP)."""
     trainable = parameters(arch, s)["trainable"] // (s["devices"] if s["strategy"] == "fsdp" else 1)
     parts = step_parts(arch, shape, s["precision"], s["ce_chunk"], s["optimizer"], trainable,
-                       s["activation_checkpointing"], kind)
+                       s["activation_checkpointing"], kind, clock)
     return s["grad_accum"] * (parts["blocks"] + parts["head"]) + parts["optimizer"], parts
 
 

@@ -18,13 +18,14 @@ profiler (whose per-op overhead would distort it), with `torch.cuda.synchronize`
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from lmforge.plan.calibrate import best_time
 
 
 def live_bytes(tensors: Iterable[Tensor]) -> int:
@@ -66,20 +67,11 @@ def cpu_peak(run: Callable[[], None], baseline: int) -> tuple[int, dict[str, int
     return peak, by_phase
 
 
-def time_steps(step: Callable[[], None], steps: int, cuda: bool) -> float:
-    """Seconds of the fastest of `steps` calls of `step`. The fastest, not the median:
-    on a shared machine it is the call least disturbed by other work, which makes it
-    comparable with the device benchmarks (also best-of-n) the prediction uses."""
-    times = []
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def time_steps(step: Callable[[], None], steps: int, dev: torch.device, clock: str = "wall") -> float:
+    """Seconds of the fastest of `steps` calls of `step` (calibrate.best_time without its
+    warm-up: the caller has run one). The fastest, not the median: on a shared machine it
+    is the call least disturbed by other work, like the part timings it is compared with."""
+    return best_time(step, dev, calls=steps, clock=clock, warm_up=False)
 
 
 def measure_peak(step: Callable[[], None], state: Callable[[], list[Tensor]], device: torch.device,

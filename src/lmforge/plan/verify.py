@@ -77,17 +77,21 @@ def training_step(plan: Plan, device: torch.device):
     return step, state
 
 
-def verify_plan(plan: Plan, steps: int = 3, device: str | None = None) -> dict[str, Any]:
+def verify_plan(plan: Plan, steps: int = 3, device: str | None = None, clock: str = "wall") -> dict[str, Any]:
     """Run `steps` timed training steps (after a warm-up) of the plan's setup and return
     predicted beside measured peak memory and step time, with relative errors.
 
     device: "cuda" or "cpu" (default: CUDA when the plan targets a GPU and one is present).
+    clock: "wall", or "process" (CPU seconds of this process, for a shared CPU: run with
+    one thread, and the prediction's part timings use the same clock).
     """
     s = plan.settings
     if s["devices"] > 1:
         raise ValueError("verify: runs on one device; plan with --devices 1 to verify")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"verify: steps must be a positive integer, got {steps!r}")
+    if clock not in ("wall", "process"):
+        raise ValueError(f"verify: clock must be 'wall' or 'process', got {clock!r}")
     kind = device or ("cuda" if plan.device["kind"] == "cuda" and torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("verify: device 'cuda' requested but CUDA is not available")
@@ -107,11 +111,11 @@ def verify_plan(plan: Plan, steps: int = 3, device: str | None = None) -> dict[s
         measured, predicted = [], []
         arch = describe(plan.config)
         for _ in range(steps):
-            measured.append(time_steps(step, 1, dev.type == "cuda"))
-            predicted.append(measured_step_seconds(arch, make_shape(arch, s), s, kind)[0])
+            measured.append(time_steps(step, 1, dev, clock))
+            predicted.append(measured_step_seconds(arch, make_shape(arch, s), s, kind, clock)[0])
         seconds, predicted_time = min(measured), min(predicted)
     else:
-        seconds = time_steps(step, steps, dev.type == "cuda")
+        seconds = time_steps(step, steps, dev, clock)
     return {
         "model": plan.model,
         "device": plan.device["name"],
