@@ -102,7 +102,7 @@ def _chunks(docs: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
 
 def _encoded_chunks(encoder_args: tuple, chunks: Iterator[list[str]], workers: int, local: ChunkEncoder) -> Iterator:
     """Results in submission order; at most 2 chunks per worker in flight (the bound on memory)."""
-    if workers <= 1:
+    if workers <= 1 or mp.current_process().daemon:  # a daemonic process (e.g. a pool worker) may not fork a pool
         yield from map(local, chunks)
         return
     # fork starts workers fastest and is safe here (workers only run tokenizers and numpy); else the platform default
