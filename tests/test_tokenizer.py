@@ -140,7 +140,9 @@ def test_fingerprint_tells_tokenizers_apart(bpe, wordpiece):
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
 def test_transformers_loads_and_encodes_identically(bpe, wordpiece, kind, tmp_path):
     transformers = pytest.importorskip("transformers")
-    ours = bpe if kind == "bpe" else wordpiece
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    base = bpe if kind == "bpe" else wordpiece
+    ours = Tokenizer(base.backend, base.special_tokens, chat_template=template)
     ours.save(tmp_path)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
@@ -150,6 +152,11 @@ def test_transformers_loads_and_encodes_identically(bpe, wordpiece, kind, tmp_pa
         assert auto.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(ours.encode(text))
     assert auto(HELD_ENGLISH, HELD_CHINESE)["input_ids"] == ours.encode(HELD_ENGLISH, HELD_CHINESE)
     assert auto.eos_token == ours.eos_token and auto.pad_token == ours.pad_token and auto.cls_token == ours.cls_token
+    messages = [{"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(messages, tokenize=False) == "<|user|>hi"
+    auto.save_pretrained(tmp_path / "resaved")  # and back: transformers' own layout loads in lmforge
+    back = Tokenizer.from_pretrained(tmp_path / "resaved")
+    assert back.fingerprint == ours.fingerprint and back.chat_template == template
 
 
 def test_load_gpt2_vocab_and_merges(tmp_path):
