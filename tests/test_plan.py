@@ -18,7 +18,7 @@ from lmforge.plan import engine_chunk_rows, make_plan
 from lmforge.plan.arch import describe
 from lmforge.plan.dataflow import Shape
 from lmforge.plan.device import Device, GiB
-from lmforge.plan.estimate import make_shape, max_micro_batch, memory
+from lmforge.plan.estimate import make_shape, max_micro_batch, memory_per_device
 from lmforge.plan.memory import batch_bytes
 from lmforge.plan.objective import loss, random_batch
 from lmforge.plan.report import format_plan, format_verify, plan_json, verify_json
@@ -266,14 +266,14 @@ def test_fsdp_shards_state_across_devices_and_ddp_does_not():
 def test_largest_micro_batch_is_consistent_with_the_memory_model():
     plan = make_plan("gpt2-124m", seq_len=512, batch_size=1, precision="bf16")
     arch, s = describe(plan.config), plan.settings
-    peaks = [memory(arch, make_shape(arch, s, b), s, "cuda")["peak"] for b in (1, 2, 4, 8, 16, 32)]
+    peaks = [memory_per_device(arch, make_shape(arch, s, b), s, "cuda")["peak"] for b in (1, 2, 4, 8, 16, 32)]
     assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
     for gib in (4, 8, 24):
         dev = Device("test", "cpu", gib * GiB, {"bf16": 1e12}, 1e11, 0.5)
         b = max_micro_batch(arch, s, dev)
         assert b >= 1
-        assert memory(arch, make_shape(arch, s, b), s, "cpu")["peak"] <= dev.memory
-        assert memory(arch, make_shape(arch, s, b + 1), s, "cpu")["peak"] > dev.memory
+        assert memory_per_device(arch, make_shape(arch, s, b), s, "cpu")["peak"] <= dev.memory
+        assert memory_per_device(arch, make_shape(arch, s, b + 1), s, "cpu")["peak"] > dev.memory
     small = Device("test", "cpu", GiB, {"bf16": 1e12}, 1e11, 0.5)
     assert max_micro_batch(arch, s, small) == 0  # fp32 weights and AdamW states alone exceed 1 GiB
 

@@ -130,7 +130,7 @@ def make_plan(
     s["backend"] = backend or dev.kind
     segs = est.segments(arch, shape, s, s["backend"])
     fl = est.flops(arch, shape, s, segs)
-    mem = est.memory(arch, shape, s, s["backend"], segs)
+    mem = est.memory_per_device(arch, shape, s, s["backend"], segs)
     mem["reserved_estimate"] = est.reserved(mem["peak"], dev.kind)
     mem["device_memory"] = dev.memory
     mem["fits"] = mem["reserved_estimate"] <= dev.memory

@@ -52,7 +52,7 @@ def parameters(arch: Arch, s: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def memory(arch: Arch, shape: Shape, s: dict[str, Any], backend: str,
+def memory_per_device(arch: Arch, shape: Shape, s: dict[str, Any], backend: str,
            segs: list[Segment] | None = None) -> dict[str, Any]:
     """Per-device memory: component sizes, the replayed peak and what is alive at it."""
     segs = segs if segs is not None else segments(arch, shape, s, backend)
@@ -112,7 +112,8 @@ def max_micro_batch(arch: Arch, s: dict[str, Any], device: Device, limit: int = 
     """Largest micro-batch whose predicted peak fits the device's memory (0 if none).
     Binary search: the predicted peak grows with the batch size."""
     def fits(b: int) -> bool:
-        return reserved(memory(arch, make_shape(arch, s, b), s, device.kind)["peak"], device.kind) <= device.memory
+        peak = memory_per_device(arch, make_shape(arch, s, b), s, device.kind)["peak"]
+        return reserved(peak, device.kind) <= device.memory
 
     if not fits(1):
         return 0

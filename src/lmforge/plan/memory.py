@@ -220,16 +220,16 @@ def replay(arch: Arch, segs: list[Segment], shape: Shape, s: MemorySettings, per
         if st is not None:  # its start (recomputed under checkpointing) and its end
             recompute = seg.saved_bytes if ac else 0
             work = block_working(arch, st, shape)
-            add(f"backward: {seg.name}", activations=a_left + recompute, grads=g_so_far,
+            add(f"backward: {seg.name}", activations=a_left + recompute, gradients=g_so_far,
                 tied_grad_buffer=buffer, working=work)
-            add(f"backward: {seg.name}", activations=a_left - saved[i], grads=g_so_far + seg_grads[i],
+            add(f"backward: {seg.name}", activations=a_left - saved[i], gradients=g_so_far + seg_grads[i],
                 tied_grad_buffer=buffer, working=work)
         elif seg.name.endswith("embed") and tied:
             extra = tied_sum_extra(arch, s) + (1 if accumulating and i == 0 else 0)
-            add(f"backward: {seg.name}", activations=a_left, grads=g_so_far, tied_grad_buffer=buffer,
+            add(f"backward: {seg.name}", activations=a_left, gradients=g_so_far, tied_grad_buffer=buffer,
                 embedding_grad=E * extra)
         a_left -= saved[i]
         g_so_far += 0 if accumulating else seg_grads[i]
-    add("optimizer step", grads=grads_total - g_prev)
+    add("optimizer step", gradients=grads_total - g_prev)
     peak, label, parts = max(moments, key=lambda m: m[0])
     return peak, label, parts
