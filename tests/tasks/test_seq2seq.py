@@ -209,6 +209,10 @@ def test_bad_input_raises_clear_errors(dialogsum, make_model, tmp_path):
         evaluate(TRANSLATE, base, tmp_path / "p", options=MULTI30K)
     with pytest.raises(FileNotFoundError, match=r"nope\.de: no such file"):
         evaluate(TRANSLATE, base, tmp_path / "nope", options=MULTI30K)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("src\ttgt\nein Hund\ta dog\n\nzwei Katzen\ttwo cats\n", encoding="utf-8")
+    pairs = read_pairs(tsv, Opts(source_field="src", target_field="tgt"), skip_bad=False)
+    assert (pairs.sources, pairs.targets) == (["ein Hund", "zwei Katzen"], ["a dog", "two cats"])
     with pytest.raises(ValueError, match="expected a .jsonl, .tsv or .csv file"):
         evaluate(TRANSLATE, base, tmp_path / "p")
     with pytest.raises(ValueError, match="unknown option.*num_beam\\b.*known: .*num_beams"):

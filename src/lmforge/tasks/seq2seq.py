@@ -56,13 +56,15 @@ OptionsT = TypeVar("OptionsT")
 
 
 def task_options(cls: type[OptionsT], config: FinetuneConfig, task: str, **defaults: Any) -> OptionsT:
-    """A task's options dataclass from FinetuneConfig.options (task defaults first, then the
-    user's); an unknown option is an error that lists the known ones."""
+    """A task's options dataclass: the task's defaults, overridden by FinetuneConfig fields of
+    the same name that are set (not None), overridden by FinetuneConfig.options. An unknown
+    key in options is an error that lists the known ones."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config.options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) for task {task}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**{**defaults, **config.options})
+    fields = {name: getattr(config, name) for name in known if getattr(config, name, None) is not None}
+    return cls(**{**defaults, **fields, **config.options})
 
 
 @dataclass
@@ -99,9 +101,11 @@ class Seq2SeqOptions:
     n_samples: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("max_target_length", "num_beams"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if not isinstance(self.max_target_length, int) or self.max_target_length < 2:
+            raise ValueError(f"max_target_length must be an integer >= 2 (a token and EOS), got "
+                             f"{self.max_target_length!r}")
         for name in ("max_new_tokens", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
