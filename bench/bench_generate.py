@@ -1,23 +1,29 @@
 """Greedy generation throughput: lmforge's `generate` against transformers' `generate`,
 same weights, same process, same device.
 
-    python bench/bench_generate.py                                  # CUDA: bf16, 256 new tokens
-    python bench/bench_generate.py --device cpu --new-tokens 64     # CPU: fp32
+    python bench/bench_generate.py                                            # CUDA: bf16, 256 new tokens
+    python bench/bench_generate.py --device cpu --threads 1 --new-tokens 64   # CPU: fp32
 
 Each row: a prompt of --prompt-len random tokens, --new-tokens generated greedily with
-no EOS (both sides produce exactly that many), at each batch size in --batch. Time is
-wall-clock for the whole call (prefill included); tokens/s = batch * new_tokens / time,
-the median of --repeats runs after --warmup runs, the implementations interleaved. Models: the quickstart-size GPT
-(preset gpt-tiny, vocab 8192) and gpt2-124m; transformers runs the same weights as a
-GPT2LMHeadModel. On CUDA both sides also run compiled: lmforge's decode step as a CUDA
-graph (`compile_decode_step`), transformers' static cache (which it compiles itself);
-on CPU --compile-cpu adds lmforge with its decode step compiled by torch.compile.
-The last column says whether both sides produced the same tokens.
+no EOS (both sides produce exactly that many; fewer when the model's context is shorter),
+at each batch size in --batch. Every call is timed twice, by the wall clock and by the
+process's CPU time (steadier on a shared, loaded machine when --threads is 1: time spent
+waiting for a core is not counted); each is the median of --repeats calls after --warmup
+calls, the implementations interleaved in rotating order so that load from other
+processes hits every side alike. The load average is printed before and after.
+
+Models: the quickstart's CPU model (4 layers, dim 192, 2048-token vocabulary, context
+128), the gpt-tiny preset with an 8192-token vocabulary, and gpt2-124m; transformers runs
+the same weights as a GPT2LMHeadModel. On CUDA both sides also run compiled: lmforge's
+decode step as a CUDA graph (`compile_decode_step`), transformers' static cache (which
+it compiles itself); on CPU --compile-cpu adds lmforge with its decode step compiled by
+torch.compile. The last column says whether both sides produced the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,6 +35,7 @@ from lmforge.interop.hf import to_hf
 from lmforge.models import build, count_params, preset
 
 MODELS = {
+    "quickstart": lambda: preset("gpt-tiny", vocab_size=2048, dim=192, n_layers=4, n_heads=4, max_seq_len=128),
     "gpt-tiny-8k": lambda: preset("gpt-tiny", vocab_size=8192, max_seq_len=1024),
     "gpt2-124m": lambda: preset("gpt2-124m"),
 }
@@ -45,28 +52,33 @@ def hf_model(ours: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def timed(runs: dict, warmup: int, repeats: int, device: str,
-          clock=time.perf_counter) -> dict[str, tuple[float, torch.Tensor]]:
-    """Median seconds per call of each run, and its last output. The runs are interleaved
-    (one call of each per round, in rotating order), so that load from other processes on
-    a shared machine hits every side alike."""
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]:
+    """Median wall and CPU seconds per call of each run, and its last output. The runs are
+    interleaved (one call of each per round, in rotating order)."""
     outputs = {label: None for label in runs}
     for label, fn in runs.items():
         extra = 2 if "compile" in label or "graph" in label else 0  # compilation and graph capture
         for _ in range(warmup + extra):
             outputs[label] = fn()
-    times: dict[str, list[float]] = {label: [] for label in runs}
+    wall: dict[str, list[float]] = {label: [] for label in runs}
+    cpu: dict[str, list[float]] = {label: [] for label in runs}
     labels = list(runs)
     for r in range(repeats):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = clock()
+            w0, c0 = time.perf_counter(), time.process_time()
             outputs[label] = runs[label]()
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[label].append(clock() - t0)
-    return {label: (statistics.median(times[label]), outputs[label]) for label in runs}
+            wall[label].append(time.perf_counter() - w0)
+            cpu[label].append(time.process_time() - c0)
+    return {label: dict(wall=statistics.median(wall[label]), cpu=statistics.median(cpu[label]),
+                        tokens=outputs[label]) for label in runs}
 
 
 def make_runs(ours, theirs, ids: torch.Tensor, mask: torch.Tensor, n: int, device: str,
@@ -96,21 +108,23 @@ def bench_model(name: str, a: argparse.Namespace) -> list[dict]:
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     ours, theirs = ours.to(a.device, dtype).eval(), theirs.to(a.device, dtype).eval()
     n_params = count_params(ours)
+    n = min(a.new_tokens, ours.config.max_seq_len - a.prompt_len)  # the context bounds prompt + output
     rows = []
     for batch in a.batch:
         ids = torch.randint(0, ours.config.vocab_size, (batch, a.prompt_len), device=a.device)
         mask = torch.ones_like(ids)
-        n = a.new_tokens
         runs = make_runs(ours, theirs, ids, mask, n, a.device, a.compile_cpu)
         with torch.inference_mode():
-            results = timed(runs, a.warmup, a.repeats, a.device, time.process_time if a.cpu_time else time.perf_counter)
-        for label, (seconds, _) in results.items():
-            print(f"  {name} batch {batch} {label}: {batch * n / seconds:.0f} tok/s", flush=True)
-        base = results["transformers"][0]
-        reference = results["transformers"][1]
-        for label, (seconds, tokens) in results.items():
-            rows.append(dict(model=name, params=n_params, batch=batch, impl=label, tok_s=batch * n / seconds,
-                             speedup=base / seconds, same=bool(torch.equal(tokens, reference))))
+            results = timed(runs, a.warmup, a.repeats, a.device)
+        base = results["transformers"]
+        for label, res in results.items():
+            row = dict(model=name, params=n_params, batch=batch, new=n, impl=label,
+                       tok_s=batch * n / res["wall"], ms_tok=res["wall"] / n * 1e3, cpu_ms_tok=res["cpu"] / n * 1e3,
+                       speedup=base["wall"] / res["wall"], cpu_speedup=base["cpu"] / res["cpu"],
+                       same=bool(torch.equal(res["tokens"], base["tokens"])))
+            print(f"  {name} batch {batch} {label}: {row['tok_s']:.0f} tok/s, {row['ms_tok']:.3f} ms/step wall, "
+                  f"{row['cpu_ms_tok']:.3f} ms/step CPU (load {load()})", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -125,9 +139,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile-cpu", action="store_true",
                    help="on CPU, also time lmforge with its decode step compiled by torch.compile (default mode)")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time with the process's CPU time instead of wall-clock: steadier on a shared, loaded CPU "
-                        "(use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args()
     if a.threads:
@@ -135,13 +146,16 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}, "
           f"{'bf16' if a.device == 'cuda' else 'fp32'}, prompt {a.prompt_len}, new tokens {a.new_tokens}, "
-          f"{'CPU time' if a.cpu_time else 'wall-clock'}")
+          f"median of {a.repeats}, load average {load()}")
     rows = [row for name in a.models for row in bench_model(name, a)]
-    print("\n| model | params | batch | implementation | tokens/s | vs transformers | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nload average at the end: {load()}")
+    print("\n| model | params | batch | new tokens | implementation | tokens/s (wall) | ms/step (wall) | "
+          "ms/step (CPU) | vs transformers (wall) | vs transformers (CPU) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['impl']} | {r['tok_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {'yes' if r['same'] else 'no'} |")
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['new']} | {r['impl']} | "
+              f"{r['tok_s']:.0f} | {r['ms_tok']:.3f} | {r['cpu_ms_tok']:.3f} | {r['speedup']:.2f}x | "
+              f"{r['cpu_speedup']:.2f}x | {'yes' if r['same'] else 'no'} |")
 
 
 if __name__ == "__main__":
