@@ -212,6 +212,41 @@ def _serve(a: Namespace) -> None:
           max_active=a.max_active, device=a.device, dtype=a.dtype)
 
 
+def _plan_args(p: ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a preset name, a model directory or a config.json")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max)")
+    p.add_argument("--target-len", type=int, default=None, help="decoder tokens (encoder-decoder models)")
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-targets", type=list[str], default=["wqkv", "wo"], help="projections with adapters")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    p.add_argument("--device", default="h100", help="h100, a100, cpu (measured here) or measured")
+    p.add_argument("--mfu", type=float, default=None, help="assumed model-FLOPs utilisation")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--verify", action="store_true", help="run real steps and print predicted beside measured")
+    p.add_argument("--verify-steps", type=int, default=3)
+    p.add_argument("--clock", choices=["wall", "process"], default="wall", help="how --verify times steps")
+
+
+def _plan(a: Namespace) -> None:
+    from lmforge.plan import format_plan, format_verify, make_plan, plan_json, verify_json, verify_plan
+
+    plan = make_plan(a.model, seq_len=a.seq_len, target_len=a.target_len, batch_size=a.batch_size,
+                     grad_accum=a.grad_accum, precision=a.precision, optimizer=a.optimizer,
+                     activation_checkpointing=a.activation_checkpointing, lora_rank=a.lora_rank,
+                     lora_targets=tuple(a.lora_targets), devices=a.devices, strategy=a.strategy, device=a.device,
+                     mfu=a.mfu)
+    print(plan_json(plan) if a.json else format_plan(plan))
+    if a.verify:
+        result = verify_plan(plan, a.verify_steps, clock=a.clock)
+        print(verify_json(result) if a.json else format_verify(result))
+
+
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
@@ -221,6 +256,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                  _pretrain_args, _pretrain),
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
                  _generate_args, _generate),
+    "plan": ("predict parameters, FLOPs, memory and time of a training setup (--verify measures them)",
+             _plan_args, _plan),
     "serve": ("serve a model over HTTP: OpenAI-compatible API and a web playground", _serve_args, _serve),
     "inspect": {
         "attention": ("attention weights of every layer and head as PNG and HTML", _inspect_attention_args,
