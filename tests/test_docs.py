@@ -1,0 +1,283 @@
+"""The guides (docs/guide.md and its Chinese translation docs/guide.zh.md) are executed.
+
+How the snippets run:
+- A guide is split into sections at its `## N. Title` headings (text before the first
+  heading is section 0). Every ```python block of a section runs, in order, in ONE
+  namespace shared by that section's blocks and by no other section: a reader can run a
+  section top to bottom in one Python session, and a section may build a model once and
+  use it in its later blocks. Each section starts from `torch.manual_seed(0)` (the
+  autouse fixture in conftest.py) in a fresh temporary working directory that holds a
+  copy of configs/, as if run from the repository root.
+- ```python no-run blocks are shown but not run (a server, a GPU-only call); shell blocks
+  (```bash) never run, but the `lmforge` commands in them must exist in the CLI.
+- A failure names the guide and the section (test ids like `en-s07`), and its traceback
+  points at the guide's own line numbers.
+
+Beyond running, the tests check that what the prose names is real: every repository path
+(src/lmforge/..., configs/..., ...) exists, every dotted `lmforge.x.y` name resolves, every
+`path.py`: `name` pair names something defined in that module, and the two
+guides hold the same sections and the same code (comments may be translated).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import re
+import shutil
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = {"en": ROOT / "docs" / "guide.md", "zh": ROOT / "docs" / "guide.zh.md"}
+# Commands the guide shows that the CLI does not have yet (their Python functions exist and
+# run in the snippets); an entry here must still be a command the guide uses.
+NOT_YET_IN_CLI = {"finetune", "plan"}
+
+FENCE = re.compile(r"^(`{3,})\s*(.*)$")
+HEADING = re.compile(r"^## (\d+)\.\s+(.*)$")
+
+
+@dataclass
+class Block:
+    lang: str  # "python", "bash", ... ("" when the fence has no info string)
+    flags: set[str]  # the info string's other words, e.g. {"no-run"}
+    code: str
+    line: int  # 1-based line of the first code line in the guide
+
+
+@dataclass
+class Section:
+    number: int
+    title: str
+    line: int
+    blocks: list[Block] = field(default_factory=list)
+
+
+def parse_guide(path: Path) -> list[Section]:
+    """Sections (by `## N.` headings) and their fenced code blocks."""
+    sections = [Section(0, "introduction", 1)]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        fence = FENCE.match(lines[i])
+        heading = HEADING.match(lines[i])
+        if heading:
+            sections.append(Section(int(heading.group(1)), heading.group(2).strip(), i + 1))
+        elif fence:
+            ticks, info = fence.groups()
+            words = info.split()
+            start, i = i + 1, i + 1
+            while i < len(lines) and not lines[i].startswith(ticks):
+                i += 1
+            if i == len(lines):
+                raise ValueError(f"{path}:{start}: code block never closed")
+            sections[-1].blocks.append(Block(words[0] if words else "", set(words[1:]),
+                                             "\n".join(lines[start:i]) + "\n", start + 1))
+        i += 1
+    return sections
+
+
+def _sections_or_empty(path: Path) -> list[Section]:
+    return parse_guide(path) if path.is_file() else []
+
+
+PARSED = {name: _sections_or_empty(path) for name, path in GUIDES.items()}
+SECTION_CASES = [pytest.param(name, s.number, id=f"{name}-s{s.number:02d}")
+                 for name, sections in PARSED.items() for s in sections
+                 if any(b.lang == "python" and "no-run" not in b.flags for b in s.blocks)]
+
+
+def test_both_guides_exist_and_have_sections():
+    for name, path in GUIDES.items():
+        assert path.is_file(), f"{path} is missing"
+        numbers = [s.number for s in PARSED[name][1:]]
+        assert numbers == list(range(1, len(numbers) + 1)), f"{name}: sections are not numbered 1..n: {numbers}"
+        assert len(numbers) >= 10
+
+
+@pytest.mark.parametrize("guide, number", SECTION_CASES)
+def test_section_snippets_run(guide, number, tmp_path, monkeypatch):
+    section = next(s for s in PARSED[guide] if s.number == number)
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"guide_{guide}_section_{number}"}
+    path = GUIDES[guide]
+    for block in section.blocks:
+        if block.lang != "python" or "no-run" in block.flags:
+            continue
+        # Leading newlines make traceback line numbers those of the guide itself.
+        code = compile("\n" * (block.line - 1) + block.code, str(path), "exec")
+        exec(code, namespace)  # noqa: S102 - the guide's snippets are the code under test
+
+
+def test_python_blocks_compile():
+    """Even the no-run blocks must be valid Python."""
+    for name, sections in PARSED.items():
+        for s in sections:
+            for b in s.blocks:
+                if b.lang == "python":
+                    compile(b.code, f"{GUIDES[name]}:{b.line}", "exec")
+
+
+def test_no_run_is_rare():
+    for name, sections in PARSED.items():
+        blocks = [b for s in sections for b in s.blocks if b.lang == "python"]
+        skipped = [b.line for b in blocks if "no-run" in b.flags]
+        assert len(skipped) <= max(2, len(blocks) // 10), f"{name}: too many no-run blocks at lines {skipped}"
+
+
+# ----------------------------------------------------------------------------- what the prose names
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:src/lmforge|configs|tests|bench|docs)/[\w./-]*\w)", re.ASCII)
+DOTTED = re.compile(r"(?<![\w.])lmforge(?:\.[A-Za-z_]\w*)+", re.ASCII)
+WHERE = re.compile(r"`(src/lmforge/[\w/]+\.py)`")
+TICKED = re.compile(r"`([^`]+)`")
+IDENTIFIER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", re.ASCII)
+
+
+def resolve(dotted: str) -> object:
+    """Import the longest module prefix of `dotted`, then follow attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def module_of(path: str) -> str:
+    """src/lmforge/nn/attention.py -> lmforge.nn.attention."""
+    dotted = path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+    return dotted.removesuffix(".__init__")
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_repository_paths_exist(guide):
+    text = GUIDES[guide].read_text(encoding="utf-8")
+    paths = sorted(set(REPO_PATH.findall(text)))
+    assert paths, "the guide names no repository files"
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"{guide}: paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_dotted_lmforge_names_resolve(guide):
+    text = GUIDES[guide].read_text(encoding="utf-8")
+    names = sorted(set(DOTTED.findall(text)))
+    assert len(names) >= 20
+    broken = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as e:
+            broken.append(f"{name} ({e})")
+    assert not broken, f"{guide}: names that do not resolve: {broken}"
+
+
+def paragraphs(text: str) -> list[tuple[int, str]]:
+    """(first line, text) of each paragraph or list item, wrapped lines joined."""
+    items: list[tuple[int, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        starts_item = line.lstrip().startswith(("- ", "* ")) or re.match(r"\s*\d+\. ", line)
+        if not line.strip():
+            items.append((n, ""))
+        elif starts_item or not items or not items[-1][1]:
+            items.append((n, line.strip()))
+        else:
+            items[-1] = (items[-1][0], items[-1][1] + " " + line.strip())
+    return [(n, t) for n, t in items if t]
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_named_functions_live_in_the_named_files(guide):
+    """In `src/lmforge/x.py`: `a`, `B.c` — explanation, each identifier between a path and the
+    next dash (or the next path) is defined in that module."""
+    checked, broken = 0, []
+    for n, item in paragraphs(GUIDES[guide].read_text(encoding="utf-8")):
+        parts = WHERE.split(item)  # [before, path, after, path, after, ...]
+        for path, after in zip(parts[1::2], parts[2::2]):
+            module = importlib.import_module(module_of(path))
+            for name in TICKED.findall(after.split("\u2014")[0]):
+                if not IDENTIFIER.fullmatch(name):
+                    continue
+                obj = module
+                try:
+                    for attr in name.split("."):
+                        obj = getattr(obj, attr)
+                    checked += 1
+                except AttributeError:
+                    broken.append(f"line {n}: {module.__name__} has no {name}")
+    assert not broken, f"{guide}: " + "; ".join(broken)
+    assert checked >= 60, f"{guide}: only {checked} `file`: `name` references checked"
+
+
+def _cli_commands() -> dict:
+    from lmforge.cli import COMMANDS
+    return COMMANDS
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_shell_commands_exist(guide):
+    commands = _cli_commands()
+    used = []
+    for s in PARSED[guide]:
+        for b in s.blocks:
+            if b.lang not in ("bash", "sh", "shell", "console"):
+                continue
+            for line in b.code.splitlines():
+                words = line.strip().removeprefix("$ ").split()
+                if len(words) < 2 or words[0] != "lmforge" or words[1].startswith("-"):
+                    continue
+                used.append(words[1])
+                if words[1] in NOT_YET_IN_CLI:
+                    continue
+                assert words[1] in commands, f"{guide}:{b.line}: no `lmforge {words[1]}` command"
+                entry = commands[words[1]]
+                if isinstance(entry, dict):
+                    assert len(words) > 2 and words[2] in entry, f"{guide}:{b.line}: `{line.strip()}`"
+    assert used, f"{guide}: no lmforge commands shown"
+    assert NOT_YET_IN_CLI <= set(used), "NOT_YET_IN_CLI lists commands the guide no longer shows"
+
+
+# ----------------------------------------------------------------------------- the translation
+
+
+def _code_tokens(code: str) -> list[tuple[int, str]]:
+    """Python tokens without comments and layout, so that translated comments compare equal."""
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENDMARKER}
+    return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type not in skip]
+
+
+def _shell_lines(code: str) -> list[str]:
+    return [line.split("#")[0].rstrip() for line in code.splitlines() if line.split("#")[0].strip()]
+
+
+def test_translation_has_the_same_sections_and_code():
+    en, zh = PARSED["en"], PARSED["zh"]
+    assert [s.number for s in en] == [s.number for s in zh]
+    for a, b in zip(en, zh):
+        assert [x.lang for x in a.blocks] == [y.lang for y in b.blocks], f"section {a.number}: block kinds differ"
+        for x, y in zip(a.blocks, b.blocks):
+            where = f"section {a.number}, guide.md:{x.line} vs guide.zh.md:{y.line}"
+            assert x.flags == y.flags, where
+            if x.lang == "python":
+                assert _code_tokens(x.code) == _code_tokens(y.code), f"{where}: the code differs"
+            elif x.lang in ("bash", "sh", "shell", "console"):
+                assert _shell_lines(x.code) == _shell_lines(y.code), f"{where}: the commands differ"
+
+
+def test_chinese_guide_is_in_chinese():
+    text = GUIDES["zh"].read_text(encoding="utf-8")
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    cjk = len(re.findall(r"[\u4e00-\u9fff]", prose))
+    assert cjk > 3000, f"guide.zh.md prose holds only {cjk} Chinese characters"
