@@ -9,7 +9,8 @@ How the snippets run:
   autouse fixture in conftest.py) in a fresh temporary working directory that holds a
   copy of configs/, as if run from the repository root.
 - ```python no-run blocks are shown but not run (a server, a GPU-only call); shell blocks
-  (```bash) never run, but the `lmforge` commands in them must exist in the CLI.
+  (```bash) never run, but every `lmforge ...` line in them must parse with the CLI's own
+  parser (`lmforge.cli.build_parser`), flags and values included.
 - A failure names the guide and the section (test ids like `en-s07`), and its traceback
   points at the guide's own line numbers.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import importlib
 import io
 import re
+import shlex
 import shutil
 import tokenize
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GUIDES = {"en": ROOT / "docs" / "guide.md", "zh": ROOT / "docs" / "guide.zh.md"}
 # Commands the guide shows that the CLI does not have yet (their Python functions exist and
-# run in the snippets); an entry here must still be a command the guide uses.
-NOT_YET_IN_CLI = {"finetune", "plan"}
+# run in the snippets); their lines are parsed as soon as the CLI has them.
+NOT_YET_IN_CLI = {"finetune"}
 
 FENCE = re.compile(r"^(`{3,})\s*(.*)$")
 HEADING = re.compile(r"^## (\d+)\.\s+(.*)$")
@@ -220,32 +222,55 @@ def test_named_functions_live_in_the_named_files(guide):
     assert checked >= 60, f"{guide}: only {checked} `file`: `name` references checked"
 
 
-def _cli_commands() -> dict:
-    from lmforge.cli import COMMANDS
-    return COMMANDS
+SHELL = ("bash", "sh", "shell", "console")
+# Shell lines the CLI cannot parse yet although they are what the command means; each
+# should parse once the CLI is fixed (then drop it here: the test reports XPASS).
+KNOWN_CLI_BUGS = {
+    "--prompt": "jsonargparse reads `--prompt TEXT` (type list[str]) as a YAML list and refuses plain text; "
+                "only `--prompt+ TEXT` or a JSON list parse",
+}
 
 
-@pytest.mark.parametrize("guide", GUIDES)
-def test_shell_commands_exist(guide):
-    commands = _cli_commands()
-    used = []
-    for s in PARSED[guide]:
-        for b in s.blocks:
-            if b.lang not in ("bash", "sh", "shell", "console"):
-                continue
-            for line in b.code.splitlines():
-                words = line.strip().removeprefix("$ ").split()
-                if len(words) < 2 or words[0] != "lmforge" or words[1].startswith("-"):
+def _command_lines() -> list:
+    cases = []
+    for guide, sections in PARSED.items():
+        for s in sections:
+            for b in s.blocks:
+                if b.lang not in SHELL:
                     continue
-                used.append(words[1])
-                if words[1] in NOT_YET_IN_CLI:
-                    continue
-                assert words[1] in commands, f"{guide}:{b.line}: no `lmforge {words[1]}` command"
-                entry = commands[words[1]]
-                if isinstance(entry, dict):
-                    assert len(words) > 2 and words[2] in entry, f"{guide}:{b.line}: `{line.strip()}`"
-    assert used, f"{guide}: no lmforge commands shown"
-    assert NOT_YET_IN_CLI <= set(used), "NOT_YET_IN_CLI lists commands the guide no longer shows"
+                for offset, line in enumerate(b.code.splitlines()):
+                    words = shlex.split(line.strip().removeprefix("$ "), comments=True)
+                    if len(words) < 2 or words[0] != "lmforge":
+                        continue
+                    bugs = [why for flag, why in KNOWN_CLI_BUGS.items() if flag in words]
+                    marks = [pytest.mark.xfail(reason=bugs[0], strict=False)] if bugs else []
+                    cases.append(pytest.param(guide, b.line + offset, words[1:], marks=marks,
+                                              id=f"{guide}-line{b.line + offset}-{words[1]}"))
+    return cases
+
+
+COMMAND_LINES = _command_lines()
+
+
+@pytest.mark.parametrize("guide, line, args", COMMAND_LINES)
+def test_shell_commands_parse(guide, line, args, monkeypatch):
+    """Every `lmforge ...` line of a shell block is accepted by the CLI's own parser (nothing runs)."""
+    from lmforge.cli import COMMANDS, build_parser
+
+    if args[0] in NOT_YET_IN_CLI and args[0] not in COMMANDS:
+        pytest.skip(f"`lmforge {args[0]}` is not in the CLI yet (its Python function runs in the guide)")
+    monkeypatch.chdir(ROOT)  # --config paths are relative to the repository root
+    try:
+        build_parser().parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"{GUIDES[guide].name}:{line}: the CLI refuses `lmforge {shlex.join(args)}` (exit {e.code})")
+
+
+def test_guides_show_commands():
+    for guide in GUIDES:
+        commands = {args[0] for g, _, args in (c.values for c in COMMAND_LINES) if g == guide}
+        assert {"quickstart", "pretrain", "generate", "inspect", "plan"} <= commands, guide
+    assert NOT_YET_IN_CLI <= {c.values[2][0] for c in COMMAND_LINES}, "NOT_YET_IN_CLI lists unused commands"
 
 
 # ----------------------------------------------------------------------------- the translation
@@ -272,7 +297,7 @@ def test_translation_has_the_same_sections_and_code():
             assert x.flags == y.flags, where
             if x.lang == "python":
                 assert _code_tokens(x.code) == _code_tokens(y.code), f"{where}: the code differs"
-            elif x.lang in ("bash", "sh", "shell", "console"):
+            elif x.lang in SHELL:
                 assert _shell_lines(x.code) == _shell_lines(y.code), f"{where}: the commands differ"
 
 
