@@ -152,27 +152,27 @@ def _txt_documents(blocks: Iterator[str], doc_per_file: bool) -> Iterator[str]:
         return
     pending: list[str] = []  # the document still open at the end of the previous block
     for block in blocks:
+        done: list[str] = []
         # Blocks end with a line break, so blank lines at the very start of this block close `pending`.
         leading = _LEADING_BLANK.match(block) if pending else None
         if leading:
-            yield from _nonblank("".join(pending))
+            done.append("".join(pending))
             pending, block = [], block[leading.end():]
         parts = _BLANK_LINES.split(block)
         if len(parts) > 1:
             pending.append(parts[0])
-            yield from _nonblank("".join(pending))
-            for part in parts[1:-1]:
-                yield from _nonblank(part)
+            done.append("".join(pending))
+            done += parts[1:-1]
             pending = [parts[-1]]
         else:
             pending.append(parts[0])
-    yield from _nonblank("".join(pending))
+        yield from _nonblank(done)  # a whole block's documents at once: documents are many and short
+    yield from _nonblank(["".join(pending)])
 
 
-def _nonblank(text: str) -> Iterator[str]:
-    text = text.strip("\r\n")
-    if text.strip():
-        yield text
+def _nonblank(texts: list[str]) -> list[str]:
+    stripped = [t.strip("\r\n") for t in texts]
+    return [t for t in stripped if t and not t.isspace()]
 
 
 def _jsonl_documents(blocks: Iterator[str], path: Path, field: str) -> Iterator[str]:
@@ -280,11 +280,13 @@ def iter_documents(inputs: InputSpec, field: str = "text", doc_per_file: bool = 
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     files = resolve_inputs(inputs)
-    count = 0
+    empty = True
     for path in files:
-        for doc in iter_file_documents(path, field, doc_per_file, errors):
-            count += 1
+        docs = iter_file_documents(path, field, doc_per_file, errors)
+        for doc in docs:  # the first document; the rest are delegated without a Python step each
+            empty = False
             yield doc
-    if count == 0:
+            yield from docs
+    if empty:
         shown = ", ".join(str(p) for p in files[:5]) + (" ..." if len(files) > 5 else "")
         raise ValueError(f"empty corpus: no documents in {shown}")
