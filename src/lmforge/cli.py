@@ -93,7 +93,7 @@ def _pretrain(a: Namespace) -> None:
 
 def _generate_args(p: ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--prompt", type=list[str], default=[], help="prompt(s); several give a batch")
+    p.add_argument("--prompt", nargs="+", default=[], help="prompt(s); several give a batch")
     p.add_argument("--chat", action="store_true", help="interactive chat with the model's chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -105,7 +105,7 @@ def _generate_args(p: ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--stop", type=list[str], default=[], help="stop strings")
+    p.add_argument("--stop", nargs="+", default=[], help="stop strings")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -222,7 +222,7 @@ def _plan_args(p: ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
-    p.add_argument("--lora-targets", type=list[str], default=["wqkv", "wo"], help="projections with adapters")
+    p.add_argument("--lora-targets", nargs="+", default=["wqkv", "wo"], help="projections with adapters")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     p.add_argument("--device", default="h100", help="h100, a100, cpu (measured here) or measured")
@@ -247,6 +247,56 @@ def _plan(a: Namespace) -> None:
         print(verify_json(result) if a.json else format_verify(result))
 
 
+def _tokenizer_train_args(p: ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, help="corpus files, directories or globs")
+    p.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                   help="byte-level BPE (GPT-2), WordPiece (BERT) or Unigram")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--out", required=True, help="output directory (tokenizer.json and transformers' config files)")
+    p.add_argument("--lowercase", action="store_true")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--special-tokens", nargs="+", default=None,
+                   help="special tokens, or role=token pairs (e.g. pad=<pad>); default: the kind's usual set")
+    p.add_argument("--field", default="text", help="the text field of .jsonl / column of .csv, .tsv, .parquet")
+
+
+def _tokenizer_train(a: Namespace) -> None:
+    from lmforge.tokenizer import train_tokenizer_command
+
+    report = train_tokenizer_command(a.input, a.kind, a.vocab_size, a.out, a.lowercase, a.min_frequency,
+                                     a.special_tokens, a.field)
+    print(json.dumps(report, indent=1))
+
+
+def _data_prepare_args(p: ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--input", nargs="+", required=True, help="corpus files, directories or globs")
+    p.add_argument("--out", required=True, help="output directory of token shards")
+    p.add_argument("--val-fraction", type=float, default=0.0005, help="fraction of documents for validation")
+    p.add_argument("--field", default="text", help="the text field of .jsonl / column of .csv, .tsv, .parquet")
+    p.add_argument("--doc-per-file", action="store_true", help="each .txt file is one document")
+    p.add_argument("--replace-bad-bytes", action="store_true",
+                   help="replace non-UTF-8 bytes with U+FFFD instead of refusing the file")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if an identical preparation exists")
+
+
+def _data_prepare(a: Namespace) -> None:
+    from lmforge.data.prepare import prepare_corpus
+
+    stats = prepare_corpus(a.tokenizer, a.input, a.out, val_fraction=a.val_fraction, field=a.field,
+                           doc_per_file=a.doc_per_file, errors="replace" if a.replace_bad_bytes else "strict",
+                           seed=a.seed, num_workers=a.workers, overwrite=a.overwrite, progress=True)
+    if stats["skipped"]:
+        print(f"{a.out}: already prepared from the same inputs and tokenizer (use --overwrite to rebuild)")
+    else:
+        print(f"{a.out}: {stats['n_tokens']:,} tokens from {stats['n_docs']:,} documents ({stats['mb']:.1f} MB) in "
+              f"{stats['seconds']:.1f}s: {stats['mb_per_s']:.1f} MB/s, {stats['tokens_per_s']:,.0f} tokens/s, "
+              f"{stats['workers']} worker(s)")
+    print(json.dumps(stats["splits"]))
+
+
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
@@ -256,6 +306,14 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                  _pretrain_args, _pretrain),
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
                  _generate_args, _generate),
+    "tokenizer": {
+        "train": ("train a tokenizer (bpe, wordpiece, unigram) on your text", _tokenizer_train_args,
+                  _tokenizer_train),
+    },
+    "data": {
+        "prepare": ("tokenize a corpus into train/validation token shards, on all cores", _data_prepare_args,
+                    _data_prepare),
+    },
     "plan": ("predict parameters, FLOPs, memory and time of a training setup (--verify measures them)",
              _plan_args, _plan),
     "serve": ("serve a model over HTTP: OpenAI-compatible API and a web playground", _serve_args, _serve),
