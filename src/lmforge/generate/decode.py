@@ -207,6 +207,14 @@ def compile_decode_step(model: nn.Module, mode: str = "reduce-overhead") -> Comp
 
 # ---- per-family sessions: cache, masks and positions of one generation ------------------------
 
+def _visible_slots(cache_mask: Tensor, length: int, static: bool) -> Tensor:
+    """The cache-slot mask (N, S) a decode step gets. Eager: only the `length` slots written
+    so far, so that attention reads as many keys as the sequences have, not the whole
+    preallocated cache. A compiled step (a CUDA graph) needs fixed shapes: all S_max slots
+    (a new width would mean a recompilation per step)."""
+    return cache_mask if static else cache_mask[:, :length]
+
+
 def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
     """A KV cache for max_len slots; for a CUDA graph, always max_seq_len slots, so that one
     captured graph serves every prompt length (only the batch size changes its shapes)."""
@@ -234,17 +242,22 @@ class _GPTSession:
         self.position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P): real tokens count from 0
         self.next_pos = self.position_ids[:, -1:] + 1  # (N, 1)
         self.slot = torch.tensor([P], device=ids.device)  # (1,) next cache slot
+        self.length = P  # cache slots written so far, on the host (no sync)
+        self.static = decode_step is not None
         self.context, self.context_mask = ids, mask
 
     def prefill(self) -> Tensor:
+        # Always eager: the prompt attends over its own P slots only.
         P = self.ids.size(1)
-        hidden = self.model.encode(self.ids, self.cache_mask, position_ids=self.position_ids, cache=self.cache,
-                                   cache_pos=torch.arange(P, device=self.ids.device))
+        hidden = self.model.encode(self.ids, self.cache_mask[:, :P], position_ids=self.position_ids,
+                                   cache=self.cache, cache_pos=torch.arange(P, device=self.ids.device))
         return self.model.lm_head(hidden[:, -1])[:, : self.model.config.vocab_size].float()
 
     def step(self, tokens: Tensor) -> Tensor:
         self.cache_mask.index_fill_(1, self.slot, True)
-        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos, self.cache_mask)
+        self.length += 1
+        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos,
+                              _visible_slots(self.cache_mask, self.length, self.static))
         self.slot += 1
         self.next_pos += 1
         return logits
@@ -270,6 +283,7 @@ class _EncDecSession:
         self.cache = _new_cache(model, decode_step, N, max_new, device)
         self.cache_mask = torch.zeros(N, self.cache[0].max_len, dtype=torch.bool, device=device)  # (N, S_max)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.length, self.static = 0, decode_step is not None  # as in _GPTSession
         # transformers' penalties see the decoder input, start token included.
         self.context = torch.full((N, 1), start_id, dtype=torch.long, device=device)
         self.context_mask = torch.ones(N, 1, dtype=torch.bool, device=device)
@@ -279,7 +293,9 @@ class _EncDecSession:
 
     def step(self, tokens: Tensor) -> Tensor:
         self.cache_mask.index_fill_(1, self.slot, True)
-        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.cache_mask, self.memory_kv,
+        self.length += 1
+        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot,
+                              _visible_slots(self.cache_mask, self.length, self.static), self.memory_kv,
                               self.memory_mask)
         self.slot += 1
         return logits

@@ -227,15 +227,20 @@ class EncoderDecoder(nn.Module):
         """Target ids (B, T) attending to memory (B, S, D) -> decoder hidden states (B, T, D).
 
         attention_mask: (B, S) source padding; decoder_attention_mask: (B, T) target
-        padding (or (B, S_cache) over cache slots); memory_kv: `project_memory` output;
-        cache/cache_pos as in GPT.encode.
+        padding (or (B, S_cache) over the first S_cache cache slots, which are all that
+        self-attention reads); memory_kv: `project_memory` output; cache/cache_pos as in GPT.encode.
         """
         T = decoder_input_ids.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(f"decoder_input_ids has {T} tokens, more than max_seq_len={self.config.max_seq_len}")
         device = decoder_input_ids.device
         memory_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B,1,1,S)
-        S = cache[0].max_len if cache is not None else T
+        S = T
+        if cache is not None:
+            S = cache[0].max_len if decoder_attention_mask is None else decoder_attention_mask.size(1)
+        if cache is not None and S > cache[0].max_len:
+            raise ValueError(f"decoder_attention_mask covers {S} cache slots, more than the cache's "
+                             f"{cache[0].max_len}")
         self_mask = None
         if cache is not None or decoder_attention_mask is not None:
             self_mask = build_mask(T, S, causal=True, key_padding=decoder_attention_mask, query_pos=cache_pos,

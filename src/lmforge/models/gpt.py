@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lmforge.models.config import ArchConfig
 from lmforge.nn.attention import build_mask
 from lmforge.nn.block import BlockSpec, PreNormBlock
+from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, RotaryPositions, SinusoidalPositions
@@ -161,7 +162,8 @@ class GPT(nn.Module):
         """input_ids (B, T) -> hidden states after the final norm (B, T, D).
 
         attention_mask: (B, T) 1 for tokens, 0 for padding (without a cache), or
-            (B, S) over the cache slots (with one).
+            (B, S) over the first S <= max_len cache slots (with one): attention reads
+            only those slots, so eager decoding passes the slots written so far.
         position_ids: (B, T) or (1, T); default 0..T-1, or cache_pos with a cache.
         cache, cache_pos: from `make_cache`; this call's tokens go to slots cache_pos (T,).
         """
@@ -175,13 +177,19 @@ class GPT(nn.Module):
         rope = self.rope(position_ids) if self.rope is not None else None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
-        x = self.drop(x)
-        S = cache[0].max_len if cache is not None else T
+        x = dropout(self.drop, x)
+        S = T
+        if cache is not None:
+            max_len = cache[0].max_len
+            S = max_len if attention_mask is None else attention_mask.size(1)
+            if S > max_len:
+                raise ValueError(f"attention_mask covers {S} cache slots, more than the cache's {max_len}")
         mask = None
         if cache is not None or attention_mask is not None:
             mask = build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=x.device)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, mask is None, rope, cache[i] if cache is not None else None, cache_pos)
+        # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
+        for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):
+            x = block(x, mask, mask is None, rope, layer_cache, cache_pos)
         return self.norm_f(x)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lmforge.nn.attention import CrossAttention, SelfAttention
+from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.mlp import make_mlp
 from lmforge.nn.norm import make_norm
@@ -66,8 +67,8 @@ class PreNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + dropout(self.drop, self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
+        return x + dropout(self.drop, self.mlp(self.mlp_norm(x)))
 
 
 class PostNormBlock(nn.Module):
@@ -88,8 +89,8 @@ class PostNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = self.attn_norm(x + self.drop(self.attn(x, mask, is_causal, rope, cache, cache_pos)))
-        return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = self.attn_norm(x + dropout(self.drop, self.attn(x, mask, is_causal, rope, cache, cache_pos)))
+        return self.mlp_norm(x + dropout(self.drop, self.mlp(x)))
 
 
 class PreNormDecoderBlock(nn.Module):
@@ -115,9 +116,9 @@ class PreNormDecoderBlock(nn.Module):
         cache_pos: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D), memory: (B, S, D) (or its projected memory_kv) -> (B, T, D)."""
-        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
-        x = x + self.drop(self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + dropout(self.drop, self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
+        x = x + dropout(self.drop, self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
+        return x + dropout(self.drop, self.mlp(self.mlp_norm(x)))
 
 
 class PostNormDecoderBlock(PreNormDecoderBlock):
@@ -134,6 +135,6 @@ class PostNormDecoderBlock(PreNormDecoderBlock):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = self.attn_norm(x + self.drop(self.attn(x, mask, is_causal, None, cache, cache_pos)))
-        x = self.cross_norm(x + self.drop(self.cross(x, memory, memory_mask, memory_kv)))
-        return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = self.attn_norm(x + dropout(self.drop, self.attn(x, mask, is_causal, None, cache, cache_pos)))
+        x = self.cross_norm(x + dropout(self.drop, self.cross(x, memory, memory_mask, memory_kv)))
+        return self.mlp_norm(x + dropout(self.drop, self.mlp(x)))

@@ -33,11 +33,16 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.size(2)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, Dh) at slots pos (T,); return the whole cache (B, Hkv, S_max, Dh)."""
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, Dh) at slots pos (T,); return the first `length` slots of the
+        cache (B, Hkv, length, Dh), views without a copy (None: all S_max of them)."""
+        # Each buffer fetched once: nn.Module attribute lookups are slow enough to show in a decode step.
+        k_all, v_all = self.k, self.v
+        k_all.index_copy_(2, pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, pos, v.to(v_all.dtype))
+        if length is None or length == k_all.size(2):
+            return k_all, v_all
+        return k_all[:, :, :length], v_all[:, :, :length]
 
     def reorder(self, index: Tensor) -> None:
         """Keep the batch rows in `index` (B,), in that order: beam search's re-ranking."""
