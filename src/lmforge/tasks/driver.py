@@ -362,16 +362,17 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
         return values
 
     run_config = _run_config(config, base.family, out, total, every, metric, mode)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = loop.train(setup.model, collector.objective(setup.step), batches, run_config, val_batches=val,
-                   eval_fn=eval_fn)
-    seconds = time.perf_counter() - started
+                        eval_fn=eval_fn)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     best_step = _restore_best(setup.model, result, out) if config.keep_best else result.step
     precision = resolve_precision(config.precision, env.device)
     metrics = run_evaluation(setup, setup.model, val, env.device, precision)
     metrics["run"] = {"steps": result.step, "best_step": best_step, "stopped": result.stopped,
                       "epochs": round(result.step / steps_per_epoch, 3), "train_samples": batches.items,
                       "train_seconds": seconds, "train_samples_per_s": batches.items / max(seconds, 1e-9),
+                      "train_cpu_seconds": cpu_seconds,
                       "trainable": scope}
     if env.is_main:
         metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format)
