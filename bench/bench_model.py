@@ -2,18 +2,22 @@
 same weights, same process, same device.
 
     python bench/bench_model.py                       # CUDA: gpt2-124m, bf16, seq 1024, batch 16
-    python bench/bench_model.py --device cpu --batch 4 --seq 256 --preset gpt2-124m
+    python bench/bench_model.py --device cpu --threads 1 --batch 4 --seq 256 --preset gpt2-124m
 
-Each side: forward, cross-entropy loss, backward, over the same random batch;
-warm-up steps, then the median over --repeats timed runs of --steps steps each.
-lmforge's loss uses its training objective (chunked cross-entropy on the hidden
-states); transformers' uses `labels=` (its own loss). No torch.compile on either
-side unless --compile is given.
+Each side: forward, cross-entropy loss, backward, over the same random batch. lmforge's
+loss is its training objective (`lmforge.train.objectives.clm`: chunked linear
+cross-entropy on the hidden states, summed, divided by the token count); transformers'
+is `labels=` (its own loss on full logits). After --warmup steps per side, --repeats
+timed runs of --steps steps each, the two sides interleaved run by run (so that load
+from other processes on a shared machine hits both alike); each run is timed by the
+wall clock and by the process's CPU time (all threads), and the tables give medians.
+No torch.compile on either side unless --compile is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -23,6 +27,7 @@ import transformers
 import lmforge
 from lmforge.interop.hf import to_hf
 from lmforge.models import build, count_params, preset
+from lmforge.train.objectives import clm
 
 
 def hf_model(ours: torch.nn.Module) -> torch.nn.Module:
@@ -34,30 +39,16 @@ def hf_model(ours: torch.nn.Module) -> torch.nn.Module:
 
 
 def lmforge_loss(model, ids):
-    from lmforge.train.objectives import clm_loss
-
-    loss_sum, n_tokens = clm_loss(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})[:2]
-    return loss_sum / n_tokens
+    out = clm(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    return out.loss / out.count
 
 
 def hf_loss(model, ids):
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
+    return model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
 
 
-def time_steps(step, steps: int, repeats: int, warmup: int, device: str) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / steps)
-    return times
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -70,39 +61,62 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     torch.manual_seed(0)
     ours = build(preset(a.preset)).to(a.device)
     theirs = hf_model(ours).to(a.device)
     if a.device == "cuda":
         theirs.config._attn_implementation = "sdpa"
+    n_params = count_params(ours)
+    ids = torch.randint(0, ours.config.vocab_size, (a.batch, a.seq + 1), device=a.device)
     if a.compile:
         ours, theirs = torch.compile(ours), torch.compile(theirs)
-    ids = torch.randint(0, 50257, (a.batch, a.seq + 1), device=a.device)
     amp = torch.autocast(a.device, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def step(model, loss_fn, x):
+    def step(model, loss_fn):
         def run():
             with amp:
-                loss = loss_fn(model, x)
+                loss = loss_fn(model, ids)
             loss.backward()
             model.zero_grad(set_to_none=True)
         return run
 
-    results = {}
-    for name, model, fn, x in (("lmforge", ours, lmforge_loss, ids), ("transformers", theirs, hf_loss, ids[:, :-1])):
-        times = time_steps(step(model, fn, x), a.steps, a.repeats, a.warmup, a.device)
-        results[name] = a.batch * a.seq / statistics.median(times)
-    ratio = results["lmforge"] / results["transformers"]
-    dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    print(f"| model | device | dtype | batch x seq | lmforge tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {a.preset} ({count_params(ours) / 1e6:.1f}M) | {dev} | {dtype} | {a.batch}x{a.seq} | "
-          f"{results['lmforge']:,.0f} | {results['transformers']:,.0f} | {ratio:.2f}x |")
+    sides = {"lmforge": step(ours, lmforge_loss), "transformers": step(theirs, hf_loss)}
+    for run in sides.values():
+        for _ in range(a.warmup):
+            run()
+    wall: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    labels = list(sides)
+    for r in range(a.repeats):
+        for name in labels[r % 2:] + labels[: r % 2]:
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.steps):
+                sides[name]()
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            wall[name].append((time.perf_counter() - w0) / a.steps)
+            cpu[name].append((time.process_time() - c0) / a.steps)
+    tokens = a.batch * a.seq
+    tok_s = {k: tokens / statistics.median(wall[k]) for k in sides}
+    cpu_ms = {k: statistics.median(cpu[k]) * 1e3 for k in sides}
+    dev = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print("| model | device | dtype | batch x seq | lmforge tok/s | transformers tok/s | ratio (wall) | "
+          "lmforge CPU ms/step | transformers CPU ms/step | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {a.preset} ({n_params / 1e6:.1f}M) | {dev} | {dtype} | {a.batch}x{a.seq} | "
+          f"{tok_s['lmforge']:,.0f} | {tok_s['transformers']:,.0f} | {tok_s['lmforge'] / tok_s['transformers']:.2f}x | "
+          f"{cpu_ms['lmforge']:.0f} | {cpu_ms['transformers']:.0f} | "
+          f"{cpu_ms['transformers'] / cpu_ms['lmforge']:.2f}x |")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, lmforge {lmforge.__version__}, "
-          f"compile={a.compile}")
+          f"compile={a.compile}, load average {load()}")
 
 
 if __name__ == "__main__":
