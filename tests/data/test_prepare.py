@@ -65,6 +65,16 @@ def test_output_independent_of_workers_and_chunking(bpe, tmp_path):
     assert read_dir(tmp_path / "a") == read_dir(tmp_path / "b")
 
 
+def test_tokenizer_truncation_settings_do_not_cut_documents(bpe, tmp_path):
+    corpus = write_txt(tmp_path / "corpus.txt", DOCS[:20])
+    truncating = Tokenizer(tokenizers.Tokenizer.from_str(bpe.backend.to_str()), bpe.special_tokens)
+    truncating.backend.enable_truncation(4)
+    for workers in (1, 2):
+        prepare_corpus(truncating, corpus, tmp_path / f"out{workers}", val_fraction=0.0, num_workers=workers)
+        shards = TokenShards(tmp_path / f"out{workers}")
+        assert [bpe.decode(shards.document(i)) for i in range(shards.n_docs)] == DOCS[:20]
+
+
 def test_dtype_choice():
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
 

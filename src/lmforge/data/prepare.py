@@ -48,9 +48,13 @@ def default_workers() -> int:
 class ChunkEncoder:
     """Tokenizes a chunk of documents into per-split flat token arrays with a separator after each document."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, separator: int, dtype: np.dtype, val_fraction: float,
-                 seed: int) -> None:
-        self.backend, self.separator, self.dtype = backend, (separator,), np.dtype(dtype)
+    def __init__(self, tokenizer_json: str, separator: int, dtype: np.dtype, val_fraction: float, seed: int) -> None:
+        self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)  # a private copy: settings below are ours
+        self.backend.no_truncation()  # whole documents, whatever the saved tokenizer was set up to do
+        self.backend.no_padding()
+        # Offsets are not needed here; encode_batch_fast (tokenizers >= 0.21) skips computing them.
+        self.encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.separator, self.dtype = (separator,), np.dtype(dtype)
         self.threshold = int(val_fraction * 2**64)  # validation iff hash < threshold
         self.key = str(seed).encode()[:64]
 
@@ -59,7 +63,7 @@ class ChunkEncoder:
         encoded = [d.encode("utf-8") for d in docs]
         n_bytes = sum(map(len, encoded))
         in_val = [self.threshold > 0 and self._hash(b) < self.threshold for b in encoded]
-        ids = [e.ids for e in self.backend.encode_batch_fast(list(docs), add_special_tokens=False)]
+        ids = [e.ids for e in self.encode(list(docs), add_special_tokens=False)]
         out = []
         for val in (False, True):
             chosen = [x for x, v in zip(ids, in_val) if v == val]
@@ -78,8 +82,7 @@ _worker_encoder: ChunkEncoder | None = None
 def _init_worker(tokenizer_json: str, separator: int, dtype: str, val_fraction: float, seed: int) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
-    backend = tokenizers.Tokenizer.from_str(tokenizer_json)
-    _worker_encoder = ChunkEncoder(backend, separator, np.dtype(dtype), val_fraction, seed)
+    _worker_encoder = ChunkEncoder(tokenizer_json, separator, np.dtype(dtype), val_fraction, seed)
 
 
 def _encode_in_worker(docs: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
@@ -187,7 +190,7 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
     dtype = token_dtype(tok.vocab_size)
     workers = max(1, num_workers or default_workers())
     encoder_args = (tok.backend.to_str(), separator, dtype.str, val_fraction, seed)
-    local = ChunkEncoder(tok.backend, separator, dtype, val_fraction, seed)
+    local = ChunkEncoder(tok.backend.to_str(), separator, dtype, val_fraction, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     started = time.perf_counter()
