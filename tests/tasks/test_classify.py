@@ -30,11 +30,15 @@ def test_learns_ag_news_and_writes_the_run(ag_news, make_model, fast, tmp_path):
     assert "pooling: mean" in (out / "finetune.yaml").read_text()
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("val_accuracy" in r for r in evals) == 8  # one evaluation per epoch
+    assert metrics["accuracy"] == max(r["val_accuracy"] for r in evals if "val_accuracy" in r)  # the best was kept
     assert not (out / "checkpoints").exists()
     # The best evaluation's weights were exported: evaluating them again gives the same numbers.
-    again = evaluate("classify", out / "model", ag_news["valid"], max_length=64)
+    again = evaluate("classify", out / "model", ag_news["valid"], tmp_path / "eval", max_length=64)
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["macro_f1"] == pytest.approx(again["macro_f1"])
+    assert "| Sports |" in (tmp_path / "eval" / "report.md").read_text()
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])

@@ -157,7 +157,7 @@ class EarlyStopping:
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The flat numbers of a metrics dict (nested tables left out), keys prefixed."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
+    return {f"{prefix}{k}": v if isinstance(v, int) else float(v) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
