@@ -24,6 +24,7 @@ early_stopping is True, False (transformers' default heuristic) or "never".
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from lmforge.generate import sampling
 from lmforge.models.encdec import EncoderDecoder
 from lmforge.models.gpt import GPT
+from lmforge.nn.direct_attributes import direct_attributes
 
 BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
 
@@ -149,7 +151,8 @@ def gpt_decode_step(model: GPT, cache: nn.ModuleList, tokens: Tensor, cache_pos:
     """One token per row through a GPT with a KV cache.
 
     tokens (N, 1); cache_pos (1,) the slot to write; position_ids (N, 1); cache_mask
-    (N, S_max) real cache slots (this one included) -> next-token logits (N, V) fp32.
+    (N, S_max) real cache slots (this one included), or in eager decoding the ready
+    (N, 1, 1, S) attention mask over the first S slots -> next-token logits (N, V) fp32.
     """
     hidden = model.encode(tokens, cache_mask, position_ids=position_ids, cache=cache, cache_pos=cache_pos)
     return model.lm_head(hidden[:, -1])[:, : model.config.vocab_size].float()
@@ -160,7 +163,7 @@ def encdec_decode_step(model: EncoderDecoder, cache: nn.ModuleList, tokens: Tens
                        memory_mask: Tensor | None) -> Tensor:
     """One decoder token per row, attending to precomputed cross-attention keys/values.
 
-    tokens (N, 1); cache_pos (1,); cache_mask (N, S_max); memory_kv: per layer (k, v)
+    tokens (N, 1); cache_pos (1,); cache_mask as in gpt_decode_step; memory_kv: per layer (k, v)
     (N, H, S_src, Dh); memory_mask (N, S_src) or None -> next-token logits (N, V) fp32.
     """
     hidden = model.decode(tokens, None, memory_mask, decoder_attention_mask=cache_mask, memory_kv=memory_kv,
@@ -207,12 +210,27 @@ def compile_decode_step(model: nn.Module, mode: str = "reduce-overhead") -> Comp
 
 # ---- per-family sessions: cache, masks and positions of one generation ------------------------
 
-def _visible_slots(cache_mask: Tensor, length: int, static: bool) -> Tensor:
-    """The cache-slot mask (N, S) a decode step gets. Eager: only the `length` slots written
-    so far, so that attention reads as many keys as the sequences have, not the whole
-    preallocated cache. A compiled step (a CUDA graph) needs fixed shapes: all S_max slots
-    (a new width would mean a recompilation per step)."""
-    return cache_mask if static else cache_mask[:, :length]
+class _SlotMask:
+    """Which KV-cache slots hold tokens, (N, S_max) bool, and what a decode step sees of it.
+
+    A compiled step (a CUDA graph) needs fixed shapes: it gets the whole (N, S_max) mask and
+    the model builds the attention mask inside the graph. An eager step gets only the
+    `length` slots written so far, so that attention reads as many keys as the sequences
+    have rather than the whole preallocated cache, and gets them as the ready
+    (N, 1, 1, length) attention mask: its one query is the newest slot, which sees every
+    earlier slot that is not padding. That is a narrowed view: nothing is built per step."""
+
+    def __init__(self, N: int, max_len: int, device: torch.device, static: bool) -> None:
+        self.slots = torch.zeros(N, max_len, dtype=torch.bool, device=device)  # (N, S_max)
+        self._as_attention = self.slots[:, None, None, :]  # (N, 1, 1, S_max), a view
+        self.static = static
+        self.length = 0  # slots written so far, known on the host (no sync)
+
+    def add(self, slot: Tensor) -> Tensor:
+        """Mark slot (1,) as written (the next one, in order); return the step's mask."""
+        self.slots.index_fill_(1, slot, True)
+        self.length += 1
+        return self.slots if self.static else self._as_attention.narrow(-1, 0, self.length)
 
 
 def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
@@ -237,27 +255,24 @@ class _GPTSession:
                              f"max_seq_len ({model.config.max_seq_len})")
         self.model, self.ids, self.step_fn = model, ids, decode_step or gpt_decode_step
         self.cache = _new_cache(model, decode_step, N, P + max_new, ids.device)
-        self.cache_mask = torch.zeros(N, self.cache[0].max_len, dtype=torch.bool, device=ids.device)  # (N, S_max)
-        self.cache_mask[:, :P] = mask
+        self.slot_mask = _SlotMask(N, self.cache[0].max_len, ids.device, static=decode_step is not None)
+        self.slot_mask.slots[:, :P] = mask
+        self.slot_mask.length = P
         self.position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P): real tokens count from 0
         self.next_pos = self.position_ids[:, -1:] + 1  # (N, 1)
         self.slot = torch.tensor([P], device=ids.device)  # (1,) next cache slot
-        self.length = P  # cache slots written so far, on the host (no sync)
-        self.static = decode_step is not None
         self.context, self.context_mask = ids, mask
 
     def prefill(self) -> Tensor:
         # Always eager: the prompt attends over its own P slots only.
         P = self.ids.size(1)
-        hidden = self.model.encode(self.ids, self.cache_mask[:, :P], position_ids=self.position_ids,
+        hidden = self.model.encode(self.ids, self.slot_mask.slots[:, :P], position_ids=self.position_ids,
                                    cache=self.cache, cache_pos=torch.arange(P, device=self.ids.device))
         return self.model.lm_head(hidden[:, -1])[:, : self.model.config.vocab_size].float()
 
     def step(self, tokens: Tensor) -> Tensor:
-        self.cache_mask.index_fill_(1, self.slot, True)
-        self.length += 1
         logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos,
-                              _visible_slots(self.cache_mask, self.length, self.static))
+                              self.slot_mask.add(self.slot))
         self.slot += 1
         self.next_pos += 1
         return logits
@@ -281,9 +296,8 @@ class _EncDecSession:
         N, device = memory.size(0), memory.device
         self.model, self.step_fn = model, decode_step or encdec_decode_step
         self.cache = _new_cache(model, decode_step, N, max_new, device)
-        self.cache_mask = torch.zeros(N, self.cache[0].max_len, dtype=torch.bool, device=device)  # (N, S_max)
+        self.slot_mask = _SlotMask(N, self.cache[0].max_len, device, static=decode_step is not None)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.length, self.static = 0, decode_step is not None  # as in _GPTSession
         # transformers' penalties see the decoder input, start token included.
         self.context = torch.full((N, 1), start_id, dtype=torch.long, device=device)
         self.context_mask = torch.ones(N, 1, dtype=torch.bool, device=device)
@@ -292,11 +306,8 @@ class _EncDecSession:
         return self.step(self.context[:, 0])
 
     def step(self, tokens: Tensor) -> Tensor:
-        self.cache_mask.index_fill_(1, self.slot, True)
-        self.length += 1
-        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot,
-                              _visible_slots(self.cache_mask, self.length, self.static), self.memory_kv,
-                              self.memory_mask)
+        logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.slot_mask.add(self.slot),
+                              self.memory_kv, self.memory_mask)
         self.slot += 1
         return logits
 
@@ -304,6 +315,13 @@ class _EncDecSession:
         # Beams of one source share its memory; only the self-attention cache is reordered.
         for layer in self.cache:
             layer.reorder(index)
+
+
+def _eager_attributes(model: nn.Module, session, decode_step) -> contextlib.AbstractContextManager:
+    """Eager decoding reads the model's and the cache's submodules, parameters and buffers
+    through plain attributes while it runs (see lmforge.nn.direct_attributes: ~100 slow
+    nn.Module lookups per step of a small model); a compiled step is left untouched."""
+    return direct_attributes(model, session.cache) if decode_step is None else contextlib.nullcontext()
 
 
 def _session(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, n_rep: int,
@@ -333,12 +351,17 @@ def _session(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
 
 # ---- logits processing shared by the loops ----------------------------------------------------
 
-def _process(scores: Tensor, context: Tensor, context_mask: Tensor, t: int, cfg: GenerationConfig) -> Tensor:
-    """Penalties and forced tokens, in transformers' order. scores (N, V); context (N, L); t: step."""
+def _process(scores: Tensor, context: Tensor, context_mask: Tensor, length: int, t: int,
+             cfg: GenerationConfig) -> Tensor:
+    """Penalties and forced tokens, in transformers' order. scores (N, V); context (N, >= length),
+    of which the first `length` columns are the tokens so far; t: step. (The context is cut
+    here, only when a penalty reads it: two slicing ops per step are not free at batch 1.)"""
     if cfg.repetition_penalty != 1.0:
-        scores = sampling.apply_repetition_penalty(scores, context, context_mask, cfg.repetition_penalty)
+        scores = sampling.apply_repetition_penalty(scores, context[:, :length], context_mask[:, :length],
+                                                   cfg.repetition_penalty)
     if cfg.no_repeat_ngram_size:
-        scores = sampling.ban_repeated_ngrams(scores, context, context_mask, cfg.no_repeat_ngram_size)
+        scores = sampling.ban_repeated_ngrams(scores, context[:, :length], context_mask[:, :length],
+                                              cfg.no_repeat_ngram_size)
     if cfg.eos_token_id is not None and t < cfg.min_new_tokens:
         scores = sampling.suppress_tokens(scores, cfg.eos_token_id)
     if cfg.forced_bos_token_id is not None and t == 0:
@@ -383,8 +406,10 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
         raise ValueError("iter_generate does not do beam search; use generate(num_beams=...)")
     was_training = model.training
     model.eval()
+    fast = contextlib.ExitStack()
     try:
         session = _session(model, input_ids, attention_mask, cfg.num_return_sequences, cfg, decode_step)
+        fast.enter_context(_eager_attributes(model, session, decode_step))
         L0, N = session.context.size(1), session.context.size(0)
         device = session.context.device
         context = torch.cat([session.context, session.context.new_full((N, cfg.max_new_tokens), cfg.pad_id)], 1)
@@ -394,7 +419,7 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
         needs_context = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
         logits = session.prefill()
         for t in range(cfg.max_new_tokens):
-            scores = _process(logits, context[:, : L0 + t], context_mask[:, : L0 + t], t, cfg)
+            scores = _process(logits, context, context_mask, L0 + t, t, cfg)
             tokens = _choose(scores, cfg, generator)
             if cfg.eos_token_id is not None:
                 tokens = tokens.masked_fill(finished, cfg.pad_id)
@@ -411,6 +436,7 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
                 break
             logits = session.step(tokens)
     finally:
+        fast.close()
         model.train(was_training)
 
 
@@ -476,8 +502,10 @@ def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     nb, K, lp = cfg.num_beams, 2 * cfg.num_beams, cfg.length_penalty
     was_training = model.training
     model.eval()
+    fast = contextlib.ExitStack()
     try:
         session = _session(model, input_ids, attention_mask, nb, cfg, decode_step)
+        fast.enter_context(_eager_attributes(model, session, decode_step))
         N, L0 = session.context.shape
         B, device = N // nb, session.context.device
         L = L0 + cfg.max_new_tokens
@@ -496,7 +524,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
         logits = session.prefill()
         for t in range(cfg.max_new_tokens):
             cur = L0 + t
-            logp = _process(logits.log_softmax(-1), seqs.view(N, L)[:, :cur], mask[:, :cur], t, cfg)
+            logp = _process(logits.log_softmax(-1), seqs.view(N, L), mask, cur, t, cfg)
             V = logp.size(-1)
             logp = (logp.view(B, nb, V) + run_scores[..., None]).view(B, nb * V)
             top_lp, top_idx = torch.topk(logp, K, dim=-1)  # (B, K)
@@ -537,4 +565,5 @@ def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
         tokens = fin_seqs[:, :R, L0: L0 + T].reshape(B * R, T)
         return GenerationOutput(tokens, lengths, scores=fin_scores[:, :R].reshape(B * R))
     finally:
+        fast.close()
         model.train(was_training)

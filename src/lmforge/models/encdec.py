@@ -228,7 +228,8 @@ class EncoderDecoder(nn.Module):
 
         attention_mask: (B, S) source padding; decoder_attention_mask: (B, T) target
         padding (or (B, S_cache) over the first S_cache cache slots, which are all that
-        self-attention reads); memory_kv: `project_memory` output; cache/cache_pos as in GPT.encode.
+        self-attention reads, or a ready (B, 1, T, S_cache) bool mask, as in GPT.encode);
+        memory_kv: `project_memory` output; cache/cache_pos as in GPT.encode.
         """
         T = decoder_input_ids.size(1)
         if T > self.config.max_seq_len:
@@ -237,12 +238,14 @@ class EncoderDecoder(nn.Module):
         memory_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B,1,1,S)
         S = T
         if cache is not None:
-            S = cache[0].max_len if decoder_attention_mask is None else decoder_attention_mask.size(1)
+            S = cache[0].max_len if decoder_attention_mask is None else decoder_attention_mask.size(-1)
         if cache is not None and S > cache[0].max_len:
             raise ValueError(f"decoder_attention_mask covers {S} cache slots, more than the cache's "
                              f"{cache[0].max_len}")
         self_mask = None
-        if cache is not None or decoder_attention_mask is not None:
+        if decoder_attention_mask is not None and decoder_attention_mask.dim() == 4:
+            self_mask = decoder_attention_mask
+        elif cache is not None or decoder_attention_mask is not None:
             self_mask = build_mask(T, S, causal=True, key_padding=decoder_attention_mask, query_pos=cache_pos,
                                    device=device)
         position_ids = (cache_pos if cache is not None else torch.arange(T, device=device))[None]  # (1, T)

@@ -163,7 +163,10 @@ class GPT(nn.Module):
 
         attention_mask: (B, T) 1 for tokens, 0 for padding (without a cache), or
             (B, S) over the first S <= max_len cache slots (with one): attention reads
-            only those slots, so eager decoding passes the slots written so far.
+            only those slots, so eager decoding passes the slots written so far. Or a
+            ready bool mask (B or 1, 1, T, S), used as is: a decoding loop that knows
+            its query is the newest slot passes its slot mask as one, and the step
+            builds nothing.
         position_ids: (B, T) or (1, T); default 0..T-1, or cache_pos with a cache.
         cache, cache_pos: from `make_cache`; this call's tokens go to slots cache_pos (T,).
         """
@@ -177,15 +180,17 @@ class GPT(nn.Module):
         rope = self.rope(position_ids) if self.rope is not None else None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
-        x = dropout(self.drop, x)
+        x = dropout(self.drop if self.training else None, x)
         S = T
         if cache is not None:
             max_len = cache[0].max_len
-            S = max_len if attention_mask is None else attention_mask.size(1)
+            S = max_len if attention_mask is None else attention_mask.size(-1)
             if S > max_len:
                 raise ValueError(f"attention_mask covers {S} cache slots, more than the cache's {max_len}")
         mask = None
-        if cache is not None or attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        elif cache is not None or attention_mask is not None:
             mask = build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=x.device)
         # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
         for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):

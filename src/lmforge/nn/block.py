@@ -67,8 +67,9 @@ class PreNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = x + dropout(self.drop, self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
-        return x + dropout(self.drop, self.mlp(self.mlp_norm(x)))
+        drop = self.drop if self.training else None
+        x = x + dropout(drop, self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
+        return x + dropout(drop, self.mlp(self.mlp_norm(x)))
 
 
 class PostNormBlock(nn.Module):
@@ -89,8 +90,9 @@ class PostNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = self.attn_norm(x + dropout(self.drop, self.attn(x, mask, is_causal, rope, cache, cache_pos)))
-        return self.mlp_norm(x + dropout(self.drop, self.mlp(x)))
+        drop = self.drop if self.training else None
+        x = self.attn_norm(x + dropout(drop, self.attn(x, mask, is_causal, rope, cache, cache_pos)))
+        return self.mlp_norm(x + dropout(drop, self.mlp(x)))
 
 
 class PreNormDecoderBlock(nn.Module):
@@ -116,9 +118,10 @@ class PreNormDecoderBlock(nn.Module):
         cache_pos: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D), memory: (B, S, D) (or its projected memory_kv) -> (B, T, D)."""
-        x = x + dropout(self.drop, self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
-        x = x + dropout(self.drop, self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
-        return x + dropout(self.drop, self.mlp(self.mlp_norm(x)))
+        drop = self.drop if self.training else None
+        x = x + dropout(drop, self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
+        x = x + dropout(drop, self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
+        return x + dropout(drop, self.mlp(self.mlp_norm(x)))
 
 
 class PostNormDecoderBlock(PreNormDecoderBlock):
@@ -135,6 +138,7 @@ class PostNormDecoderBlock(PreNormDecoderBlock):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        x = self.attn_norm(x + dropout(self.drop, self.attn(x, mask, is_causal, None, cache, cache_pos)))
-        x = self.cross_norm(x + dropout(self.drop, self.cross(x, memory, memory_mask, memory_kv)))
-        return self.mlp_norm(x + dropout(self.drop, self.mlp(x)))
+        drop = self.drop if self.training else None
+        x = self.attn_norm(x + dropout(drop, self.attn(x, mask, is_causal, None, cache, cache_pos)))
+        x = self.cross_norm(x + dropout(drop, self.cross(x, memory, memory_mask, memory_kv)))
+        return self.mlp_norm(x + dropout(drop, self.mlp(x)))

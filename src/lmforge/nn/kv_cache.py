@@ -38,11 +38,11 @@ class KVCache(nn.Module):
         cache (B, Hkv, length, Dh), views without a copy (None: all S_max of them)."""
         # Each buffer fetched once: nn.Module attribute lookups are slow enough to show in a decode step.
         k_all, v_all = self.k, self.v
-        k_all.index_copy_(2, pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, pos, v.to(v_all.dtype))
+        k_all.index_copy_(2, pos, k if k.dtype == k_all.dtype else k.to(k_all.dtype))
+        v_all.index_copy_(2, pos, v if v.dtype == v_all.dtype else v.to(v_all.dtype))
         if length is None or length == k_all.size(2):
             return k_all, v_all
-        return k_all[:, :, :length], v_all[:, :, :length]
+        return k_all.narrow(2, 0, length), v_all.narrow(2, 0, length)
 
     def reorder(self, index: Tensor) -> None:
         """Keep the batch rows in `index` (B,), in that order: beam search's re-ranking."""

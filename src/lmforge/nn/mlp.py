@@ -6,6 +6,8 @@ each position independently.
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -13,7 +15,7 @@ from lmforge.nn.dropout import dropout
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU: BERT, BART
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
     "relu": F.relu,  # the original Transformer
     "silu": F.silu,
 }
@@ -36,7 +38,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(dropout(self.dropout, self.act(self.up(x))))
+        return self.down(dropout(self.dropout if self.training else None, self.act(self.up(x))))
 
 
 class SwiGLU(nn.Module):
@@ -50,7 +52,7 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(dropout(self.dropout, F.silu(self.gate(x)) * self.up(x)))
+        return self.down(dropout(self.dropout if self.training else None, F.silu(self.gate(x)) * self.up(x)))
 
 
 def make_mlp(kind: str, dim: int, hidden_dim: int, act: str, bias: bool, dropout: float = 0.0) -> nn.Module:

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 # Rows of logits per chunk: chunk_rows * V fp32 logits (~256 MiB) exist at a time, however long the batch.
 CHUNK_ELEMENTS = 2**26
+# On a CPU, chunks of ~4 MiB of logits stay in cache between the passes that read them (logsumexp,
+# exp, the two gradient matmuls): with one thread, as fast as F.cross_entropy on full logits for
+# V = 2048 and ~20% faster for V = 8192, where one big chunk is 5-10% slower than it (same FLOPs).
+CPU_CHUNK_ELEMENTS = 2**20
 
 
 class ObjectiveOutput(NamedTuple):
@@ -60,8 +64,8 @@ class LossModule(nn.Module):
 # ----------------------------------------------------------------------------- chunked CE
 
 
-def _chunk_rows(vocab_size: int) -> int:
-    return max(64, CHUNK_ELEMENTS // vocab_size)
+def _chunk_rows(vocab_size: int, cpu: bool = False) -> int:
+    return max(64, (CPU_CHUNK_ELEMENTS if cpu else CHUNK_ELEMENTS) // vocab_size)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -115,11 +119,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_s
     without materialising all the logits.
 
     hidden (N, D); weight (Vpad, D) — the LM head, padded rows sliced off here; labels (N,)
-    with -100 = ignored; bias (Vpad,) or None, a constant (no gradient). -> () fp32.
+    with -100 = ignored; bias (Vpad,) or None, a constant (no gradient); chunk_rows: rows per
+    chunk (default: about CHUNK_ELEMENTS logits, CPU_CHUNK_ELEMENTS on a CPU). -> () fp32.
     """
     weight = weight[:vocab_size]
     bias = None if bias is None else bias[:vocab_size].detach()
-    rows = chunk_rows or _chunk_rows(vocab_size)
+    rows = chunk_rows or _chunk_rows(vocab_size, cpu=hidden.device.type == "cpu")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
