@@ -8,13 +8,16 @@ traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable
 
-from jsonargparse import ArgumentParser, Namespace
+import docstring_parser
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 import lmforge
 
@@ -297,6 +300,74 @@ def _data_prepare(a: Namespace) -> None:
     print(json.dumps(stats["splits"]))
 
 
+def _dataclass_flags(p: ArgumentParser, cls: type, *, optional: bool = False,
+                     skip: set[str] = frozenset()) -> list[str]:
+    """One kebab-case flag per field of a config dataclass (`text_column` -> `--text-column`),
+    typed by its annotation, helped by its docstring's Args line. optional=True makes every
+    default None ("not given": the library's own default applies). Returns the field names."""
+    hints = typing.get_type_hints(cls)
+    docs = {d.arg_name: d.description for d in docstring_parser.parse(cls.__doc__ or "").params}
+    names = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if f.name in skip or typing.get_origin(hint) is dict:
+            continue
+        default = None if optional else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag, help_text = f"--{f.name.replace('_', '-')}", docs.get(f.name)
+        if hint is bool:
+            p.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=default, help=help_text)
+        elif typing.get_origin(hint) is list:
+            p.add_argument(flag, nargs="+", type=typing.get_args(hint)[0], default=default, help=help_text)
+        else:
+            p.add_argument(flag, type=hint | None if optional else hint, default=default, help=help_text)
+        names.append(f.name)
+    return names
+
+
+def _task_args(task, evaluate: bool) -> Callable[[ArgumentParser], None]:
+    def add(p: ArgumentParser) -> None:
+        from lmforge.tasks import FinetuneConfig
+
+        p.add_argument("--model", required=True, help="starting model directory (lmforge or Hugging Face)")
+        if evaluate:
+            p.add_argument("--data", required=True, help="the data to evaluate on")
+            p.add_argument("--out", default=None, help="write metrics.json and report.md here")
+        else:
+            p.add_argument("--train", required=True, help="training data")
+            p.add_argument("--valid", required=True, help="validation data")
+            p.add_argument("--out", required=True, help="run directory: metrics.json, report.md, model/, ...")
+        config_fields = _dataclass_flags(p, FinetuneConfig)
+        if task.options_type is not None:
+            _dataclass_flags(p, task.options_type, optional=True, skip=set(config_fields))
+    return add
+
+
+def _task_run(name: str, evaluate: bool) -> Callable[[Namespace], None]:
+    def run(a: Namespace) -> None:
+        from lmforge.tasks import FinetuneConfig, finetune, get_task
+        from lmforge.tasks import evaluate as evaluate_task
+
+        task = get_task(name)
+        config_names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options"}
+        option_names = {f.name for f in dataclasses.fields(task.options_type)} if task.options_type else set()
+        options = {k: a[k] for k in option_names - config_names if a[k] is not None}
+        config = FinetuneConfig(**{k: a[k] for k in config_names}, options=options)
+        if evaluate:
+            metrics = evaluate_task(name, a.model, a.data, a.out, config=config)
+        else:
+            metrics = finetune(name, a.model, a.train, a.valid, a.out, config=config)
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
+    return run
+
+
+def _task_commands(evaluate: bool) -> dict[str, Command]:
+    from lmforge.tasks import TASKS
+
+    verb = "evaluate a model on" if evaluate else "fine-tune a model for"
+    return {name: (f"{verb} {name}", _task_args(task, evaluate), _task_run(name, evaluate))
+            for name, task in TASKS.items() if evaluate or not task.evaluate_only}
+
+
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
@@ -304,6 +375,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                    "minutes", _quickstart_args, _quickstart),
     "pretrain": ("pretrain a model (clm, mlm, mlm+nsp, denoise) from a YAML config and dotted overrides",
                  _pretrain_args, _pretrain),
+    "finetune": _task_commands(evaluate=False),
+    "evaluate": _task_commands(evaluate=True),
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
                  _generate_args, _generate),
     "tokenizer": {

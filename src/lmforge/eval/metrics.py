@@ -14,6 +14,7 @@ ROUGE, BLEU and chrF are percentages in [0, 100] (their official scripts).
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import string
@@ -22,9 +23,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sacrebleu
-import seqeval.metrics
-import seqeval.scheme
-from rouge_score import rouge_scorer
 
 LN2 = math.log(2.0)
 
@@ -145,21 +143,27 @@ def multilabel_metrics(y_true, y_pred, label_names: Sequence[str] | None = None)
 
 # ---------------------------------------------------------------- NER
 
-_SCHEMES = {"IOB2": seqeval.scheme.IOB2, "IOE2": seqeval.scheme.IOE2, "IOBES": seqeval.scheme.IOBES,
-            "BILOU": seqeval.scheme.BILOU}
+SCHEMES = ("IOB2", "IOE2", "IOBES", "BILOU")
+
+
+def _seqeval(module: str):
+    """A seqeval module, imported on first use (as rouge-score below): seqeval pulls in
+    scikit-learn and rouge-score nltk, each adding about two seconds to the start of every
+    lmforge command otherwise."""
+    return importlib.import_module(f"seqeval.{module}")
 
 
 def _check_tags(sentences: Sequence[Sequence[str]], scheme_cls: type, what: str) -> None:
     """seqeval fails on a malformed tag with a bare KeyError; name the sentence and token instead."""
+    prefixes = _seqeval("scheme").Prefixes
     for s, sentence in enumerate(sentences):
         for i, tag in enumerate(sentence):
             if tag == "O":
                 continue
             prefix, sep, entity = tag.partition("-")
-            ok = (sep and entity and prefix in seqeval.scheme.Prefixes
-                  and seqeval.scheme.Prefixes[prefix] in scheme_cls.allowed_prefix)
+            ok = sep and entity and prefix in prefixes and prefixes[prefix] in scheme_cls.allowed_prefix
             if not ok:
-                allowed = [p for p, flag in seqeval.scheme.Prefixes.items()
+                allowed = [p for p, flag in prefixes.items()
                            if p not in ("O", "ANY") and flag in scheme_cls.allowed_prefix]
                 raise ValueError(f"{what}[{s}][{i}] = {tag!r} is not valid in the {scheme_cls.__name__} scheme "
                                  f"('O' or PREFIX-TYPE, PREFIX one of {allowed})")
@@ -177,18 +181,18 @@ def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence
     Returns {"precision", "recall", "f1"} (micro over entities), "accuracy" (token level),
     "per_type": {TYPE: {"precision", "recall", "f1", "support"}}.
     """
-    if scheme not in _SCHEMES:
-        raise ValueError(f"scheme must be one of {sorted(_SCHEMES)}, got {scheme!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
     if len(true_tags) != len(pred_tags):
         raise ValueError(f"true_tags has {len(true_tags)} sentences but pred_tags has {len(pred_tags)}")
     for s, (t, p) in enumerate(zip(true_tags, pred_tags)):
         if len(t) != len(p):
             raise ValueError(f"sentence {s}: {len(t)} true tags but {len(p)} predicted tags")
-    scheme_cls = _SCHEMES[scheme]
+    scheme_cls = getattr(_seqeval("scheme"), scheme)
     true_tags, pred_tags = [list(t) for t in true_tags], [list(p) for p in pred_tags]
     _check_tags(true_tags, scheme_cls, "true_tags")
     _check_tags(pred_tags, scheme_cls, "pred_tags")
-    report = seqeval.metrics.classification_report(true_tags, pred_tags, mode="strict", scheme=scheme_cls,
+    report = _seqeval("metrics").classification_report(true_tags, pred_tags, mode="strict", scheme=scheme_cls,
                                                    output_dict=True, zero_division=0)
     micro = report.pop("micro avg")
     for key in ("macro avg", "weighted avg"):
@@ -312,7 +316,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str | Sequence
     """
     refs = _as_reference_lists(predictions, references)
     types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+    scorer = importlib.import_module("rouge_score.rouge_scorer").RougeScorer(types, use_stemmer=True)
     totals = dict.fromkeys(types, 0.0)
     for pred, gold in zip(predictions, refs):
         scores = scorer.score_multi(gold, pred)

@@ -305,13 +305,17 @@ class Task(Protocol):
 
     name: the command-line name; metric: the main validation metric (early stopping and the
     best model by default); metrics: every scalar metric `score` returns (all higher is
-    better); max_length: default FinetuneConfig.max_length.
+    better); max_length: default FinetuneConfig.max_length; options_type: the dataclass of
+    the task's own options (FinetuneConfig.options; the CLI shows its fields as flags), or
+    None; evaluate_only: the task only evaluates (e.g. perplexity).
     """
 
     name: str
     metric: str
     metrics: tuple[str, ...]
     max_length: int
+    options_type: type | None
+    evaluate_only: bool
 
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         """Read and tokenize the data, attach (or check) the head. train=None: evaluation

@@ -70,6 +70,8 @@ class Classify:
     """The classify task (see the module docstring)."""
 
     name = "classify"
+    options_type = None
+    evaluate_only = False
     metric = "accuracy"
     metrics = ("accuracy", "macro_f1", "weighted_f1", "micro_f1")
     max_length = 128

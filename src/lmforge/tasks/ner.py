@@ -73,6 +73,8 @@ class Ner:
     """The ner task (see the module docstring)."""
 
     name = "ner"
+    options_type = None
+    evaluate_only = False
     metric = "f1"
     metrics = ("f1", "precision", "recall", "accuracy")
     max_length = 128

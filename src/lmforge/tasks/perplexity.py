@@ -142,6 +142,8 @@ class Perplexity:
     """The perplexity task (see the module docstring): evaluation only."""
 
     name = "perplexity"
+    options_type = PerplexityOptions
+    evaluate_only = True
     metric = "loss"
     metrics: tuple[str, ...] = ()  # perplexity, nll, bits are lower-is-better: not selection metrics
     max_length = 1 << 30  # i.e. the model's max_seq_len (the driver takes the smaller)

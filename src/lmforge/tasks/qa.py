@@ -132,6 +132,8 @@ class ExtractiveQA:
     """The qa task (see the module docstring)."""
 
     name = "qa"
+    options_type = None
+    evaluate_only = False
     metric = "f1"
     metrics = ("f1", "exact_match", "HasAns_f1", "HasAns_exact_match", "NoAns_f1", "NoAns_exact_match")
     max_length = 384

@@ -288,6 +288,8 @@ class Seq2SeqTask:
     lengths and generation settings, and prompt (see the module docstring)."""
 
     name = "seq2seq"
+    options_type = Seq2SeqOptions
+    evaluate_only = False
     metric = "rougeL"
     metrics: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     max_length = 512

@@ -259,6 +259,8 @@ class Sft:
     """The sft task (see the module docstring)."""
 
     name = "sft"
+    options_type = SftOptions
+    evaluate_only = False
     metric = "loss"
     metrics = ("token_accuracy",)
     max_length = 1024
