@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lmforge.models.config import ArchConfig
 from lmforge.nn.attention import build_mask
 from lmforge.nn.block import BlockSpec, PostNormBlock, PostNormDecoderBlock, PreNormBlock, PreNormDecoderBlock
+from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, SinusoidalPositions
@@ -121,14 +122,15 @@ class _Stack(nn.Module):
             self.pos_emb: nn.Module = LearnedPositions(c.max_seq_len + c.position_offset, c.dim)
         else:
             self.pos_emb = SinusoidalPositions(c.max_seq_len, c.dim)
-        self.emb_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.embed_norm else nn.Identity()
+        self.emb_norm = make_norm("layernorm", c.dim, c.norm_eps) if c.embed_norm else nn.Identity()
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(block(c.block_spec()) for _ in range(n_layers))
         self.norm_f = make_norm("layernorm", c.dim, c.norm_eps) if c.norm_style == "pre" else nn.Identity()
 
     def embed(self, x: Tensor, position_ids: Tensor) -> Tensor:
         """token embeddings (B, T, D) + positions (B or 1, T) -> block input (B, T, D)."""
-        return self.drop(self.emb_norm(x + self.pos_emb(position_ids + self.offset)))
+        x = self.emb_norm(x + self.pos_emb(position_ids + self.offset))
+        return dropout(self.drop if self.training else None, x)
 
 
 class Encoder(_Stack):
@@ -238,10 +240,10 @@ class EncoderDecoder(nn.Module):
         memory_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B,1,1,S)
         S = T
         if cache is not None:
-            S = cache[0].max_len if decoder_attention_mask is None else decoder_attention_mask.size(-1)
-        if cache is not None and S > cache[0].max_len:
-            raise ValueError(f"decoder_attention_mask covers {S} cache slots, more than the cache's "
-                             f"{cache[0].max_len}")
+            max_len = cache[0].max_len
+            S = max_len if decoder_attention_mask is None else decoder_attention_mask.size(-1)
+            if S > max_len:
+                raise ValueError(f"decoder_attention_mask covers {S} cache slots, more than the cache's {max_len}")
         self_mask = None
         if decoder_attention_mask is not None and decoder_attention_mask.dim() == 4:
             self_mask = decoder_attention_mask

@@ -193,9 +193,10 @@ class SelfAttention(_Heads):
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         # One view and one split for the three projections (fewer ops than a split and three views:
-        # a one-token decoding step is dominated by per-op overhead, not arithmetic).
+        # a one-token decoding step is dominated by per-op overhead, not arithmetic); split_with_sizes
+        # is Tensor.split without its Python wrapper.
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)  # (B, H + 2*Hkv, T, Dh)
-        q, k, v = qkv.split([H, Hkv, Hkv], dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh), (B, Hkv, T, Dh)
+        q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh), (B, Hkv, T, Dh)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
