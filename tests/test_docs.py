@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDES = {"en": ROOT / "docs" / "guide.md", "zh": ROOT / "docs" / "guide.zh.md"}
 # Commands the guide shows that the CLI does not have yet (their Python functions exist and
 # run in the snippets); their lines are parsed as soon as the CLI has them.
-NOT_YET_IN_CLI = {"finetune"}
 
 FENCE = re.compile(r"^(`{3,})\s*(.*)$")
 HEADING = re.compile(r"^## (\d+)\.\s+(.*)$")
@@ -223,12 +222,6 @@ def test_named_functions_live_in_the_named_files(guide):
 
 
 SHELL = ("bash", "sh", "shell", "console")
-# Shell lines the CLI cannot parse yet although they are what the command means; each
-# should parse once the CLI is fixed (then drop it here: the test reports XPASS).
-KNOWN_CLI_BUGS = {
-    "--prompt": "jsonargparse reads `--prompt TEXT` (type list[str]) as a YAML list and refuses plain text; "
-                "only `--prompt+ TEXT` or a JSON list parse",
-}
 
 
 def _command_lines() -> list:
@@ -242,9 +235,7 @@ def _command_lines() -> list:
                     words = shlex.split(line.strip().removeprefix("$ "), comments=True)
                     if len(words) < 2 or words[0] != "lmforge":
                         continue
-                    bugs = [why for flag, why in KNOWN_CLI_BUGS.items() if flag in words]
-                    marks = [pytest.mark.xfail(reason=bugs[0], strict=False)] if bugs else []
-                    cases.append(pytest.param(guide, b.line + offset, words[1:], marks=marks,
+                    cases.append(pytest.param(guide, b.line + offset, words[1:],
                                               id=f"{guide}-line{b.line + offset}-{words[1]}"))
     return cases
 
@@ -257,8 +248,7 @@ def test_shell_commands_parse(guide, line, args, monkeypatch):
     """Every `lmforge ...` line of a shell block is accepted by the CLI's own parser (nothing runs)."""
     from lmforge.cli import COMMANDS, build_parser
 
-    if args[0] in NOT_YET_IN_CLI and args[0] not in COMMANDS:
-        pytest.skip(f"`lmforge {args[0]}` is not in the CLI yet (its Python function runs in the guide)")
+    assert args[0] in COMMANDS, f"`lmforge {args[0]}` is not a command"
     monkeypatch.chdir(ROOT)  # --config paths are relative to the repository root
     try:
         build_parser().parse_args(args)
@@ -269,8 +259,7 @@ def test_shell_commands_parse(guide, line, args, monkeypatch):
 def test_guides_show_commands():
     for guide in GUIDES:
         commands = {args[0] for g, _, args in (c.values for c in COMMAND_LINES) if g == guide}
-        assert {"quickstart", "pretrain", "generate", "inspect", "plan"} <= commands, guide
-    assert NOT_YET_IN_CLI <= {c.values[2][0] for c in COMMAND_LINES}, "NOT_YET_IN_CLI lists unused commands"
+        assert {"quickstart", "pretrain", "finetune", "generate", "inspect", "plan"} <= commands, guide
 
 
 # ----------------------------------------------------------------------------- the translation

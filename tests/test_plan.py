@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lmforge.interop.hf import config_from_hf
 from lmforge.models import PRESETS, build, count_params, preset
 from lmforge.nn.attention import _Heads
+from lmforge.nn.lora import apply_lora
 from lmforge.plan import engine_chunk_rows, make_plan
 from lmforge.plan.arch import describe
 from lmforge.plan.dataflow import Shape
@@ -23,7 +24,6 @@ from lmforge.plan.memory import batch_bytes
 from lmforge.plan.objective import loss, random_batch
 from lmforge.plan.report import format_plan, format_verify, plan_json, verify_json
 from lmforge.plan.verify import verify_plan
-from lmforge.tasks.lora import apply_lora
 
 TINY = {
     "gpt": dict(vocab_size=300, max_seq_len=64, dim=32, n_layers=2, n_heads=4),
@@ -201,7 +201,7 @@ def _lora_model(config, rank: int, targets: tuple[str, ...]) -> nn.Module:
 
 @pytest.mark.parametrize("kind", ["gpt", "llama", "encdec"])
 def test_lora_counts_flops_and_saved_tensors_equal_the_real_adapters(kind):
-    """tasks.lora on a frozen model: parameter counts, FLOPs (frozen bases skip weight
+    """nn.lora on a frozen model: parameter counts, FLOPs (frozen bases skip weight
     gradients, the first layer's input needs none) and saved tensors match exactly."""
     config, targets = tiny(kind), ("wqkv", "wo", "up")
     model = _lora_model(config, 4, targets)

@@ -82,8 +82,8 @@ def _pretrain_args(p: ArgumentParser) -> None:
 
 def _pretrain(a: Namespace) -> None:
     from lmforge.config import from_namespace
+    from lmforge.tasks.pretrain import pretrain
     from lmforge.train.loop import TrainingError
-    from lmforge.train.pretrain import pretrain
 
     try:
         result = pretrain(from_namespace(a))

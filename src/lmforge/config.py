@@ -67,7 +67,8 @@ class DataConfig:
     """Where the training tokens come from.
 
     Args:
-        train: training data: a directory written by `lmforge data prepare`, or text files (prepared into the run directory).
+        train: training data: a directory written by `lmforge data prepare`, or text files (prepared
+            into the run directory).
         val: a directory prepared from validation text (all of it is used); None: the validation split
             of data.train.
         tokenizer: tokenizer file or directory; None: the one saved beside prepared data.

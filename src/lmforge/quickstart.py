@@ -31,9 +31,9 @@ from lmforge.data.prepare import prepare_corpus
 from lmforge.eval.perplexity import perplexity_of_text
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.models import build, preset
+from lmforge.tasks.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.objectives import clm
-from lmforge.train.pretrain import pretrain
 
 # nanoGPT's character-level CPU recipe trained for 5 minutes on the 2-core CI machine.
 CHAR_BASELINE_BPC = 2.34

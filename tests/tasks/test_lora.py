@@ -14,8 +14,8 @@ from torch.testing import assert_close
 
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.models import BertConfig, GPTConfig, build
+from lmforge.nn.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from lmforge.tasks import driver, finetune
-from lmforge.tasks.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 
 
 def _gpt():

@@ -11,9 +11,9 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.models import GPTConfig, build
+from lmforge.tasks.pretrain_data import SyntheticBatches
 from lmforge.train.loop import train
 from lmforge.train.objectives import clm
-from lmforge.train.pretrain_data import SyntheticBatches
 
 torch.set_num_threads(1)
 out_dir, slow = sys.argv[1], "--slow" in sys.argv

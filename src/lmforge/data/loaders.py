@@ -5,7 +5,9 @@
 - `PackedDocuments`: whole documents packed into rows, with per-token document ids and positions
   so a trainer can build a block-diagonal causal mask and restart positions at each document;
 - `Documents`: whole documents as token arrays, for collators that build their own examples
-  (masked LM + next sentence, denoising).
+  (masked LM + next sentence, denoising);
+- `PooledExamples`: batches made from pools of `Documents` by an objective's example maker
+  and collator (NSP pairs, denoising spans), resumable like the rest.
 
 Distributed training: every loader takes ``rank`` and ``world_size``. All ranks compute the same
 global batch of ``batch_size * world_size`` rows and each keeps its own ``batch_size`` rows (rank r
@@ -19,13 +21,17 @@ arguments and given `load_state_dict(state)` yields exactly the batches the unin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lmforge.data.shards import TokenShards
+
+POOL_DOCS = 256  # documents per pool: NotNext partners and the example shuffle come from within a pool
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (torch.nn.functional.cross_entropy's default ignore_index)
 
@@ -278,3 +284,51 @@ class Documents:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_state(state, {"seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size}, "Documents")
         self.order.epoch, self.order.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class PooledExamples:
+    """Batches built from pools of documents: make_examples(pool, seed) -> examples, which are
+    shuffled and collated batch_size at a time. Endless when `documents` is."""
+
+    def __init__(self, documents: Documents, make_examples: Callable[[list[np.ndarray], int], list[Any]],
+                 collate: Any, batch_size: int, *, seed: int = 0, pool_docs: int = POOL_DOCS) -> None:
+        self.documents, self.make_examples, self.collate = documents, make_examples, collate
+        self.batch_size, self.seed, self.pool_docs = batch_size, seed, pool_docs
+        self.pool_index, self.used = -1, 0
+        self.pool_start = documents.state_dict()
+        self.examples: list[Any] = []
+
+    def _fill(self) -> None:
+        """Read the next pool of documents; make, shuffle and keep its examples."""
+        self.pool_start = self.documents.state_dict()
+        docs = [d for _, d in zip(range(self.pool_docs), self.documents) if len(d)]
+        if not docs:
+            raise StopIteration
+        self.pool_index += 1
+        seed = self.seed * 1_000_003 + self.pool_index
+        self.examples = self.make_examples(docs, seed)
+        random.Random(seed).shuffle(self.examples)
+        self.used = 0
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        while self.used + self.batch_size > len(self.examples):  # a pool's last partial batch is dropped
+            self._fill()
+        batch = self.examples[self.used:self.used + self.batch_size]
+        self.used += self.batch_size
+        return self.collate(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool_start": self.pool_start, "pool_index": self.pool_index, "used": self.used,
+                "collator": self.collate.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.documents.load_state_dict(state["pool_start"])
+        saved = int(state["pool_index"])
+        self.pool_index, self.examples = saved - 1, []
+        if saved >= 0:
+            self._fill()  # rebuilds the same pool (same stream position, same seed)
+        self.used = int(state["used"])
+        self.collate.load_state_dict(state["collator"])

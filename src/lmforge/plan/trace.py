@@ -131,7 +131,7 @@ class Walk:
         return out
 
     def _lora(self, x: Sym, lin: Linear, tokens: int, base_out: Sym) -> Sym:
-        """tasks.lora.LoRALinear: base(x) + (alpha / r) * B(A(dropout(x))), dropout 0 (the
+        """nn.lora.LoRALinear: base(x) + (alpha / r) * B(A(dropout(x))), dropout 0 (the
         default) returning x itself; A and B train, so A keeps its input (its own cast of x
         under autocast) and B keeps the r-wide A(x)."""
         r = self.o.lora_rank

@@ -8,7 +8,7 @@ per block when planned, `zero_grad(set_to_none=True)`, grad accumulation, and fu
 (or SGD with momentum 0.9). Peak memory and step time are measured as
 described in measure.py, on CUDA when the plan's device is a GPU and one is present,
 else on CPU. A plan made for a GPU but verified on CPU is re-planned for the CPU
-(its kernels differ). LoRA plans run tasks.lora's adapters on the frozen model (alpha 16,
+(its kernels differ). LoRA plans run nn.lora's adapters on the frozen model (alpha 16,
 no adapter dropout). Multi-device plans are refused: verification runs one device.
 """
 
@@ -20,12 +20,12 @@ import torch
 
 from lmforge.dist.parallel import apply_activation_checkpointing
 from lmforge.models import build
+from lmforge.nn.lora import apply_lora
 from lmforge.plan.arch import describe
 from lmforge.plan.core import Plan, make_plan
 from lmforge.plan.estimate import make_shape, measured_step_seconds
 from lmforge.plan.measure import measure_peak, phase, state_tensors, time_steps
 from lmforge.plan.objective import loss, random_batch
-from lmforge.tasks.lora import apply_lora
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

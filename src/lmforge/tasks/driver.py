@@ -76,8 +76,8 @@ from lmforge.files import atomic_write_text
 from lmforge.interop.hf import ConversionError
 from lmforge.interop.model_dir import save_model_dir
 from lmforge.models import HeadSpec, count_params
+from lmforge.nn.lora import apply_lora, merge_lora
 from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
-from lmforge.tasks.lora import apply_lora, merge_lora
 from lmforge.train import checkpoint, loop
 from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
 from lmforge.train.objectives import LossModule, ObjectiveOutput

@@ -11,22 +11,26 @@ mlm+nsp a Bert, denoise an EncoderDecoder.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmforge.config import RunConfig
 from lmforge.dist import parallel
+from lmforge.dist.parallel import DistEnv
 from lmforge.interop.hf import ConversionError, model_type_of
 from lmforge.interop.model_dir import save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.weights import load_weights
+from lmforge.plan import make_plan
+from lmforge.tasks.pretrain_data import DataBuilder, prepared_data, synthetic_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint
-from lmforge.train.loop import seed_everything, train
+from lmforge.train.loop import resolve_precision, seed_everything, train
 from lmforge.train.objectives import FAMILY_OF_OBJECTIVE, get_objective
-from lmforge.train.pretrain_data import DataBuilder, prepared_data, synthetic_data
 
 # ----------------------------------------------------------------------------- model
 
@@ -65,6 +69,35 @@ def init_weights(model: nn.Module, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- pretrain
+
+
+def plan_summary(mcfg: ModelConfig, config: RunConfig, env: DistEnv) -> str:
+    """What `lmforge plan` predicts for this run, in a line or two, with a warning when the
+    predicted peak memory exceeds the device's (on the CPU: the machine's RAM). Step time is
+    predicted on GPUs only: on the CPU the planner would have to time this very setup."""
+    t, d = config.train, config.data
+    on_gpu = env.device.type == "cuda"
+    device = "h100"  # FLOPs and memory do not depend on it; the CPU's own kernels via backend
+    if on_gpu:
+        name = torch.cuda.get_device_name(env.device).lower()
+        device = next((key for key in ("h100", "a100") if key in name), "measured")
+    plan = make_plan(mcfg, seq_len=d.seq_len, batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                     precision=resolve_precision(t.precision, env.device),
+                     activation_checkpointing=t.activation_checkpointing, devices=env.world_size,
+                     strategy=config.dist.strategy if env.world_size > 1 else "ddp", device=device,
+                     mlm_fraction=d.mlm_probability, backend=None if on_gpu else "cpu")
+    mem = plan.memory
+    capacity = plan.device["memory"] if on_gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    line = (f"plan: {plan.flops['model_flops_per_token'] / 1e6:,.1f} MFLOP/token, peak memory "
+            f"{mem['peak'] / 2**30:.2f} GiB of {capacity / 2**30:.1f} GiB")
+    if on_gpu:
+        line += f", predicted {plan.time['step_seconds']:.3g} s/step, {plan.time['tokens_per_second']:,.0f} tokens/s"
+    lines = [line + " (details: lmforge plan --verify)"]
+    if mem["reserved_estimate"] > capacity:
+        lines.append(f"WARNING: this run is predicted NOT to fit in memory (train.micro_batch_size="
+                     f"{t.micro_batch_size}): lower it and raise train.grad_accum, or set "
+                     "train.activation_checkpointing=true or dist.strategy=fsdp")
+    return "\n".join(lines)
 
 
 def export(model: nn.Module, tokenizer: Tokenizer | None, path: Path) -> Path:
@@ -106,6 +139,7 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
                   f"({count_params(model, positions=False):,} without positions), objective {t.objective}, "
                   f"global batch {t.micro_batch_size * t.grad_accum * env.world_size} x {config.data.seq_len} "
                   f"tokens, {env.world_size} process(es), dist {config.dist.strategy}, out {t.out_dir}")
+            print(plan_summary(mcfg, config, env))
         result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
                        save_extra=pdata.save_extra)
         if env.is_main and result.stopped != "interrupted":

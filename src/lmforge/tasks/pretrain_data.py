@@ -13,7 +13,6 @@ of where it starts in the document stream and its index, so the resumable state 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from lmforge.data.collators import (
     split_segments,
     word_continuation_table,
 )
-from lmforge.data.loaders import Documents, RandomWindows, SequentialWindows
+from lmforge.data.loaders import Documents, PooledExamples, RandomWindows, SequentialWindows
 from lmforge.data.prepare import prepare_corpus
 from lmforge.data.shards import META_FILE, TokenShards
 from lmforge.dist import parallel
@@ -43,7 +42,6 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import BatchIterator
 
 SENTENCE_ENDS = (".", "!", "?", "Ġ.", "▁.")  # sentence-final tokens, as the common tokenizers spell them
-POOL_DOCS = 256  # documents per pool: NotNext partners and the example shuffle come from within a pool
 
 
 @dataclass
@@ -64,54 +62,6 @@ class PretrainData:
 
 
 DataBuilder = Callable[[RunConfig, DistEnv], PretrainData]
-
-
-class PooledExamples:
-    """Batches built from pools of documents: make_examples(pool, seed) -> examples, which are
-    shuffled and collated batch_size at a time. Endless when `documents` is."""
-
-    def __init__(self, documents: Documents, make_examples: Callable[[list[np.ndarray], int], list[Any]],
-                 collate: Any, batch_size: int, *, seed: int = 0, pool_docs: int = POOL_DOCS) -> None:
-        self.documents, self.make_examples, self.collate = documents, make_examples, collate
-        self.batch_size, self.seed, self.pool_docs = batch_size, seed, pool_docs
-        self.pool_index, self.used = -1, 0
-        self.pool_start = documents.state_dict()
-        self.examples: list[Any] = []
-
-    def _fill(self) -> None:
-        """Read the next pool of documents; make, shuffle and keep its examples."""
-        self.pool_start = self.documents.state_dict()
-        docs = [d for _, d in zip(range(self.pool_docs), self.documents) if len(d)]
-        if not docs:
-            raise StopIteration
-        self.pool_index += 1
-        seed = self.seed * 1_000_003 + self.pool_index
-        self.examples = self.make_examples(docs, seed)
-        random.Random(seed).shuffle(self.examples)
-        self.used = 0
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        while self.used + self.batch_size > len(self.examples):  # a pool's last partial batch is dropped
-            self._fill()
-        batch = self.examples[self.used:self.used + self.batch_size]
-        self.used += self.batch_size
-        return self.collate(batch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pool_start": self.pool_start, "pool_index": self.pool_index, "used": self.used,
-                "collator": self.collate.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.documents.load_state_dict(state["pool_start"])
-        saved = int(state["pool_index"])
-        self.pool_index, self.examples = saved - 1, []
-        if saved >= 0:
-            self._fill()  # rebuilds the same pool (same stream position, same seed)
-        self.used = int(state["used"])
-        self.collate.load_state_dict(state["collator"])
 
 
 # ----------------------------------------------------------------------------- examples per objective

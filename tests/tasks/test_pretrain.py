@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.data.loaders import Documents
+from lmforge.data.loaders import Documents, PooledExamples
 from lmforge.data.prepare import prepare_corpus
 from lmforge.data.shards import TokenShards
 from lmforge.models import build
+from lmforge.tasks.pretrain import init_weights, model_config, pretrain
+from lmforge.tasks.pretrain_data import SyntheticBatches, _document_objective, _vocab_info
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train import checkpoint
-from lmforge.train.pretrain import init_weights, model_config, pretrain
-from lmforge.train.pretrain_data import PooledExamples, SyntheticBatches, _document_objective, _vocab_info
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2}
 
