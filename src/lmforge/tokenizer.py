@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.data.sources import InputSpec, iter_documents
+from lmforge.files import atomic_write_text
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
 KINDS = ("bpe", "wordpiece", "unigram")
@@ -227,22 +225,11 @@ class Tokenizer:
 
 
 def write_files_atomically(directory: str | Path, files: Mapping[str, str]) -> Path:
-    """Write text files into `directory`: a new directory appears whole (built aside, then renamed);
-    into an existing one each file is replaced by rename, so no reader ever sees a half-written file."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if not directory.exists():
-            os.replace(tmp, directory)
-            return directory
-        for name in files:
-            os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    """Write text files into `directory`, each replaced by rename: no reader ever sees a
+    half-written file."""
+    for name, text in files.items():
+        atomic_write_text(Path(directory) / name, text)
+    return Path(directory)
 
 
 def _as_int_list(ids: Iterable[int]) -> list[int]:

@@ -280,7 +280,8 @@ def test_markdown_report():
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    from lmforge.eval.report import atomic_path, write_text
+    from lmforge.eval.report import write_text
+    from lmforge.files import atomic_path
 
     write_text(tmp_path / "r.md", "old")
     with pytest.raises(RuntimeError):

@@ -20,9 +20,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +32,7 @@ import tokenizers
 
 from lmforge.data.shards import FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, read_meta, token_dtype
 from lmforge.data.sources import InputSpec, iter_documents, resolve_inputs
+from lmforge.files import atomic_dir
 from lmforge.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 18  # characters per task: amortises IPC; small, so the last tasks leave no core idle for long
@@ -140,17 +139,6 @@ def _recipe(tokenizer: Tokenizer, files: list[Path], options: dict[str, Any]) ->
             **options}
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished directory into place; an older preparation there is replaced."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir: str | Path, *,
                    val_fraction: float = 0.0005, field: str = "text", doc_per_file: bool = False,
                    errors: str = "strict", seed: int = 0, num_workers: int | None = None,
@@ -191,10 +179,8 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
     workers = max(1, num_workers or default_workers())
     encoder_args = (tok.backend.to_str(), separator, dtype.str, val_fraction, seed)
     local = ChunkEncoder(tok.backend.to_str(), separator, dtype, val_fraction, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     started = time.perf_counter()
-    try:
+    with atomic_dir(out_dir) as tmp:  # a failure leaves no output and any earlier preparation intact
         writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         n_bytes = 0
         chunks = _chunks(iter_documents(files, field, doc_per_file, errors), chunk_chars)
@@ -216,9 +202,6 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
                 "vocab_size": tok.vocab_size, "separator_id": separator, "separator_token": tok.id_to_token(separator),
                 "tokenizer_fingerprint": tok.fingerprint, "n_bytes": n_bytes, "splits": splits, "recipe": recipe}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        _install(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - started
     counts = _counts(meta)
     return {**counts, "out_dir": str(out_dir), "skipped": False, "workers": workers, "seconds": seconds,
