@@ -13,6 +13,7 @@ decode(ids, skip_special_tokens=True) -> str, and the ids eos_id, pad_id, bos_id
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,9 +26,14 @@ from lmforge.generate.decode import GenerationConfig, generate, iter_generate
 from lmforge.models.gpt import GPT
 
 # Used when the tokenizer has no chat template of its own (a tokenizer trained from scratch).
+# lmforge's chat format for tokenizers without one: "<|role|>\ncontent" per message, the
+# EOS token closing each assistant turn (so a chat-tuned model learns to stop), and
+# "<|assistant|>\n" as the generation prompt. `lmforge finetune sft` installs it.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -246,6 +252,21 @@ def _token_text(tokenizer: Any, name: str) -> str:
     return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def _raise_exception(message: str) -> None:
+    raise ValueError(f"chat_template: {message}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(source: str) -> jinja2.Template:
+    """A chat template compiled once (sft renders every conversation prefix through it)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template line {e.lineno}: {e.message}") from e
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """Render chat messages [{"role": ..., "content": ...}, ...] into one prompt string
     with the tokenizer's jinja2 chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
@@ -259,15 +280,6 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"chat_prompt: messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
 
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat_template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    source = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    try:
-        template = env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat_template line {e.lineno}: {e.message}") from e
+    template = _compiled_template(getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
     return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                            bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))

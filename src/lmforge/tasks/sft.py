@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from lmforge.data.readers import ChatData, read_chat
 from lmforge.eval.metrics import perplexity
 from lmforge.generate.decode import GenerationConfig
-from lmforge.generate.text import chat_prompt
+from lmforge.generate.text import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from lmforge.tasks.base import IGNORE_INDEX, Base, FinetuneConfig, Outputs, Setup, log_truncation, pad
 from lmforge.tasks.perplexity import row_token_stats
 from lmforge.tasks.seq2seq import generate_ids, task_options
@@ -50,15 +50,7 @@ from lmforge.train.objectives import ObjectiveOutput, clm
 
 log = logging.getLogger("lmforge.tasks")
 
-# DEFAULT_CHAT_TEMPLATE of lmforge.generate.text, plus the EOS token closing each assistant turn.
-SFT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+SFT_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE  # EOS closes each assistant turn: the model learns to stop
 PAD_TOKEN = "<|pad|>"
 
 
