@@ -24,8 +24,9 @@ both sides run under bf16 autocast and every step ends with a synchronisation (s
 step's time is its own, for both sides alike). The load average is printed before and after.
 
 Models: "quickstart-cpu" (4 layers, dim 192, 2048-token vocabulary, sequences of 128,
-batch 16: the quickstart's CPU recipe), "quickstart-gpu" (6 layers, dim 384, 4096 tokens,
-sequences of 256, batch 64), "gpt2-124m" (sequences of 1024, batch 8); --batch/--seq override.
+batch 16: the quickstart's CPU recipe), "gpt-tiny-8k" (the gpt-tiny preset with an 8192-token
+vocabulary, where the loss head is most of the work), "quickstart-gpu" (6 layers, dim 384, 4096
+tokens, sequences of 256, batch 64), "gpt2-124m" (sequences of 1024, batch 8); --batch/--seq override.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Setting:
 
 SETTINGS = {
     "quickstart-cpu": Setting(dict(vocab_size=2048, dim=192, n_layers=4, n_heads=4), 16, 128, 2e-3, 0.1),
+    "gpt-tiny-8k": Setting(dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4), 16, 128, 1e-3, 0.0),
     "quickstart-gpu": Setting(dict(vocab_size=4096, dim=384, n_layers=6, n_heads=6), 64, 256, 1e-3, 0.2),
     "gpt2-124m": Setting(dict(vocab_size=50257, dim=768, n_layers=12, n_heads=12), 8, 1024, 6e-4, 0.0),
 }
