@@ -222,3 +222,28 @@ def test_train_tokenizer_command_from_files(tmp_path):
     assert report["n_texts"] == 10 and report["out"] == str(tmp_path / "out")
     tok = Tokenizer.from_pretrained(tmp_path / "out")
     assert tok.vocab_size == report["vocab_size"] and tok.cls_token == "[CLS]"
+
+
+def test_wordpiece_ids_do_not_depend_on_the_trainers_order():
+    """tokenizers numbers WordPiece pieces in hash-map order, which changes between processes
+    (huggingface/tokenizers#1794); lmforge renumbers a trained vocabulary canonically, so the
+    same vocabulary always gets the same ids."""
+    import random
+
+    import tokenizers
+    from tokenizers import models
+
+    from lmforge.tokenizer import _canonical_wordpiece_ids
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "ab", "##b", "##ab", "abc", "##c", "c"]
+    results = []
+    for seed in range(3):
+        rest = pieces[5:]
+        random.Random(seed).shuffle(rest)
+        backend = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(pieces[:5] + rest)},
+                                                        unk_token="[UNK]"))
+        _canonical_wordpiece_ids(backend, "[UNK]", 5)
+        results.append(backend.get_vocab())
+        assert backend.encode("abc abcab").tokens == ["abc", "abc", "##ab"]
+    assert results[0] == results[1] == results[2]
+    assert [t for t, _ in sorted(results[0].items(), key=lambda x: x[1])][:6] == pieces[:5] + ["a"]

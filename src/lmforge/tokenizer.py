@@ -380,8 +380,25 @@ def train_tokenizer(inputs: InputSpec | None = None, kind: str = "bpe", vocab_si
     docs = iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)
     backend.train_from_iterator(_batched(docs), trainer=trainer)
     if kind == "wordpiece":
+        _canonical_wordpiece_ids(backend, roles["unk"], len(specials))
         _bert_pipeline(backend, lowercase, roles["cls"], roles["sep"])
     return Tokenizer(backend, roles, model_max_length=model_max_length)
+
+
+def _canonical_wordpiece_ids(backend: tokenizers.Tokenizer, unk: str, n_special: int) -> None:
+    """Give a trained WordPiece vocabulary ids in a fixed order. `tokenizers`' WordPiece
+    trainer numbers its "##" pieces in hash-map order, which differs between processes
+    (huggingface/tokenizers#1794), so the same corpus gives the same vocabulary under
+    different ids run to run. WordPiece encodes by longest match over the vocabulary *set*,
+    so renumbering changes nothing but the ids: special tokens keep theirs, whole-word
+    pieces come before "##" pieces, each group by length, then text. (Where merge counts
+    tie exactly, the upstream order can also pick a different piece; that remains.)"""
+    vocab = backend.get_vocab(with_added_tokens=False)
+    specials = sorted((i, t) for t, i in vocab.items() if i < n_special)
+    rest = sorted((t for t, i in vocab.items() if i >= n_special), key=lambda t: (t.startswith("##"), len(t), t))
+    ordered = [t for _, t in specials] + rest
+    backend.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token=unk,
+                                     continuing_subword_prefix="##")
 
 
 def _untrained(kind: str, roles: Mapping[str, str], specials: list[str], vocab_size: int, min_frequency: int,
