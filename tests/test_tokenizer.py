@@ -231,7 +231,7 @@ def test_wordpiece_ids_do_not_depend_on_the_trainers_order():
     import random
 
     import tokenizers
-    from tokenizers import models
+    from tokenizers import models, pre_tokenizers
 
     from lmforge.tokenizer import _canonical_wordpiece_ids
 
@@ -242,6 +242,7 @@ def test_wordpiece_ids_do_not_depend_on_the_trainers_order():
         random.Random(seed).shuffle(rest)
         backend = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(pieces[:5] + rest)},
                                                         unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
         _canonical_wordpiece_ids(backend, "[UNK]", 5)
         results.append(backend.get_vocab())
         assert backend.encode("abc abcab").tokens == ["abc", "abc", "##ab"]
