@@ -9,7 +9,7 @@ import torch
 import transformers as hf
 
 import lmforge
-from lmforge.quickstart import default_corpus, split_text
+from lmforge.quickstart import CPU, GPU, default_corpus, split_text, training_config
 
 
 def test_split_keeps_the_last_tenth_for_validation():
@@ -17,6 +17,16 @@ def test_split_keeps_the_last_tenth_for_validation():
     train, val = split_text(text)
     assert train + val == text and train.endswith("\n")
     assert abs(len(val) / len(text) - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("max_steps", [20, 99, 833, 1234, 5001])
+def test_training_config_is_valid_for_any_budget(tmp_path, max_steps):
+    """However many steps the machine's speed allows, the config passes validation
+    (checkpoints fall on evaluations) and the schedule fits inside the run."""
+    for recipe in (CPU, GPU):
+        config = training_config(recipe, tmp_path, max_steps, 240.0, "cpu", "fp32", 0)
+        assert config.train.max_steps == max_steps and config.checkpoint.every % config.eval.every == 0
+        assert config.optim.warmup_steps < max_steps
 
 
 @pytest.mark.slow

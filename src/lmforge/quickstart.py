@@ -54,7 +54,7 @@ class Recipe:
     dropout: float
 
 
-CPU = Recipe(vocab_size=2048, dim=192, n_layers=4, n_heads=4, seq_len=128, batch_size=16, lr=2e-3, dropout=0.1)
+CPU = Recipe(vocab_size=2048, dim=192, n_layers=4, n_heads=4, seq_len=128, batch_size=16, lr=2e-3, dropout=0.0)
 GPU = Recipe(vocab_size=4096, dim=384, n_layers=6, n_heads=6, seq_len=256, batch_size=64, lr=1e-3, dropout=0.2)
 
 
@@ -94,6 +94,24 @@ def _model_config(recipe: Recipe):
                   n_heads=recipe.n_heads, max_seq_len=recipe.seq_len, dropout=recipe.dropout)
 
 
+def training_config(recipe: Recipe, out: Path, max_steps: int, budget: float, device: str, precision: str,
+                    seed: int):
+    """The pretraining config for `max_steps` steps in `budget` seconds, data under out/data."""
+    data = out / "data"
+    eval_every = max(50, max_steps // 5)  # checkpoints every other evaluation: each has a validation loss
+    return load_config(None, {
+        "model.preset": "gpt-tiny", "model.overrides": {
+            "dim": recipe.dim, "n_layers": recipe.n_layers, "n_heads": recipe.n_heads,
+            "max_seq_len": recipe.seq_len, "dropout": recipe.dropout},
+        "data.train": str(data / "train"), "data.val": str(data / "val"), "data.tokenizer": str(out / "tokenizer"),
+        "data.seq_len": recipe.seq_len, "optim.lr": recipe.lr, "optim.warmup_steps": min(100, max_steps // 10),
+        "optim.min_lr_ratio": 0.1, "train.micro_batch_size": recipe.batch_size, "train.max_steps": max_steps,
+        "train.max_time": max(budget, 10.0) / 60, "train.seed": seed, "train.device": device,
+        "train.precision": precision, "train.out_dir": str(out), "train.resume": "none",
+        "eval.every": eval_every, "eval.steps": 10, "checkpoint.every": 2 * eval_every,
+        "checkpoint.keep_last": 1, "log.every": max(10, max_steps // 50)})
+
+
 def quickstart(out: str | os.PathLike = "runs/quickstart", corpus: str | os.PathLike | None = None,
                minutes: float = 5.0, device: str | None = None, seed: int = 1337) -> dict:
     """Run the whole job within `minutes` of wall time; returns the final metrics."""
@@ -122,18 +140,8 @@ def quickstart(out: str | os.PathLike = "runs/quickstart", corpus: str | os.Path
     steps_per_s = _steps_per_second(recipe, device, precision)
     reserve = 25.0 if device == "cpu" else 15.0  # evaluation, samples and export after training
     budget = minutes * 60 - (time.monotonic() - started) - reserve
-    max_steps = max(20, int(budget * steps_per_s * 0.9))  # evaluation and checkpoints take the rest
-    config = load_config(None, {
-        "model.preset": "gpt-tiny", "model.overrides": {
-            "dim": recipe.dim, "n_layers": recipe.n_layers, "n_heads": recipe.n_heads,
-            "max_seq_len": recipe.seq_len, "dropout": recipe.dropout},
-        "data.train": str(data / "train"), "data.val": str(data / "val"), "data.tokenizer": str(out / "tokenizer"),
-        "data.seq_len": recipe.seq_len, "optim.lr": recipe.lr, "optim.warmup_steps": min(100, max_steps // 10),
-        "optim.min_lr_ratio": 0.1, "train.micro_batch_size": recipe.batch_size, "train.max_steps": max_steps,
-        "train.max_time": max(budget, 10.0) / 60, "train.seed": seed, "train.device": device,
-        "train.precision": precision, "train.out_dir": str(out), "train.resume": "none",
-        "eval.every": max(50, max_steps // 5), "eval.steps": 10, "checkpoint.every": max(100, max_steps // 2),
-        "checkpoint.keep_last": 1, "log.every": max(10, max_steps // 50)})
+    max_steps = max(20, int(budget * steps_per_s * 0.95))  # evaluations and checkpoints take the rest
+    config = training_config(recipe, out, max_steps, budget, device, precision, seed)
     print(f"[3/5] training a {recipe.n_layers}-layer GPT (dim {recipe.dim}) on {device} for up to "
           f"{max_steps} steps (~{budget / 60:.1f} min at {steps_per_s:.1f} steps/s)")
     result = pretrain(config)

@@ -120,9 +120,18 @@ def _wait_cancelled(engine, before: int, timeout: float = 20) -> None:
 
 @pytest.fixture(scope="module")
 def long_server(tokenizer):
-    """A server whose model has room for 1000 new tokens: long enough to leave mid-way."""
-    app = create_app(LM(tiny_gpt(tokenizer.vocab_size, max_seq_len=1040), tokenizer),
-                     limits=Limits(max_tokens=1000, max_active=1))
+    """A server whose model has room for 1000 new tokens and takes at least a millisecond per
+    token without ever choosing EOS: a request for 1000 tokens lasts a second or more, long
+    enough to leave mid-way however fast the machine."""
+    model = tiny_gpt(tokenizer.vocab_size, max_seq_len=1040)
+
+    def slow_and_endless(module, inputs, logits):
+        time.sleep(0.001)
+        logits[..., tokenizer.eos_id] = float("-inf")
+        return logits
+
+    model.lm_head.register_forward_hook(slow_and_endless)
+    app = create_app(LM(model, tokenizer), limits=Limits(max_tokens=1000, max_active=1))
     with LiveServer(app) as server:
         yield server
 
