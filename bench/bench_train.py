@@ -59,7 +59,7 @@ class Setting:
 
 
 SETTINGS = {
-    "quickstart-cpu": Setting(dict(vocab_size=2048, dim=192, n_layers=4, n_heads=4), 16, 128, 2e-3, 0.1),
+    "quickstart-cpu": Setting(dict(vocab_size=2048, dim=192, n_layers=4, n_heads=4), 16, 128, 2e-3, 0.0),
     "gpt-tiny-8k": Setting(dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4), 16, 128, 1e-3, 0.0),
     "quickstart-gpu": Setting(dict(vocab_size=4096, dim=384, n_layers=6, n_heads=6), 64, 256, 1e-3, 0.2),
     "gpt2-124m": Setting(dict(vocab_size=50257, dim=768, n_layers=12, n_heads=12), 8, 1024, 6e-4, 0.0),
