@@ -276,11 +276,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="one run per seed and framework")
     p.add_argument("--lr-classify", type=float, default=5e-4)
     p.add_argument("--lr-ner", type=float, default=2e-3)
+    p.add_argument("--tasks", nargs="+", default=["classify", "ner"], choices=["classify", "ner"])
+    p.add_argument("--ag", type=int, nargs=2, default=[1500, 500], metavar=("TRAIN", "VALID"),
+                   help="AG News rows for training and validation (7,600 in all)")
+    p.add_argument("--wnut", type=int, nargs=2, default=[1500, 500], metavar=("TRAIN", "VALID"),
+                   help="WNUT-17 sentences for training and validation (3,394 / 1,009 in all)")
     a = p.parse_args()
     a.lr = {"classify": a.lr_classify, "ner": a.lr_ner}
     if a.threads:
         torch.set_num_threads(a.threads)
-    sizes = {"ag": (300, 100), "wnut": (300, 100)} if a.quick else {"ag": (1500, 500), "wnut": (1500, 500)}
+    sizes = {"ag": (300, 100), "wnut": (300, 100)} if a.quick else {"ag": tuple(a.ag), "wnut": tuple(a.wnut)}
     a.epochs = {"classify": 1 if a.quick else a.epochs_classify, "ner": 1 if a.quick else a.epochs_ner}
     hp = {"batch_size": 16, "warmup": 0.1, "weight_decay": 0.01, "device": a.device, "max_length": 128}
     loads, rows = [os.getloadavg()[0]], []
@@ -293,6 +298,8 @@ def main() -> None:
         bases = make_bases(root, texts, labels, a.dim, a.layers)
         for task, train, valid, n in (("classify", ag_train, ag_valid, sizes["ag"][0]),
                                       ("ner", wn_train, wn_valid, sizes["wnut"][0])):
+            if task not in a.tasks:
+                continue
             runs: dict[str, list[dict]] = {"lmforge": [], "transformers": []}
             hf_run = hf_classify if task == "classify" else hf_ner
             # Untimed warm-up of both (first imports, allocator, thread pools) on a slice of the data.
