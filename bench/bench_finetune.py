@@ -1,8 +1,8 @@
 """Fine-tuning: `lmforge finetune` (classify, ner) against transformers' Trainer.
 
 Both start from the same small BERT (random init, saved once in Hugging Face format with
-a WordPiece tokenizer trained on the benchmark's texts), see the same data (an AG News
-subset; a WNUT-17 subset), the same hyperparameters (epochs, batch size, lr, linear warmup
+a WordPiece tokenizer trained on the benchmark's texts; or a pretrained one with --init DIR),
+see the same data (an AG News subset; a WNUT-17 subset), the same hyperparameters (epochs, batch size, lr, linear warmup
 then linear decay, weight decay, grad clip 1, max length, seed) and device, and both
 evaluate every epoch, save a checkpoint every epoch and keep the best one, as a practitioner
 would run them. Scores are computed by the same functions (lmforge.eval.metrics) from
@@ -85,14 +85,23 @@ def write_wnut(root: Path, n_train: int, n_valid: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def make_bases(root: Path, texts: list[str], labels: dict[str, list[str]], dim: int, layers: int) -> dict[str, Path]:
-    """One random-init BERT and a cased WordPiece tokenizer, saved in HF format once per task
-    with that task's head already on it (BertForSequenceClassification, BertForTokenClassification):
-    both sides start from exactly the same weights, head included."""
-    tok = train_tokenizer(texts=texts, kind="wordpiece", vocab_size=8000, lowercase=False)
-    torch.manual_seed(0)
-    backbone = build(BertConfig(vocab_size=tok.vocab_size, max_seq_len=128, dim=dim, n_layers=layers,
-                                n_heads=max(2, dim // 64)))
+def make_bases(root: Path, texts: list[str], labels: dict[str, list[str]], dim: int, layers: int,
+               init: Path | None = None) -> dict[str, Path]:
+    """One BERT and its WordPiece tokenizer, saved in HF format once per task with that task's
+    head already on it (BertForSequenceClassification, BertForTokenClassification): both sides
+    start from exactly the same weights, head included. The BERT is a pretrained one from
+    `init` (an lmforge or HF model directory with a tokenizer), else a random-init one with a
+    cased WordPiece tokenizer trained on the benchmark's texts."""
+    if init is not None:
+        lm = lmforge.load(init)
+        if lm.tokenizer is None or lm.config.__class__ is not BertConfig:
+            raise SystemExit(f"{init}: --init needs a BERT model directory with its tokenizer")
+        tok, backbone = lm.tokenizer, lm.model
+    else:
+        tok = train_tokenizer(texts=texts, kind="wordpiece", vocab_size=8000, lowercase=False)
+        torch.manual_seed(0)
+        backbone = build(BertConfig(vocab_size=tok.vocab_size, max_seq_len=128, dim=dim, n_layers=layers,
+                                    n_heads=max(2, dim // 64)))
     bases = {}
     for task, kind in (("classify", "sequence-classification"), ("ner", "token-classification")):
         head = HeadSpec(kind, labels[task])
@@ -241,7 +250,8 @@ def summary(runs: list[dict], task: str) -> dict:
 
 def table(rows, sizes, hp, a, loads) -> None:
     device = a.device if a.device != "cpu" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"\nFine-tuning, lmforge vs transformers Trainer: BERT dim {a.dim}, {a.layers} layers, random init, "
+    start = f"BERT pretrained in {a.init}" if a.init else f"BERT dim {a.dim}, {a.layers} layers, random init"
+    print(f"\nFine-tuning, lmforge vs transformers Trainer: {start}, "
           f"same weights (head included); batch {hp['batch_size']}, warmup 10%, linear decay, max length 128, "
           f"weight decay 0.01; seeds {', '.join(map(str, a.seeds))} (scores: mean ± std over seeds; "
           "throughput: best run); "
@@ -276,6 +286,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="one run per seed and framework")
     p.add_argument("--lr-classify", type=float, default=5e-4)
     p.add_argument("--lr-ner", type=float, default=2e-3)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start both sides from this pretrained BERT (model directory with a tokenizer) "
+                        "instead of a random-init one")
     p.add_argument("--tasks", nargs="+", default=["classify", "ner"], choices=["classify", "ner"])
     p.add_argument("--ag", type=int, nargs=2, default=[1500, 500], metavar=("TRAIN", "VALID"),
                    help="AG News rows for training and validation (7,600 in all)")
@@ -295,7 +308,7 @@ def main() -> None:
         wn_train, wn_valid = write_wnut(root, *sizes["wnut"])
         texts = read_classification(ag_train).texts + [" ".join(t) for t in read_conll(wn_train).tokens]
         labels = {"classify": read_classification(ag_train).label_names, "ner": read_conll(wn_train).label_names}
-        bases = make_bases(root, texts, labels, a.dim, a.layers)
+        bases = make_bases(root, texts, labels, a.dim, a.layers, a.init)
         for task, train, valid, n in (("classify", ag_train, ag_valid, sizes["ag"][0]),
                                       ("ner", wn_train, wn_valid, sizes["wnut"][0])):
             if task not in a.tasks:
