@@ -71,7 +71,9 @@ class DataConfig:
             into the run directory).
         val: a directory prepared from validation text (all of it is used); None: the validation split
             of data.train.
-        tokenizer: tokenizer file or directory; None: the one saved beside prepared data.
+        tokenizer: tokenizer file or directory (saved with the model). Required for mlm, mlm+nsp
+            and denoise (their special ids) and for text files; None: clm on prepared shards,
+            and the model is exported without a tokenizer.
         seq_len: tokens per training sequence (at most the model's max_seq_len).
         synthetic: train on uniformly random tokens instead of data (smoke tests, throughput
             measurements); needs model.overrides.vocab_size or a preset vocabulary.
