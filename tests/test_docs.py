@@ -18,6 +18,12 @@ Beyond running, the tests check that what the prose names is real: every reposit
 (src/lmforge/..., configs/..., ...) exists, every dotted `lmforge.x.y` name resolves, every
 `path.py`: `name` pair names something defined in that module, and the two
 guides hold the same sections and the same code (comments may be translated).
+
+The worked examples (docs/examples/*.md) show real runs, which take minutes, so they are not
+run here: their `lmforge ...` shell lines must parse like the guides' (a command continued
+with a trailing backslash is joined first), their Python blocks must compile, the repository
+paths they name (scripts/... included) must exist, they name no machine's absolute paths,
+and the index (docs/examples/README.md) links every example.
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ def _sections_or_empty(path: Path) -> list[Section]:
 
 
 PARSED = {name: _sections_or_empty(path) for name, path in GUIDES.items()}
+EXAMPLES_DIR = ROOT / "docs" / "examples"
+EXAMPLES = {f"examples/{p.stem}": p for p in sorted(EXAMPLES_DIR.glob("*.md")) if p.name != "README.md"}
+PARSED_EXAMPLES = {name: parse_guide(path) for name, path in EXAMPLES.items()}
+DOCS = {**GUIDES, **EXAMPLES}  # every document whose shell lines must parse
 SECTION_CASES = [pytest.param(name, s.number, id=f"{name}-s{s.number:02d}")
                  for name, sections in PARSED.items() for s in sections
                  if any(b.lang == "python" and "no-run" not in b.flags for b in s.blocks)]
@@ -224,19 +234,47 @@ def test_named_functions_live_in_the_named_files(guide):
 SHELL = ("bash", "sh", "shell", "console")
 
 
+CONTROL = {"|", "||", "&", "&&", ";", ">", ">>", "2>", "2>&1", "<"}
+
+
+def shell_commands(code: str) -> list[tuple[int, list[str]]]:
+    """(line offset, words) of each command of a shell block; a line ending in a backslash
+    continues on the next; what follows a pipe, redirection or `&` is not part of it; comments,
+    heredoc bodies and blank lines give no command."""
+    commands, pending, first, heredoc = [], "", 0, None
+    for offset, line in enumerate(code.splitlines()):
+        if heredoc is not None:
+            heredoc = None if line.strip() == heredoc else heredoc
+            continue
+        if not pending:
+            first = offset
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text, pending = (pending + line).strip().removeprefix("$ "), ""
+        marker = re.search(r"<<-?\s*['\"]?(\w+)", text)
+        if marker:
+            heredoc, text = marker.group(1), text[:marker.start()]
+        words = shlex.split(text, comments=True)
+        cut = next((i for i, w in enumerate(words) if w in CONTROL), len(words))
+        words = words[:cut]  # the command itself, without its pipe, redirection or `&`
+        if words:
+            commands.append((first, words))
+    return commands
+
+
 def _command_lines() -> list:
     cases = []
-    for guide, sections in PARSED.items():
+    for doc, sections in {**PARSED, **PARSED_EXAMPLES}.items():
         for s in sections:
             for b in s.blocks:
                 if b.lang not in SHELL:
                     continue
-                for offset, line in enumerate(b.code.splitlines()):
-                    words = shlex.split(line.strip().removeprefix("$ "), comments=True)
+                for offset, words in shell_commands(b.code):
                     if len(words) < 2 or words[0] != "lmforge":
                         continue
-                    cases.append(pytest.param(guide, b.line + offset, words[1:],
-                                              id=f"{guide}-line{b.line + offset}-{words[1]}"))
+                    cases.append(pytest.param(doc, b.line + offset, words[1:],
+                                              id=f"{doc}-line{b.line + offset}-{words[1]}"))
     return cases
 
 
@@ -253,13 +291,51 @@ def test_shell_commands_parse(guide, line, args, monkeypatch):
     try:
         build_parser().parse_args(args)
     except SystemExit as e:
-        pytest.fail(f"{GUIDES[guide].name}:{line}: the CLI refuses `lmforge {shlex.join(args)}` (exit {e.code})")
+        pytest.fail(f"{DOCS[guide].relative_to(ROOT)}:{line}: the CLI refuses `lmforge {shlex.join(args)}` "
+                    f"(exit {e.code})")
 
 
 def test_guides_show_commands():
     for guide in GUIDES:
         commands = {args[0] for g, _, args in (c.values for c in COMMAND_LINES) if g == guide}
         assert {"quickstart", "pretrain", "finetune", "generate", "inspect", "plan"} <= commands, guide
+
+
+# ----------------------------------------------------------------------------- the worked examples
+
+
+EXAMPLE_PATH = re.compile(r"(?<![\w/.-])((?:src/lmforge|configs|tests|bench|docs|scripts)/[\w./-]*\w)", re.ASCII)
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:tmp|home|root|work|Users|mnt|opt|var)/")
+
+
+def test_examples_exist_and_are_indexed():
+    assert len(EXAMPLES) >= 8, sorted(EXAMPLES)
+    index = (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
+    unlisted = [p.name for p in EXAMPLES.values() if f"({p.name})" not in index]
+    assert not unlisted, f"docs/examples/README.md does not link {unlisted}"
+    assert "(examples/README.md)" in (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_shows_commands_paths_and_code_that_hold(example):
+    path = EXAMPLES[example]
+    text = path.read_text(encoding="utf-8")
+    assert any(g == example for g, _, _ in (c.values for c in COMMAND_LINES)), f"{example}: no `lmforge` command"
+    missing = [p for p in sorted(set(EXAMPLE_PATH.findall(text))) if not (ROOT / p).exists()]
+    assert not missing, f"{example}: paths that do not exist: {missing}"
+    machine = sorted({m.group(0) for m in MACHINE_PATH.finditer(text)})
+    assert not machine, f"{example}: names absolute paths of one machine: {machine}"
+    for s in PARSED_EXAMPLES[example]:
+        for b in s.blocks:
+            if b.lang == "python":
+                compile(b.code, f"{path}:{b.line}", "exec")
+
+
+def test_shell_commands_join_continuations_and_skip_heredocs():
+    code = ("lmforge finetune ner \\\n  --model m --out o  # note\npython - <<'EOF'\nlmforge x\nEOF\n\n"
+            "lmforge plan > plan.txt &\n")
+    assert shell_commands(code) == [(0, ["lmforge", "finetune", "ner", "--model", "m", "--out", "o"]),
+                                    (2, ["python", "-"]), (6, ["lmforge", "plan"])]
 
 
 # ----------------------------------------------------------------------------- the translation
