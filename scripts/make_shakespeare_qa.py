@@ -27,12 +27,13 @@ The default input is the copy of Tiny Shakespeare packaged with lmforge (public 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+
+from lmforge.files import atomic_write_json
+from lmforge.quickstart import default_corpus
 
 SPEAKER = re.compile(r"[A-Z][A-Za-z' .,&-]*:")  # a speech's heading line, "KING RICHARD III:"
 KINDS = ("who", "next")
@@ -136,14 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-words", type=int, default=3, help="shortest quoted line, in words")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
-    source = Path(a.input) if a.input else resources.files("lmforge") / "corpus" / "tinyshakespeare.txt"
+    source = Path(a.input) if a.input else default_corpus()
     sets = build(source.read_text(encoding="utf-8"), per_passage=a.speeches_per_passage, max_chars=a.max_chars,
                  valid_fraction=a.valid_fraction, min_words=a.min_words, kinds=tuple(a.kinds), seed=a.seed)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, data in sets.items():
-        path = out / f"{name}.json"
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        path = Path(a.out) / f"{name}.json"
+        atomic_write_json(path, data)
         paragraphs = data["data"][0]["paragraphs"]
         print(f"{path}: {sum(len(p['qas']) for p in paragraphs):,} questions on {len(paragraphs):,} contexts")
 
