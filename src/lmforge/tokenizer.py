@@ -376,29 +376,65 @@ def train_tokenizer(inputs: InputSpec | None = None, kind: str = "bpe", vocab_si
     specials = _special_list(roles, extra)
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
         raise ValueError(f"vocab_size {vocab_size} is too small for {kind} with {len(specials)} special tokens")
-    backend, trainer = _untrained(kind, roles, specials, vocab_size, min_frequency, lowercase, show_progress)
-    docs = iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)
-    backend.train_from_iterator(_batched(docs), trainer=trainer)
+    if texts is not None and not isinstance(texts, Sequence):
+        texts = list(texts)  # wordpiece reads the corpus twice
+
+    def docs() -> Iterator[str]:
+        return iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)
+
+    pieces: list[str] = []
     if kind == "wordpiece":
-        _canonical_wordpiece_ids(backend, roles["unk"], len(specials))
-        _bert_pipeline(backend, lowercase, roles["cls"], roles["sep"])
+        pieces = _continuation_pieces(docs(), roles, specials, min_frequency, lowercase)
+    backend, trainer = _untrained(kind, roles, specials + pieces, vocab_size, min_frequency, lowercase, show_progress)
+    backend.train_from_iterator(_batched(docs()), trainer=trainer)
+    if kind == "wordpiece":
+        backend = _canonical_wordpiece(backend, roles, specials, lowercase)
+    elif kind == "unigram":
+        _canonical_unigram(backend, len(specials))
     return Tokenizer(backend, roles, model_max_length=model_max_length)
 
 
-def _canonical_wordpiece_ids(backend: tokenizers.Tokenizer, unk: str, n_special: int) -> None:
-    """Give a trained WordPiece vocabulary ids in a fixed order. `tokenizers`' WordPiece
-    trainer numbers its "##" pieces in hash-map order, which differs between processes
-    (huggingface/tokenizers#1794), so the same corpus gives the same vocabulary under
-    different ids run to run. WordPiece encodes by longest match over the vocabulary *set*,
-    so renumbering changes nothing but the ids: special tokens keep theirs, whole-word
-    pieces come before "##" pieces, each group by length, then text. (Where merge counts
-    tie exactly, the upstream order can also pick a different piece; that remains.)"""
+def _canonical_unigram(backend: tokenizers.Tokenizer, n_special: int) -> None:
+    """Round a trained Unigram model's log-probabilities to 9 decimals and order pieces by score,
+    then text. The trainer sums in parallel, so scores differ run to run in the last bits and
+    near-equal pieces swap ids; rounded, the same corpus gives the same file."""
+    model = json.loads(backend.to_str())["model"]
+    specials, rest = model["vocab"][:n_special], model["vocab"][n_special:]
+    rest = sorted(((t, round(score, 9)) for t, score in rest), key=lambda p: (-p[1], p[0]))
+    backend.model = models.Unigram([(t, score) for t, score in specials] + rest, unk_id=model["unk_id"],
+                                   byte_fallback=model["byte_fallback"])
+
+
+def _continuation_pieces(docs: Iterator[str], roles: Mapping[str, str], specials: list[str], min_frequency: int,
+                         lowercase: bool) -> list[str]:
+    """The single-character "##" pieces a WordPiece vocabulary of this corpus starts from, sorted.
+
+    `tokenizers`' WordPiece trainer numbers these pieces in hash-map order, which differs run to
+    run (huggingface/tokenizers#1794), and breaks ties between equally frequent merges by those
+    numbers, so the same corpus could give a different vocabulary each time. A first pass with
+    no merges finds the pieces; the real pass gets them, in sorted order, ahead of everything
+    else, which makes every number and so every tie-break the same run to run."""
+    backend, trainer = _untrained("wordpiece", roles, specials, len(specials) + 1, min_frequency, lowercase, False)
+    backend.train_from_iterator(_batched(docs), trainer=trainer)
     vocab = backend.get_vocab(with_added_tokens=False)
-    specials = sorted((i, t) for t, i in vocab.items() if i < n_special)
-    rest = sorted((t for t, i in vocab.items() if i >= n_special), key=lambda t: (t.startswith("##"), len(t), t))
-    ordered = [t for _, t in specials] + rest
-    backend.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token=unk,
-                                     continuing_subword_prefix="##")
+    return sorted(t for t in vocab if t.startswith("##") and len(t) == 3 and t not in specials)
+
+
+def _canonical_wordpiece(trained: tokenizers.Tokenizer, roles: Mapping[str, str], specials: list[str],
+                         lowercase: bool) -> tokenizers.Tokenizer:
+    """The trained WordPiece vocabulary under ids in a fixed order, with only `specials` as added
+    tokens (training registered the "##" pieces of `_continuation_pieces` as added tokens too).
+    Special tokens keep their ids, whole-word pieces come before "##" pieces, each group by
+    length, then text; WordPiece encodes by longest match over the vocabulary, so the order
+    changes nothing but the ids."""
+    vocab = trained.get_vocab(with_added_tokens=False)
+    rest = sorted((t for t in vocab if t not in specials), key=lambda t: (t.startswith("##"), len(t), t))
+    ordered = sorted(specials, key=vocab.__getitem__) + rest
+    backend = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token=roles["unk"],
+                                                    continuing_subword_prefix="##"))
+    backend.add_special_tokens(ordered[:len(specials)])
+    _bert_pipeline(backend, lowercase, roles["cls"], roles["sep"])
+    return backend
 
 
 def _untrained(kind: str, roles: Mapping[str, str], specials: list[str], vocab_size: int, min_frequency: int,

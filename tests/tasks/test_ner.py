@@ -57,7 +57,7 @@ def test_labels_on_first_sub_token_and_predictions_back_to_words(make_model, tmp
 
 
 def test_learns_wnut17(shared_data, make_model, fast, tmp_path):
-    train, valid = _wnut(shared_data, tmp_path, 600, 300)
+    train, valid = _wnut(shared_data, tmp_path, 1200, 300)
     data = read_conll(train)
     base = make_model(tmp_path / "base", [" ".join(t) for t in data.tokens], vocab_size=1500, cased=True)
     out = tmp_path / "run"
@@ -70,7 +70,8 @@ def test_learns_wnut17(shared_data, make_model, fast, tmp_path):
     gold = read_conll(valid, label_names=data.label_names)
     memo = [[seen[w.lower()].most_common(1)[0][0] if w.lower() in seen else "O" for w in ws] for ws in gold.tokens]
     baseline = ner_metrics(gold.tags, [_to_iob2(m)[0] for m in memo])["f1"]
-    assert metrics["f1"] > 0.04 and metrics["f1"] > 1.5 * baseline
+    # Model seeds 0-2 gave 0.083-0.114 against a baseline of 0.032 (600 sentences: 0.041-0.069).
+    assert metrics["f1"] > 0.05 and metrics["f1"] > 1.5 * baseline
     assert set(metrics) >= {"precision", "recall", "f1"}
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
     # The training sentences are fitted well above all-O's 0: labels and words line up end to end.
