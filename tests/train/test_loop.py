@@ -136,3 +136,24 @@ def test_out_of_memory_says_what_to_change(gpt, batches_cls, make_clm_batch, run
     with pytest.raises(TrainingError, match="lower train.micro_batch_size and raise train.grad_accum.*"
                                             "activation_checkpointing"):
         train(gpt(), oom, batches_cls([make_clm_batch(4, 16)]), run_config())
+
+
+@pytest.mark.parametrize("name,seq_len,target_len,lm_fraction", [
+    ("gpt2-124m", 1024, None, 1.0), ("llama-small", 512, None, 1.0),
+    ("bert-base", 128, None, 0.15),  # masked LM: the vocabulary projection runs on the masked 15% only
+    ("bart-base", 128, 64, 64 / 192),  # the decoder's share of source + target tokens
+])
+def test_mfu_flops_match_the_planners_exact_count(name, seq_len, target_len, lm_fraction):
+    """The training log's 6N + 12LHQT per token agrees with the planner's walk over every matmul."""
+    from lmforge.models import HeadSpec, attach_head, build, preset
+    from lmforge.plan import make_plan
+    from lmforge.train.logging import flops_per_token
+
+    exact = make_plan(name, seq_len=seq_len, target_len=target_len, mlm_fraction=0.15).flops["model_flops_per_token"]
+    with torch.device("meta"):
+        model = build(preset(name))
+    assert flops_per_token(model, seq_len, lm_fraction) == pytest.approx(exact, rel=0.02)
+    if name == "bert-base":  # a classifier never projects onto the vocabulary, and a lookup costs nothing
+        with torch.device("meta"):
+            classifier = attach_head(model, HeadSpec("sequence-classification", ["a", "b"]))
+        assert flops_per_token(classifier, seq_len) == pytest.approx(flops_per_token(model, seq_len, 0.0), rel=1e-4)

@@ -47,15 +47,37 @@ GPU_PEAKS: dict[str, dict[str, float]] = {
 POSTFIX = {"loss": "train_loss", "val": "val_loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6N + 12 L H Q T for a GPT, Bert or EncoderDecoder (or a task head over one: the
-    backbone's attention shape is used; L counts encoder + decoder blocks)."""
+def flops_per_token(model: nn.Module, seq_len: int, lm_fraction: float = 1.0) -> float:
+    """Training FLOPs per token, 6N + 12 L H Q T, for a GPT, Bert or EncoderDecoder (or a
+    task head over one); seq_len is T (the source length for an encoder-decoder, whose
+    encoder and decoder each count for the tokens that pass through them).
+
+    N counts the matmul weights a token goes through. Looking up the token embedding costs
+    no FLOPs, so it is left out; the vocabulary projection (tied to it or not) is a matmul,
+    but only on the positions that predict a token: `lm_fraction` of all tokens (1 for a
+    causal LM, the masked share for masked LM, the target share for an encoder-decoder).
+    A task head over a backbone has no vocabulary projection at all."""
     n = count_params(model, positions=False)
-    cfg = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    backbone = getattr(model, "backbone", None)
+    core = model if backbone is None else backbone
+    cfg = getattr(core, "config", None)
     if cfg is None:
         return 6.0 * n
-    layers = cfg.n_layers + (getattr(cfg, "n_decoder_layers", 0) or 0)
-    return 6.0 * n + 12.0 * layers * cfg.n_heads * cfg.head_dim * seq_len
+    head = lm_fraction * core.tok_emb.weight.numel() if backbone is None and hasattr(core, "lm_head") else 0.0
+    H, Q = cfg.n_heads, cfg.head_dim
+    if hasattr(core, "encoder") and hasattr(core, "decoder"):
+        # Source tokens go through the encoder and the decoder's cross-attention keys and values,
+        # target tokens (the lm_fraction) through the rest of the decoder.
+        f, S = lm_fraction, seq_len
+        T = S * f / (1.0 - f) if f < 1.0 else float(S)
+        n_kv = sum(p.numel() for name, p in core.decoder.named_parameters() if ".cross.wkv." in name)
+        n_src = count_params(core.encoder, positions=False) + n_kv
+        n_tgt = count_params(core.decoder, positions=False) - n_kv
+        attn = H * Q * (cfg.n_layers * S * S + (cfg.n_decoder_layers or cfg.n_layers) * (T * T + T * S)) / (S + T)
+        return 6.0 * (n_src * (1.0 - f) + n_tgt * f + head) + 12.0 * attn
+    weights = [getattr(m, "weight", None) for m in (getattr(core, "tok_emb", None), getattr(core, "lm_head", None))]
+    n -= sum({id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}.values())  # a tied one once
+    return 6.0 * (n + head) + 12.0 * cfg.n_layers * H * Q * seq_len
 
 
 @functools.cache

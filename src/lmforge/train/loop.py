@@ -36,7 +36,7 @@ from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
 from lmforge.train import checkpoint
 from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
-from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
+from lmforge.train.objectives import IGNORE_INDEX, LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
 
 
@@ -144,6 +144,14 @@ def _n_tokens(batch: dict[str, Any]) -> int:
     return n + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
 
 
+def _lm_rows(batch: dict[str, Any], objective: str) -> int:
+    """Positions the vocabulary projection runs on (for MFU), from the batch still on the
+    host: the masked ones for masked LM, the decoder's for an encoder-decoder, else all."""
+    if objective.startswith("mlm"):
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+    return batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else batch["input_ids"].numel()
+
+
 # ----------------------------------------------------------------------------- one step
 
 
@@ -153,6 +161,7 @@ class _StepStats:
     count: Tensor  # () items it sums over
     metrics: dict[str, tuple[Tensor, Tensor]]
     tokens: int
+    lm_rows: int  # of the tokens, those projected onto the vocabulary
     lr: float
     grad_norm: Tensor
     found_inf: Tensor  # () bool: the update was skipped
@@ -202,13 +211,14 @@ def _train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats |
     loss = torch.zeros((), device=dev)
     count = torch.zeros((), dtype=torch.int64, device=dev)
     metrics: dict[str, tuple[Tensor, Tensor]] = {}
-    tokens = 0
+    tokens = lm_rows = 0
     for i in range(accum):
         batch = next(batches, None)
         if batch is None:
             run.optimizer.zero_grad(set_to_none=True)
             return None
         tokens += _n_tokens(batch)
+        lm_rows += _lm_rows(batch, run.config.train.objective)
         out = _forward_backward(run, to_device(batch, dev), sync=i == accum - 1)
         loss += out.loss.detach().float()
         count += out.count
@@ -219,7 +229,7 @@ def _train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats |
     grad_norm = _finish_gradients(run, count)
     found_inf = ~torch.isfinite(grad_norm)
     _optimizer_step(run, grad_norm, found_inf)
-    return _StepStats(loss, count, metrics, tokens, lr, grad_norm, found_inf, batch["input_ids"].shape[-1])
+    return _StepStats(loss, count, metrics, tokens, lm_rows, lr, grad_norm, found_inf, batch["input_ids"].shape[-1])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -394,13 +404,14 @@ def _log_train(run: _Run, window: dict[str, Any], last: _StepStats, bad_run: Ten
     record["tokens_per_s"] = tokens_per_s
     peak = peak_flops(run.env.device, run.precision, run.config.log.peak_flops)
     if peak:
-        record["mfu"] = tokens_per_s * flops_per_token(run.model, window["seq_len"]) / (peak * run.env.world_size)
+        per_token = flops_per_token(run.model, window["seq_len"], window["lm_rows"] / max(window["tokens"], 1))
+        record["mfu"] = tokens_per_s * per_token / (peak * run.env.world_size)
     return record, bad, values[-4] > 0
 
 
 def _new_window(device: torch.device) -> dict[str, Any]:
     return {"loss": torch.zeros((), device=device), "count": torch.zeros((), dtype=torch.int64, device=device),
-            "metrics": {}, "tokens": 0, "seq_len": 0}
+            "metrics": {}, "tokens": 0, "lm_rows": 0, "seq_len": 0}
 
 
 def _add_to_window(window: dict[str, Any], stats: _StepStats) -> None:
@@ -412,6 +423,7 @@ def _add_to_window(window: dict[str, Any], stats: _StepStats) -> None:
         s, c = window["metrics"].get(name, (0, 0))
         window["metrics"][name] = (s + torch.where(ok, value, 0.0), c + n * ok)
     window["tokens"] += stats.tokens
+    window["lm_rows"] += stats.lm_rows
     window["seq_len"] = stats.seq_len
 
 
