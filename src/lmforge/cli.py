@@ -331,7 +331,7 @@ def _task_args(task, evaluate: bool) -> Callable[[ArgumentParser], None]:
         p.add_argument("--model", required=True, help="starting model directory (lmforge or Hugging Face)")
         if evaluate:
             p.add_argument("--data", required=True, help="the data to evaluate on")
-            p.add_argument("--out", default=None, help="write metrics.json and report.md here")
+            p.add_argument("--out", default=None, help="write metrics.json, predictions.jsonl and report.md here")
         else:
             p.add_argument("--train", required=True, help="training data")
             p.add_argument("--valid", required=True, help="validation data")

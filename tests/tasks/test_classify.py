@@ -9,6 +9,7 @@ import torch
 import transformers as hf
 from torch.testing import assert_close
 
+from lmforge.data.readers import read_classification
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.tasks import evaluate, finetune
 
@@ -37,8 +38,17 @@ def test_learns_ag_news_and_writes_the_run(ag_news, make_model, fast, tmp_path):
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["macro_f1"] == pytest.approx(again["macro_f1"])
+    assert (tmp_path / "eval" / "report.md").read_text().startswith(f"# classify: run/model on {ag_news['valid'].name}")
     assert "| Sports |" in (tmp_path / "eval" / "report.md").read_text()
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    # Each validation example's prediction, in file order: they give back the accuracy.
+    valid = read_classification(ag_news["valid"])
+    for where in (out, tmp_path / "eval"):
+        rows = [json.loads(line) for line in (where / "predictions.jsonl").read_text().splitlines()]
+        assert [r["label"] for r in rows] == [valid.label_names[y] for y in valid.labels]
+        assert [r["text"] for r in rows] == valid.texts
+        assert sum(r["label"] == r["prediction"] for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])
+        assert "predictions" not in json.loads((where / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])

@@ -74,6 +74,9 @@ def test_learns_wnut17(shared_data, make_model, fast, tmp_path):
     assert metrics["f1"] > 0.05 and metrics["f1"] > 1.5 * baseline
     assert set(metrics) >= {"precision", "recall", "f1"}
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == gold.tokens and [r["tags"] for r in rows] == gold.tags
+    assert ner_metrics(gold.tags, [r["predicted"] for r in rows])["f1"] == pytest.approx(metrics["f1"])
     # The training sentences are fitted well above all-O's 0: labels and words line up end to end.
     fitted = evaluate("ner", out / "model", train)
     assert fitted["f1"] > 0.15

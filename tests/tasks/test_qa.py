@@ -96,6 +96,10 @@ def test_learns_generated_squad_v2(make_squad, make_model, fast, tmp_path):
     assert metrics["exact_match"] > 30 and metrics["f1"] > baseline["f1"] + 25
     assert metrics["HasAns_exact_match"] > 15 and metrics["NoAns_exact_match"] > 50
     assert json.loads((out / "metrics.json").read_text())["exact_match"] == pytest.approx(metrics["exact_match"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [ex.id for ex in data.examples]
+    rescored = squad_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["answers"] for r in rows})
+    assert (rescored["exact_match"], rescored["f1"]) == pytest.approx((metrics["exact_match"], metrics["f1"]))
 
 
 def test_hf_export_matches_transformers(make_squad, make_model, fast, tmp_path):

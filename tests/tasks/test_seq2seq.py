@@ -98,6 +98,10 @@ def test_summarize_fits_dialogsum_and_exports_bart(dialogsum, fast, tmp_path):
     written = json.loads((out / "metrics.json").read_text())
     assert written["rougeL"] == pytest.approx(metrics["rougeL"])
     assert len({s["prediction"] for s in written["samples"]}) == len(written["samples"]) == 5
+    predicted = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predicted) == 16 and [p["reference"] for p in predicted] == [r["summary"] for r in rows[:16]]
+    assert rouge_scores([p["prediction"] for p in predicted], [p["reference"] for p in predicted])["rougeL"] == \
+        pytest.approx(metrics["rougeL"])
     report = (out / "report.md").read_text()
     assert "## sample outputs" in report and "truncated" in report  # the sources were cut to 64 tokens
     again = evaluate(SUMMARIZE, out / "model", dialogsum["train"], max_length=64, options=options)

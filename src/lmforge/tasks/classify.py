@@ -144,13 +144,24 @@ def step(model: nn.Module, batch: dict[str, Tensor], multi_label: bool,
 def score(model: nn.Module, outputs: Outputs, data: ClassificationData) -> dict[str, Any]:
     """Metrics of the validation examples (one output per example, by position)."""
     logits = torch.stack([outputs[i] for i in range(len(data))])  # (N, L)
+    names = data.label_names
     if data.multi_label:
         true = np.zeros(tuple(logits.shape), dtype=bool)
         for i, labels in enumerate(data.labels):
             true[i, labels] = True
-        metrics = multilabel_metrics(true, (logits > 0).numpy(), data.label_names)
-        return {"accuracy": metrics["subset_accuracy"], **metrics}
-    return classification_metrics(data.labels, logits.argmax(-1).tolist(), data.label_names)
+        chosen = (logits > 0).numpy()
+        multi = multilabel_metrics(true, chosen, names)
+        metrics = {"accuracy": multi["subset_accuracy"], **multi}
+        labels = [[names[j] for j in ids] for ids in data.labels]
+        predicted: list[Any] = [[names[j] for j in np.flatnonzero(row)] for row in chosen]
+    else:
+        ids = logits.argmax(-1).tolist()
+        metrics = classification_metrics(data.labels, ids, names)
+        labels, predicted = [names[j] for j in data.labels], [names[j] for j in ids]
+    pairs = data.text_pairs or [None] * len(data)
+    metrics["predictions"] = [{"text": t, **({"text_pair": p} if p is not None else {}), "label": y, "prediction": q}
+                              for t, p, y, q in zip(data.texts, pairs, labels, predicted)]
+    return metrics
 
 
 def report(metrics: dict[str, Any], out: Path) -> dict[str, object]:

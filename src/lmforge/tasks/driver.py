@@ -14,7 +14,9 @@ What the driver does, for any task:
     best model             the checkpoint with the best validation metric (keep_best)
     final evaluation       the task's full metrics on the validation set
     out/                   metrics.json, metrics.jsonl (the loop's), finetune.yaml (resolved
-                           options), report.md, task pictures (confusion_matrix.png), and
+                           options), predictions.jsonl (each validation example's prediction:
+                           classify, ner, qa, summarize, translate), report.md, task pictures
+                           (confusion_matrix.png), and
                            model/: Hugging Face format where transformers has the class (LoRA
                            merged into the weights), else lmforge's
 
@@ -48,6 +50,7 @@ Register the task in lmforge/tasks/__init__.py (`register(MyTask())`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -318,10 +321,20 @@ def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: 
     return "lmforge"
 
 
+def _shown(model: str | os.PathLike) -> str:
+    """A model directory as a report names it: its last two parts (runs/agnews/model -> agnews/model)."""
+    return "/".join(Path(model).parts[-2:])
+
+
 def write_outputs(out: Path, title: str, metrics: dict[str, Any], setup: Setup, extra: dict[str, object]) -> None:
-    """metrics.json and report.md (and the task's pictures) into out/."""
+    """metrics.json, predictions.jsonl (one line per scored example, where the task gives
+    them) and report.md (and the task's pictures) into out/."""
     out.mkdir(parents=True, exist_ok=True)
-    write_metrics_json(out / "metrics.json", metrics)
+    predictions = metrics.get("predictions")
+    write_metrics_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "predictions"})
+    if predictions is not None:
+        atomic_write_text(out / "predictions.jsonl",
+                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     sections: dict[str, object] = {"metrics": scalars(metrics)}
     if setup.report is not None:
         sections.update(setup.report(metrics, out))
@@ -379,7 +392,7 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
         resolved = {"task": task.name, "model": str(model), "train": str(train), "valid": str(valid), "out": str(out),
                     **config.to_dict()}
         atomic_write_text(out / "finetune.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        write_outputs(out, f"{task.name}: {Path(model).name} fine-tuned on {Path(train).name}", metrics, setup,
+        write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {Path(train).name}", metrics, setup,
                       {"run": {k: v for k, v in metrics["run"].items()}})
         if not config.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -399,5 +412,5 @@ def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike
     batches = eval_batches(setup.valid, setup.collate, config.batch_size)
     metrics = run_evaluation(setup, setup.model, batches, device, resolve_precision(config.precision, device))
     if out is not None:
-        write_outputs(Path(out), f"{task.name}: {Path(model).name} on {Path(data).name}", metrics, setup, {})
+        write_outputs(Path(out), f"{task.name}: {_shown(model)} on {Path(data).name}", metrics, setup, {})
     return metrics

@@ -142,7 +142,8 @@ def word_tags(predicted: Tensor, feature: dict[str, Any], n_words: int, names: l
 def score(model: nn.Module, outputs: Outputs, data: NerData, features: list[dict[str, Any]]) -> dict[str, Any]:
     names = data.label_names
     predicted = [word_tags(outputs[i], features[i], len(data.tags[i]), names) for i in range(len(data))]
-    return ner_metrics(data.tags, predicted)
+    rows = [{"tokens": w, "tags": t, "predicted": p} for w, t, p in zip(data.tokens, data.tags, predicted)]
+    return {**ner_metrics(data.tags, predicted), "predictions": rows}
 
 
 def report(metrics: dict[str, Any], out: Path) -> dict[str, object]:

@@ -224,4 +224,5 @@ def score(model: nn.Module, outputs: Outputs, data: QAData, features: list[dict[
           config: FinetuneConfig) -> dict[str, Any]:
     predictions = predict(data, features, outputs, config)
     references = {ex.id: [a.text for a in ex.answers] for ex in data.examples}
-    return squad_metrics(predictions, references)
+    return {**squad_metrics(predictions, references),
+            "predictions": [{"id": i, "prediction": predictions[i], "answers": a} for i, a in references.items()]}

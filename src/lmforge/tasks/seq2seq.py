@@ -255,6 +255,8 @@ def score(model: nn.Module, outputs: Outputs, *, base: Base, features: list[dict
     metrics["eval_samples"] = n
     metrics["samples"] = [{"source": _short(data.sources[i]), "reference": _short(data.targets[i]),
                            "prediction": _short(predictions[i])} for i in range(min(n, opts.n_samples))]
+    metrics["predictions"] = [{"source": s, "reference": r, "prediction": p}
+                              for s, r, p in zip(data.sources, data.targets, predictions)]
     return metrics
 
 
