@@ -128,6 +128,16 @@ def test_auto_resume_skips_a_corrupt_latest_checkpoint(tmp_path, gpt, batches_cl
         assert torch.equal(p, q)  # resumed from step 4 and redid 5..8 exactly
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path, gpt, batches_cls, make_clm_batch, run_config, capsys):
+    model, result, root = _trained(tmp_path, gpt, batches_cls, make_clm_batch, run_config)
+    saved = sorted(p.name for p in root.iterdir())
+    again, result_again, _ = _trained(tmp_path, gpt, batches_cls, make_clm_batch, run_config)
+    assert result_again.step == result.step == 6 and sorted(p.name for p in root.iterdir()) == saved
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    assert "nothing left to train (all 6 steps done), resumed from step 6" in capsys.readouterr().out
+
+
 def test_keep_last_and_keep_best(tmp_path):
     root = tmp_path / "ck"
     empty = {"model_state": {"w": torch.zeros(2)}, "aliases": {}, "optimizer_state": {}, "trainer_state": {}}

@@ -456,8 +456,10 @@ def train(
     cfg, env = run.config, run.env
     logger = RunLogger(cfg.train.out_dir, cfg.log, enabled=env.is_main, total_steps=run.total_steps,
                        start_step=run.step)
+    steps = (f"steps {run.step + 1}..{run.total_steps}" if run.step < run.total_steps
+             else f"nothing left to train (all {run.total_steps} steps done)")
     logger.write(f"training {sum(p.numel() for p in run.root.parameters() if p.requires_grad):,} parameters on "
-                 f"{env.world_size} x {env.device} ({run.precision}), steps {run.step + 1}..{run.total_steps}"
+                 f"{env.world_size} x {env.device} ({run.precision}), {steps}"
                  + (f", resumed from step {run.step}" if run.step else ""))
     batches = iter(train_batches)  # after load_state_dict, so that the restored position is where it starts
     device = env.device
