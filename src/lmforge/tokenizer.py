@@ -376,8 +376,8 @@ def train_tokenizer(inputs: InputSpec | None = None, kind: str = "bpe", vocab_si
     specials = _special_list(roles, extra)
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
         raise ValueError(f"vocab_size {vocab_size} is too small for {kind} with {len(specials)} special tokens")
-    if texts is not None and not isinstance(texts, Sequence):
-        texts = list(texts)  # wordpiece reads the corpus twice
+    if kind == "wordpiece" and texts is not None and not isinstance(texts, Sequence):
+        texts = list(texts)  # read twice
 
     def docs() -> Iterator[str]:
         return iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)

@@ -157,3 +157,27 @@ def test_mfu_flops_match_the_planners_exact_count(name, seq_len, target_len, lm_
         with torch.device("meta"):
             classifier = attach_head(model, HeadSpec("sequence-classification", ["a", "b"]))
         assert flops_per_token(classifier, seq_len) == pytest.approx(flops_per_token(model, seq_len, 0.0), rel=1e-4)
+
+
+def test_logged_mfu_counts_the_vocabulary_projection_where_it_runs(bert, encdec, batches_cls, run_config, tmp_path):
+    """Masked LM: on the masked positions only (the loss count); encoder-decoder: on the target side."""
+    from lmforge.train.logging import flops_per_token
+    from lmforge.train.objectives import denoise, mlm
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 64, (4, 16), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, :3] = ids[:, :3]  # 12 of 64 positions masked
+    masked = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+              "token_type_ids": torch.zeros_like(ids)}
+    target = torch.randint(4, 64, (4, 8), generator=g)
+    pairs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": target,
+             "decoder_input_ids": torch.randint(4, 64, (4, 8), generator=g)}
+    for make, objective, name, batch, fraction in ((bert, mlm, "mlm", masked, 12 / 64),
+                                                   (encdec, denoise, "denoise", pairs, 32 / 96)):
+        model = make()
+        cfg = run_config(**{"train.max_steps": 2, "train.objective": name, "train.out_dir": str(tmp_path / name)})
+        res = train(model, objective, batches_cls([batch]), cfg)
+        r = [json.loads(line) for line in (res.out_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        assert r["mfu"] * 1e12 / r["tokens_per_s"] == pytest.approx(flops_per_token(model, 16, fraction))
+        assert r["mfu"] < r["tokens_per_s"] * flops_per_token(model, 16) / 1e12  # less than counting every row

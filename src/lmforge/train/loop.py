@@ -36,7 +36,7 @@ from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
 from lmforge.train import checkpoint
 from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
-from lmforge.train.objectives import IGNORE_INDEX, LossModule, Objective, ObjectiveOutput
+from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
 
 
@@ -144,11 +144,9 @@ def _n_tokens(batch: dict[str, Any]) -> int:
     return n + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
 
 
-def _lm_rows(batch: dict[str, Any], objective: str) -> int:
-    """Positions the vocabulary projection runs on (for MFU), from the batch still on the
-    host: the masked ones for masked LM, the decoder's for an encoder-decoder, else all."""
-    if objective.startswith("mlm"):
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+def _lm_rows(batch: dict[str, Any]) -> int:
+    """Positions the vocabulary projection runs on (for MFU), known on the host from shapes:
+    the decoder's for an encoder-decoder, else all (masked LM: see `_log_train`)."""
     return batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else batch["input_ids"].numel()
 
 
@@ -218,7 +216,7 @@ def _train_step(run: _Run, batches: Iterator[dict[str, Tensor]]) -> _StepStats |
             run.optimizer.zero_grad(set_to_none=True)
             return None
         tokens += _n_tokens(batch)
-        lm_rows += _lm_rows(batch, run.config.train.objective)
+        lm_rows += _lm_rows(batch)
         out = _forward_backward(run, to_device(batch, dev), sync=i == accum - 1)
         loss += out.loss.detach().float()
         count += out.count
@@ -404,7 +402,10 @@ def _log_train(run: _Run, window: dict[str, Any], last: _StepStats, bad_run: Ten
     record["tokens_per_s"] = tokens_per_s
     peak = peak_flops(run.env.device, run.precision, run.config.log.peak_flops)
     if peak:
-        per_token = flops_per_token(run.model, window["seq_len"], window["lm_rows"] / max(window["tokens"], 1))
+        # Masked LM projects only the masked positions, which its loss counts (already summed over processes).
+        world = run.env.world_size
+        lm_rows = values[1] if run.config.train.objective.startswith("mlm") else window["lm_rows"] * world
+        per_token = flops_per_token(run.model, window["seq_len"], lm_rows / max(window["tokens"] * world, 1))
         record["mfu"] = tokens_per_s * per_token / (peak * run.env.world_size)
     return record, bad, values[-4] > 0
 
