@@ -80,14 +80,17 @@ class LM:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def save(self, path: str | os.PathLike, format: str = "lmforge") -> Path:
+    def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False) -> Path:
         """Write the model (and tokenizer) to a directory, atomically.
 
         format="lmforge": config.json + model.safetensors in lmforge's names;
         format="hf": config.json + model.safetensors that transformers' Auto classes load.
+        An existing model directory has its model files replaced and nothing else; any other
+        non-empty directory is refused unless overwrite=True (then same-named files are
+        replaced and nothing is deleted).
         """
         return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
-                              special=self.special)
+                              special=self.special, overwrite=overwrite)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
@@ -100,6 +103,6 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     return LM(model.eval(), tokenizer, head, special).to(device, dtype)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
-    """Re-save a model directory in the other format: to="hf" or to="lmforge"."""
-    return load(src).save(dst, format=to)
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> Path:
+    """Re-save a model directory in the other format: to="hf" or to="lmforge" (dst as in LM.save)."""
+    return load(src).save(dst, format=to, overwrite=overwrite)

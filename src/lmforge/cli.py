@@ -49,12 +49,15 @@ def _convert_args(p: ArgumentParser) -> None:
     p.add_argument("src", help="model directory (lmforge or Hugging Face)")
     p.add_argument("dst", help="output directory")
     p.add_argument("--to", choices=["hf", "lmforge"], required=True, help="output format")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not a model directory (same-named files are "
+                        "replaced, nothing is deleted)")
 
 
 def _convert(a: Namespace) -> None:
     from lmforge.api import convert
 
-    out = convert(a.src, a.dst, a.to)
+    out = convert(a.src, a.dst, a.to, overwrite=a.overwrite)
     print(f"wrote {out} ({a.to} format)")
 
 

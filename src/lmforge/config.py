@@ -169,8 +169,15 @@ class TrainConfig:
         activation_checkpointing: recompute each block's activations in backward (less memory, ~30% more compute).
         device: auto (cuda when available, else cpu), cpu, cuda, or cuda:N.
         out_dir: run directory: checkpoints/, metrics.jsonl, tb/, loss.png, config.yaml.
-        resume: auto (the latest good checkpoint in out_dir, if any), none (start fresh), or a
-            checkpoint directory.
+        resume: auto (the latest good checkpoint in out_dir, if any), none (start fresh: a run already
+            in out_dir is moved to out_dir/previous/), or a checkpoint directory. Resuming checks the
+            configuration against the checkpoint's: a change to what is trained (model, data, optimizer
+            and schedule, objective, seed, batch) is refused unless train.accept_changes. A larger
+            train.max_steps / max_tokens extends the run: the schedule is recomputed for the new length
+            (cosine/linear decay stretch from the resumed step on, so the learning rate there rises to
+            where the longer schedule has it; constant and warmup-stable-decay continue smoothly).
+        accept_changes: resume even though the configuration changed what is trained; the new values
+            apply from the resumed step (run.json's history records which fields changed, and when).
         max_bad_steps: stop after this many optimizer steps in a row with a NaN/Inf gradient (each is skipped).
     """
 
@@ -187,6 +194,7 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs/lmforge"
     resume: str = "auto"
+    accept_changes: bool = False
     max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -334,6 +342,38 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the form written to YAML."""
         return _plain(dataclasses.asdict(self))
+
+
+# Fields a resumed run may change freely: how it is run, watched and stopped, not what it trains.
+FREE_ON_RESUME = ("train.max_time", "train.precision", "train.compile", "train.activation_checkpointing",
+                  "train.device", "train.out_dir", "train.resume", "train.accept_changes", "train.max_bad_steps",
+                  "eval.", "checkpoint.", "log.", "dist.")
+EXTENDABLE = ("train.max_steps", "train.max_tokens")  # may grow on resume (extending the run), not shrink
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_changes(old: dict[str, Any], new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (checkpoint's value, this run's)} for every change a resumed run may not
+    make silently (see FREE_ON_RESUME and EXTENDABLE). `old` is a checkpoint's config.yaml."""
+    before, after = _flat(_plain(old)), _flat(new.to_dict())
+    changes = {}
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        known = (key in before and key in after) or key.startswith("model.overrides.")  # a field of both versions
+        if a == b or not known or key.startswith(FREE_ON_RESUME):
+            continue
+        if key in EXTENDABLE and a is not None and b is not None and b >= a:
+            continue
+        changes[key] = (a, b)
+    return changes
 
 
 def _plain(obj: Any) -> Any:

@@ -33,6 +33,7 @@ from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.models import build, preset
 from lmforge.tasks.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
+from lmforge.train import rundir
 from lmforge.train.objectives import clm
 
 # nanoGPT's character-level CPU recipe trained for 5 minutes on the 2-core CI machine.
@@ -114,18 +115,39 @@ def training_config(recipe: Recipe, out: Path, max_steps: int, budget: float, de
 
 def quickstart(out: str | os.PathLike = "runs/quickstart", corpus: str | os.PathLike | None = None,
                minutes: float = 5.0, device: str | None = None, seed: int = 1337) -> dict:
-    """Run the whole job within `minutes` of wall time; returns the final metrics."""
+    """Run the whole job within `minutes` of wall time; returns the final metrics. Each run
+    starts fresh: an earlier one in `out` is moved to out/previous/ (lmforge.train.rundir)."""
     started = time.monotonic()
+    if not minutes > 0:
+        raise ValueError(f"--minutes must be positive, got {minutes}")
     out = Path(out)
+    corpus = Path(corpus) if corpus else default_corpus()
+    text = read_corpus(corpus)
+    with rundir.open_run(out, fresh=True) as run:
+        return _quickstart(run, corpus, text, started, minutes, device, seed)
+
+
+def read_corpus(corpus: Path) -> str:
+    """The corpus as text: UTF-8, enough of it to train on; ValueError naming the file otherwise."""
+    try:
+        text = corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{corpus}: not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+                         "`iconv -f latin1 -t utf-8`") from None
+    if len(text) < 10_000:
+        raise ValueError(f"{corpus}: {len(text)} characters is too little text for the quickstart (need 10,000+)")
+    return text
+
+
+def _quickstart(run: rundir.RunDir, corpus: Path, text: str, started: float, minutes: float, device: str | None,
+                seed: int) -> dict:
+    out = run.path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     recipe = GPU if device.startswith("cuda") else CPU
     precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-    corpus = Path(corpus) if corpus else default_corpus()
-    text = corpus.read_text(encoding="utf-8")
-    if len(text) < 10_000:
-        raise ValueError(f"{corpus}: {len(text)} characters is too little text for the quickstart (need 10,000+)")
     train_text, val_text = split_text(text)
     data = out / "data"
+    run.record("data", "tokenizer", "metrics.json", "report.md")
     atomic_write_text(data / "train.txt", train_text)
     atomic_write_text(data / "val.txt", val_text)
     print(f"[1/5] corpus {corpus.name}: {len(train_text):,} training and {len(val_text):,} validation characters")

@@ -32,7 +32,7 @@ import tokenizers
 
 from lmforge.data.shards import FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, read_meta, token_dtype
 from lmforge.data.sources import InputSpec, iter_documents, resolve_inputs
-from lmforge.files import atomic_dir
+from lmforge.files import Ownership, owned_dir
 from lmforge.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 18  # characters per task: amortises IPC; small, so the last tasks leave no core idle for long
@@ -180,7 +180,7 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
     encoder_args = (tok.backend.to_str(), separator, dtype.str, val_fraction, seed)
     local = ChunkEncoder(tok.backend.to_str(), separator, dtype, val_fraction, seed)
     started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:  # a failure leaves no output and any earlier preparation intact
+    with owned_dir(out_dir, PREPARED) as tmp:  # a failure leaves no output and any earlier preparation intact
         writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         n_bytes = 0
         chunks = _chunks(iter_documents(files, field, doc_per_file, errors), chunk_chars)
@@ -206,6 +206,19 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
     counts = _counts(meta)
     return {**counts, "out_dir": str(out_dir), "skipped": False, "workers": workers, "seconds": seconds,
             "mb_per_s": n_bytes / 1e6 / seconds, "tokens_per_s": counts["n_tokens"] / seconds}
+
+
+def _prepared_files(out_dir: Path) -> set[str] | None:
+    """The files a preparation wrote (its meta.json lists the shards); None: not a prepared directory."""
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
+        shards = [shard for split in meta["splits"].values() for shard in split["shards"]]
+        return {META_FILE, *(shard[k] for shard in shards for k in ("bin", "idx"))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+PREPARED = Ownership(written=_prepared_files, seal=None, what="prepared data directory")
 
 
 def _previous_meta(out_dir: Path) -> dict[str, Any] | None:

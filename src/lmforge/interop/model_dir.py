@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lmforge.files import atomic_dir, atomic_write_json
+from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
 from lmforge.interop.hf import read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, attach_head, build, config_from_dict, family_of
 from lmforge.models.weights import load_weights, save_weights
@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def is_model_dir(path: Path) -> bool:
+    """A directory holding a model's config.json (lmforge's, Hugging Face's, or someone else's)."""
+    return (path / "config.json").is_file()
+
+
+# A model directory lmforge did not write (one transformers saved) may have its model files
+# replaced; anything else there (a README, pytorch_model.bin) stays.
+MODEL_DIR = Ownership(adopt=is_model_dir, what="model directory")
 
 
 def special_ids(tokenizer: Tokenizer | None, known: dict[str, int | None] | None = None) -> dict[str, int | None]:
@@ -40,14 +50,16 @@ def special_ids(tokenizer: Tokenizer | None, known: dict[str, int | None] | None
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
                    tokenizer: Tokenizer | None = None, format: str = "lmforge",
-                   special: dict[str, int | None] | None = None) -> Path:
-    """Write a model directory atomically (a crash leaves any previous one intact)."""
+                   special: dict[str, int | None] | None = None, overwrite: bool = False) -> Path:
+    """Write a model directory (a crash leaves any previous one intact). Replacing a model
+    directory replaces its model files and nothing else; a non-empty directory that is not a
+    model directory is refused (OwnershipError) unless overwrite (see lmforge.files)."""
     if format not in ("lmforge", "hf"):
         raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
     path = Path(path)
     backbone = model.backbone if head is not None else model
     special = special_ids(tokenizer, special)
-    with atomic_dir(path) as tmp:
+    with owned_dir(path, MODEL_DIR, overwrite=overwrite) as tmp:
         if format == "hf":
             write_hf_model(model, head, tmp, special)
         else:
@@ -68,6 +80,8 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    if not marker_complete(path):
+        raise ValueError(f"{path}: lmforge was stopped while writing this model directory; write it again")
     try:
         cfg = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:

@@ -54,7 +54,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -75,13 +74,13 @@ from lmforge.config import (
 )
 from lmforge.dist import parallel
 from lmforge.eval.report import markdown_report, write_metrics_json
-from lmforge.files import atomic_write_text
+from lmforge.files import atomic_write_text, check_writable
 from lmforge.interop.hf import ConversionError
-from lmforge.interop.model_dir import save_model_dir
+from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import HeadSpec, count_params
 from lmforge.nn.lora import apply_lora, merge_lora
 from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
-from lmforge.train import checkpoint, loop
+from lmforge.train import checkpoint, loop, rundir
 from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
 from lmforge.train.objectives import LossModule, ObjectiveOutput
 
@@ -256,11 +255,15 @@ def selection_metric(task: Task, config: FinetuneConfig) -> tuple[str, str]:
 
 
 def _run_config(config: FinetuneConfig, family: str, out: Path, total: int, every: int, metric: str,
-                mode: str) -> RunConfig:
+                mode: str, files: tuple[str, str, str]) -> RunConfig:
+    """The loop's RunConfig; files (model, train, valid) are recorded in it, so that a resume
+    with other data or another starting model is caught (lmforge.train.loop.resume_changes)."""
     warmup = round(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+    model, train, valid = files
     return RunConfig(
-        model=ModelSpec(preset=None, family=family),
-        data=DataConfig(seq_len=config.max_length, seed=config.seed),
+        model=ModelSpec(preset=None, family=family, init_from=model),
+        data=DataConfig(train=train, val=valid, tokenizer=config.tokenizer, seq_len=config.max_length,
+                        seed=config.seed),
         optim=OptimConfig(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay,
                           warmup_steps=min(warmup, total), schedule="linear", min_lr_ratio=0.0, grad_clip=1.0),
         train=TrainConfig(micro_batch_size=config.batch_size, grad_accum=config.grad_accum, max_steps=total,
@@ -330,6 +333,7 @@ def write_outputs(out: Path, title: str, metrics: dict[str, Any], setup: Setup, 
     """metrics.json, predictions.jsonl (one line per scored example, where the task gives
     them) and report.md (and the task's pictures) into out/."""
     out.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(out))
     predictions = metrics.get("predictions")
     write_metrics_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "predictions"})
     if predictions is not None:
@@ -342,6 +346,8 @@ def write_outputs(out: Path, title: str, metrics: dict[str, Any], setup: Setup, 
     if setup.notes:
         sections["notes"] = "\n".join(f"- {n}" for n in setup.notes)
     atomic_write_text(out / "report.md", markdown_report(title, sections))
+    rundir.record(out, "metrics.json", "report.md", *(["predictions.jsonl"] if predictions is not None else []),
+                  *(set(os.listdir(out)) - before))  # the task's pictures
 
 
 def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLike, valid: str | os.PathLike,
@@ -351,12 +357,20 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
     FinetuneConfig's fields. Returns the final validation metrics (those in metrics.json)."""
     task, config = _resolve(task, config, options)
     out = Path(out)
+    env = parallel.init_distributed("ddp", "auto", config.device)
+    with rundir.open_run(out, fresh=rundir.starts_fresh(config.resume, out), main=env.is_main) as run:
+        check_writable(out / "model", MODEL_DIR)  # before training, not after it
+        return _finetune(task, model, Path(train), Path(valid), out, config, env, run)
+
+
+def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, out: Path, config: FinetuneConfig,
+              env: parallel.DistEnv, run: rundir.RunDir) -> dict[str, Any]:
+    """`finetune` inside its run directory."""
     seed_everything(config.seed)  # the new head's initialisation
     base = load_base(model, config.tokenizer)
     config = _with_max_length(config, task, base.config.max_seq_len)
     metric, mode = selection_metric(task, config)
-    setup = task.setup(base, config, Path(train), Path(valid))
-    env = parallel.init_distributed("ddp", "auto", config.device)
+    setup = task.setup(base, config, train, valid)
     scope = apply_training_scope(setup.model, setup.head, config)
 
     batches = ExampleBatches(setup.train, setup.collate, config.batch_size, epochs=config.epochs, seed=config.seed,
@@ -374,7 +388,7 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
         stopper.update({**values, "val_loss": loss})
         return values
 
-    run_config = _run_config(config, base.family, out, total, every, metric, mode)
+    run_config = _run_config(config, base.family, out, total, every, metric, mode, (str(model), str(train), str(valid)))
     started, cpu_started = time.perf_counter(), time.process_time()
     result = loop.train(setup.model, collector.objective(setup.step), batches, run_config, val_batches=val,
                         eval_fn=eval_fn)
@@ -388,14 +402,15 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
                       "train_cpu_seconds": cpu_seconds,
                       "trainable": scope}
     if env.is_main:
+        run.record("model", "finetune.yaml")
         metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format)
         resolved = {"task": task.name, "model": str(model), "train": str(train), "valid": str(valid), "out": str(out),
                     **config.to_dict()}
         atomic_write_text(out / "finetune.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {Path(train).name}", metrics, setup,
+        write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {train.name}", metrics, setup,
                       {"run": {k: v for k, v in metrics["run"].items()}})
         if not config.keep_checkpoints:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            checkpoint.remove_run_checkpoints(out / "checkpoints", run.run_id)
     return metrics
 
 

@@ -21,14 +21,15 @@ from torch import nn
 from lmforge.config import RunConfig
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
+from lmforge.files import check_writable
 from lmforge.interop.hf import ConversionError, model_type_of
-from lmforge.interop.model_dir import save_model_dir
+from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
 from lmforge.tasks.pretrain_data import DataBuilder, prepared_data, synthetic_data
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import checkpoint
+from lmforge.train import checkpoint, rundir
 from lmforge.train.loop import resolve_precision, seed_everything, train
 from lmforge.train.objectives import FAMILY_OF_OBJECTIVE, get_objective
 
@@ -119,34 +120,43 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
     config.data.synthetic, else config.data's prepared shards.
     """
     env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    out = Path(config.train.out_dir)
     try:
-        if data is not None:
-            pdata = data(config, env)
-        elif config.data.synthetic:
-            vocab = config.model.overrides.get("vocab_size") or model_config(config).vocab_size
-            pdata = synthetic_data(config, env, vocab)
-        else:
-            pdata = prepared_data(config, env)
-        mcfg = model_config(config, **pdata.model_overrides)
-        seed_everything(config.train.seed)  # the same initial weights on every process
-        model = build(mcfg)
-        if config.model.init_from:
-            init_weights(model, config.model.init_from)
-        n_params = count_params(model)
-        if env.is_main:
-            t = config.train
-            print(f"lmforge pretrain: {family_of(mcfg)} {config.model.preset or ''} {n_params:,} parameters "
-                  f"({count_params(model, positions=False):,} without positions), objective {t.objective}, "
-                  f"global batch {t.micro_batch_size * t.grad_accum * env.world_size} x {config.data.seq_len} "
-                  f"tokens, {env.world_size} process(es), dist {config.dist.strategy}, out {t.out_dir}")
-            print(plan_summary(mcfg, config, env))
-        result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
-                       save_extra=pdata.save_extra)
-        if env.is_main and result.stopped != "interrupted":
-            export_dir = export(model, pdata.tokenizer, Path(result.out_dir) / "model")
-            print(f"lmforge pretrain: final model in {export_dir}")
+        with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main):
+            return _pretrain(config, data, env)
     finally:
         parallel.shutdown()
+
+
+def _pretrain(config: RunConfig, data: DataBuilder | None, env: DistEnv) -> dict[str, Any]:
+    """`pretrain` inside its run directory."""
+    check_writable(Path(config.train.out_dir) / "model", MODEL_DIR)  # before training, not after it
+    if data is not None:
+        pdata = data(config, env)
+    elif config.data.synthetic:
+        vocab = config.model.overrides.get("vocab_size") or model_config(config).vocab_size
+        pdata = synthetic_data(config, env, vocab)
+    else:
+        pdata = prepared_data(config, env)
+    mcfg = model_config(config, **pdata.model_overrides)
+    seed_everything(config.train.seed)  # the same initial weights on every process
+    model = build(mcfg)
+    if config.model.init_from:
+        init_weights(model, config.model.init_from)
+    n_params = count_params(model)
+    if env.is_main:
+        t = config.train
+        print(f"lmforge pretrain: {family_of(mcfg)} {config.model.preset or ''} {n_params:,} parameters "
+              f"({count_params(model, positions=False):,} without positions), objective {t.objective}, "
+              f"global batch {t.micro_batch_size * t.grad_accum * env.world_size} x {config.data.seq_len} "
+              f"tokens, {env.world_size} process(es), dist {config.dist.strategy}, out {t.out_dir}")
+        print(plan_summary(mcfg, config, env))
+    result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
+                   save_extra=pdata.save_extra)
+    if env.is_main and result.stopped != "interrupted":
+        rundir.record(result.out_dir, "model")
+        export_dir = export(model, pdata.tokenizer, Path(result.out_dir) / "model")
+        print(f"lmforge pretrain: final model in {export_dir}")
     return {"step": result.step, "tokens": result.tokens, "stopped": result.stopped,
             "train_loss": result.train_loss, **result.val, "best": result.best,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,

@@ -39,6 +39,7 @@ from lmforge.data.shards import META_FILE, TokenShards
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import rundir
 from lmforge.train.loop import BatchIterator
 
 SENTENCE_ENDS = (".", "!", "?", "Ġ.", "▁.")  # sentence-final tokens, as the common tokenizers spell them
@@ -138,6 +139,7 @@ def _prepared(source: str, tok: Tokenizer | None, target: Path, val_fraction: fl
         raise ValueError(f"{source}: raw text needs data.tokenizer (train one with `lmforge tokenizer train`), "
                          "or prepare it first with `lmforge data prepare`")
     if env.is_main:
+        rundir.record(target.parent.parent, target.parent.name)  # out_dir/data belongs to the run
         stats = prepare_corpus(tok, source, target, val_fraction=val_fraction)
         if not stats["skipped"]:
             print(f"prepared {source} -> {target}: {stats['n_tokens']:,} tokens in {stats['seconds']:.1f}s")

@@ -18,6 +18,7 @@ the rest (a truncated copy, a flipped bit): `verify` names the bad file, and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.config import RunConfig, save_config
-from lmforge.files import atomic_dir, atomic_write_json
+from lmforge.files import Ownership, atomic_write_json, owned_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ class Checkpoint:
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     manifest: dict[str, Any]
+
+
+def _written(path: Path) -> set[str] | None:
+    """The files of a checkpoint lmforge wrote (its manifest lists them); None: not one of lmforge's."""
+    try:
+        return {MANIFEST, *json.loads((path / MANIFEST).read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+CHECKPOINT = Ownership(written=_written, seal=None, what="checkpoint")
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -155,14 +167,17 @@ def _sha256(path: Path) -> str:
 
 def save(root: str | Path, step: int, *, model_state: dict[str, Tensor], aliases: dict[str, str],
          optimizer_state: dict[str, Any], trainer_state: dict[str, Any], config: RunConfig | None = None,
-         metrics: dict[str, float] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+         metrics: dict[str, float] | None = None, extra: Callable[[Path], None] | None = None,
+         run_id: str | None = None) -> Path:
     """Write checkpoint `step` under root atomically; returns its directory.
 
     metrics: validation metrics measured at this step (they rank checkpoints for keep_best).
     extra: writes more files into the directory before it is sealed (a tokenizer, an export).
+    run_id: the run writing it (lmforge.train.rundir); pruning only ever touches its own run's.
+    A step directory there that lmforge did not write is refused, not replaced.
     """
     path = step_dir(root, step)
-    with atomic_dir(path) as tmp:
+    with owned_dir(path, CHECKPOINT) as tmp:
         save_weights(model_state, tmp / "model.safetensors", aliases)
         torch.save(_saveable(optimizer_state), tmp / "optimizer.pt")
         torch.save(_saveable(trainer_state), tmp / "trainer.pt")
@@ -172,7 +187,7 @@ def save(root: str | Path, step: int, *, model_state: dict[str, Tensor], aliases
             extra(tmp)
         files = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
-        atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step,
+        atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "run_id": run_id,
                                            "metrics": metrics or {}, "files": files})
     return path
 
@@ -248,31 +263,59 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
     return Path(resume)
 
 
+def _manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return manifest if isinstance(manifest, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_checkpoints(root: str | Path, run_id: str | None) -> list[Path]:
+    """The checkpoints under root that lmforge wrote for run `run_id` (or, for checkpoints
+    written before runs had ids, with no run id), oldest first. Anything else is not the
+    run's to delete: another run's checkpoints, a directory lmforge did not write."""
+    found = []
+    for p in list_checkpoints(root):
+        manifest = _manifest(p)
+        if manifest is not None and manifest.get("run_id") in (run_id, None):
+            found.append(p)
+    return found
+
+
+def _delete(path: Path) -> None:
+    doomed = path.with_name(f".{path.name}.deleting")  # renamed first: never a half-deleted step_ dir
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def prune(root: str | Path, keep_last: int, *, keep_best: bool = False, metric: str = "val_loss",
-          mode: str = "min") -> list[Path]:
-    """Delete all but the `keep_last` newest checkpoints and (keep_best) the one whose
-    manifest has the best `metric`. Returns the deleted directories."""
-    paths = list_checkpoints(root)
+          mode: str = "min", run_id: str | None = None) -> list[Path]:
+    """Delete all but the `keep_last` newest of run `run_id`'s checkpoints and (keep_best) the
+    one whose manifest has the best `metric`. Returns the deleted directories."""
+    paths = run_checkpoints(root, run_id)
     keep = set(paths[-keep_last:])
     if keep_best:
         scored = []
         for p in paths:
-            try:
-                value = json.loads((p / MANIFEST).read_text())["metrics"].get(metric)
-            except (OSError, ValueError, KeyError):
-                continue
-            if value is not None:
+            value = ((_manifest(p) or {}).get("metrics") or {}).get(metric)
+            if isinstance(value, int | float):
                 scored.append((value if mode == "min" else -value, p))
         if scored:
             keep.add(min(scored, key=lambda x: x[0])[1])
-    removed = []
-    for p in paths:
-        if p not in keep:
-            doomed = p.with_name(f".{p.name}.deleting")  # renamed first: never a half-deleted step_ dir
-            p.rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-            removed.append(p)
+    removed = [p for p in paths if p not in keep]
+    for p in removed:
+        _delete(p)
     return removed
+
+
+def remove_run_checkpoints(root: str | Path, run_id: str | None) -> None:
+    """Delete run `run_id`'s checkpoints (a finished fine-tuning run that keeps none), and root
+    when nothing else is left in it."""
+    for p in run_checkpoints(root, run_id):
+        _delete(p)
+    with contextlib.suppress(OSError):
+        Path(root).rmdir()  # only when empty
 
 
 def remove_stale_temporaries(root: str | Path) -> None:

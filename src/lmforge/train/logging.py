@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lmforge.config import LogConfig
 from lmforge.files import atomic_write_bytes
 from lmforge.models import count_params
+from lmforge.train import rundir
 
 # Dense peak FLOP/s per device, by (substring of the CUDA device name, precision).
 # H100/H200 SXM bf16/fp16: 989e12 (the DESIGN.md reference); fp32 runs the TF32 tensor cores.
@@ -159,6 +160,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        rundir.record(self.out_dir, "metrics.jsonl", *(("tb",) if cfg.tensorboard else ()),
+                      *(("loss.png",) if cfg.plot else ()))
         self.records = [r for r in read_records(self.path) if r.get("step", 0) <= start_step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self.file = open(self.path, "a")  # noqa: SIM115 (open for the run's lifetime)

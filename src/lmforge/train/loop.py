@@ -29,12 +29,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
-from lmforge.config import RunConfig, save_config
+from lmforge.config import RunConfig, config_changes, save_config
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
-from lmforge.train import checkpoint
+from lmforge.train import checkpoint, rundir
 from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
 from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
@@ -91,6 +92,7 @@ class _Run:
     batches: BatchIterator
     total_steps: int
     aliases: dict[str, str]
+    run_dir: rundir.RunDir
     step: int = 0
     tokens: int = 0
     best: dict[str, Any] | None = None
@@ -297,26 +299,64 @@ def _save(run: _Run, save_extra: Callable[[Path], None] | None) -> Path:
                              "scaler": run.scaler.state_dict()},
             trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best,
                            "world_size": run.env.world_size, "ranks": ranks},
-            config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra)
-        checkpoint.prune(root, ck.keep_last, keep_best=ck.keep_best, metric=ck.metric, mode=ck.mode)
+            config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra,
+            run_id=run.run_dir.run_id)
+        checkpoint.prune(root, ck.keep_last, keep_best=ck.keep_best, metric=ck.metric, mode=ck.mode,
+                         run_id=run.run_dir.run_id)
     parallel.barrier()
     return checkpoint.step_dir(root, run.step)
 
 
-def _restore(run: _Run, path: Path) -> None:
-    """Continue from a checkpoint: weights, optimizer, scheduler, RNG, data position, counters."""
+def resume_changes(path: Path, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """What `config` changes against the checkpoint's config.yaml (see config.config_changes);
+    CheckpointError naming the fields and both values unless train.accept_changes."""
+    try:
+        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # a checkpoint written without its config: nothing to compare against
+    changes = config_changes(old, config)
+    if changes and not config.train.accept_changes:
+        shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise checkpoint.CheckpointError(
+            f"{path}: resuming with a changed configuration: {shown}. Set train.accept_changes=true to continue "
+            "with the new values (recorded in run.json), or train.resume=none to start a new run")
+    return changes
+
+
+def _restore(run: _Run, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Continue from a checkpoint: weights, optimizer, scheduler, RNG, data position, counters.
+    The optimizer's and schedule's hyperparameters are this run's config's (the same values
+    unless accepted changes altered them)."""
     ck = checkpoint.load(path)
     trainer = ck.trainer
     if trainer["world_size"] != run.env.world_size:
         raise checkpoint.CheckpointError(
             f"{path}: written by {trainer['world_size']} processes, resumed with {run.env.world_size}; the data "
             "position is per process: resume with the same number, or start a new run with model.init_from")
-    parallel.load_model_state(run.model, ck.model)
+    try:
+        parallel.load_model_state(run.model, ck.model)
+    except RuntimeError as e:
+        changed = ", ".join(k for k in changes if k.startswith("model.")) or "the architecture"
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
+                      or "Unexpected" in line), str(e).splitlines()[0] if str(e) else "")
+        raise checkpoint.CheckpointError(
+            f"{path}: its weights do not fit this model ({changed} changed: {first}); a run cannot continue with "
+            "another architecture: start a new run with model.init_from") from None
+    # This run's hyperparameters (the scheduler keeps the peak lr as initial_lr), put back after loading.
+    hyper = [{"lr": g["initial_lr"], **{k: g[k] for k in ("betas", "eps", "weight_decay")}}
+             for g in run.optimizer.param_groups]
     parallel.load_optimizer_state(run.root, run.optimizer, ck.optimizer["optimizer"])
     run.scheduler.load_state_dict(ck.optimizer["scheduler"])
+    run.scheduler.base_lrs = [h["lr"] for h in hyper]
+    for group, h, factor in zip(run.optimizer.param_groups, hyper, run.scheduler.lr_lambdas):
+        group.update(h, initial_lr=h["lr"], lr=h["lr"] * factor(run.scheduler.last_epoch))
     run.scaler.load_state_dict(ck.optimizer["scaler"])
     mine = trainer["ranks"][run.env.rank]
-    run.batches.load_state_dict(mine["data"])
+    try:
+        run.batches.load_state_dict(mine["data"])
+    except (ValueError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"{path}: the data position does not carry over to this run's data ({e})"
+                                         ) from None
     checkpoint.set_rng_state(mine["rng"], run.env.device)
     run.step, run.tokens, run.best = trainer["step"], trainer["tokens"], trainer["best"]
 
@@ -358,9 +398,9 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, config: RunConfig) -> _Run:
+def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, config: RunConfig, env: DistEnv,
+           run_dir: rundir.RunDir) -> _Run:
     t = config.train
-    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, t.device)
     seed_everything(t.seed + env.rank)  # dropout differs per process; the model was initialised before
     aliases = checkpoint.tied_aliases(model)
     model.to(env.device).train()
@@ -374,16 +414,22 @@ def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, confi
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     fused = bool(optimizer.defaults.get("fused"))
     run = _Run(config, env, model, root, runner, optimizer, build_scheduler(optimizer, config.optim, steps), scaler,
-               precision, fused, batches, steps, aliases)
+               precision, fused, batches, steps, aliases, run_dir)
     ckpt_root = Path(t.out_dir) / "checkpoints"
     if env.is_main:
         checkpoint.remove_stale_temporaries(ckpt_root)
     parallel.barrier()
     resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
     if resume_from is not None:
-        _restore(run, resume_from)
+        changes = resume_changes(resume_from, config)
+        _restore(run, resume_from, changes)
+        run_dir.event("resume", step=run.step, checkpoint=str(resume_from),
+                      **({"changes": {k: list(v) for k, v in changes.items()}} if changes else {}))
+    else:
+        run_dir.event("start", step=0)
     if env.is_main:
         save_config(config, Path(t.out_dir) / "config.yaml")
+        run_dir.record("config.yaml", "checkpoints")
     return run
 
 
@@ -452,8 +498,20 @@ def train(
         an objective returns (accuracy, ...) are reduced over processes automatically; prefer
         them: under FSDP the model's root parameters are gathered only inside the objective.
     save_extra: writes more files into each checkpoint directory before it is sealed (rank 0).
+
+    The run holds config.train.out_dir (lmforge.train.rundir): a second run there is refused,
+    and a fresh run moves an earlier one aside to out_dir/previous/.
     """
-    run = _setup(model, objective, train_batches, config)
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    out = config.train.out_dir
+    with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main) as run_dir:
+        run = _setup(model, objective, train_batches, config, env, run_dir)
+        return _loop(run, val_batches, eval_fn, save_extra)
+
+
+def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, eval_fn: Callable | None,
+          save_extra: Callable[[Path], None] | None) -> TrainResult:
+    """The steps of `train`, from where `_setup` left the run."""
     cfg, env = run.config, run.env
     logger = RunLogger(cfg.train.out_dir, cfg.log, enabled=env.is_main, total_steps=run.total_steps,
                        start_step=run.step)
@@ -462,7 +520,7 @@ def train(
     logger.write(f"training {sum(p.numel() for p in run.root.parameters() if p.requires_grad):,} parameters on "
                  f"{env.world_size} x {env.device} ({run.precision}), {steps}"
                  + (f", resumed from step {run.step}" if run.step else ""))
-    batches = iter(train_batches)  # after load_state_dict, so that the restored position is where it starts
+    batches = iter(run.batches)  # after load_state_dict, so that the restored position is where it starts
     device = env.device
     window = _new_window(device)
     bad_run = torch.zeros((), device=device)
