@@ -72,3 +72,19 @@ def test_hf_export_matches_transformers(ag_news, make_model, fast, tmp_path, fam
         a = ours.eval()(ids, mask)
         b = theirs(input_ids=ids, attention_mask=mask).logits
     assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_rare_label_is_warned_about_and_a_declared_set_makes_it_an_error(ag_news, make_model, fast, tmp_path,
+                                                                           caplog, write_csv):
+    rows = [[t, "World" if i % 2 else "Sports"] for i, t in enumerate(ag_news["texts"][:60])]
+    rows[17][1] = "Sprots"  # one mistyped label among sixty
+    train = write_csv(tmp_path / "typo.csv", ["text", "label"], rows)
+    base = make_model(tmp_path / "bert", ag_news["texts"], vocab_size=400, n_layers=1)
+    valid = write_csv(tmp_path / "v.csv", ["text", "label"], rows[:10])
+    with caplog.at_level("WARNING", logger="lmforge.tasks"):
+        finetune("classify", base, train, valid, tmp_path / "run", epochs=1, **fast)
+    assert "rare labels: 'Sprots' (1x), against a median of 29 per label" in caplog.text
+    labels = tmp_path / "labels.txt"
+    labels.write_text("Sports\nWorld\n")
+    with pytest.raises(ValueError, match=r"typo\.csv:19: label 'Sprots' is not among the known labels"):
+        finetune("classify", base, train, train, tmp_path / "run2", labels=f"@{labels}", **fast)

@@ -104,3 +104,15 @@ def test_unseen_tag_in_valid_names_the_line(make_model, fast, tmp_path):
     base = make_model(tmp_path / "m", TEXTS, vocab_size=120)
     with pytest.raises(ValueError, match=r"valid\.conll:3: tag 'B-corporation' is not among the known labels"):
         finetune("ner", base, train, valid, tmp_path / "run", **fast)
+
+
+def test_a_rare_entity_type_is_warned_about_and_a_declared_set_makes_it_an_error(make_model, fast, tmp_path, caplog):
+    train = tmp_path / "train.conll"
+    train.write_text(CONLL * 6 + "Bob\tB-persn\n\n")  # one mistyped tag among twelve person entities
+    base = make_model(tmp_path / "m", TEXTS, vocab_size=120)
+    with caplog.at_level("WARNING", logger="lmforge.tasks"):
+        finetune("ner", base, train, train, tmp_path / "run", epochs=1, **fast)
+    assert "rare entity types: 'persn' (1x), against a median of" in caplog.text
+    assert "'persn'" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"train\.conll:43: tag 'B-persn' is not among the known labels"):
+        finetune("ner", base, train, train, tmp_path / "run2", labels="person,location", **fast)

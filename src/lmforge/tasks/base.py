@@ -67,6 +67,10 @@ class FinetuneConfig:
         text_column: text column (name, or 0-based index for a header-less CSV/TSV).
         text_pair_column: second text of a pair (NLI premise/hypothesis), or None.
         label_column: label column (name or index).
+        labels: the label set (classify: the classes; ner: the entity types), names separated by
+            commas or "@FILE" with one per line. A label outside it anywhere in the data is an error
+            naming the file and line; None: the labels the training data has (a label seen there
+            only rarely is warned about, by name and count).
         multi_label: several labels per example (a JSON list or labels joined by label_sep):
             independent sigmoids, BCE-with-logits, threshold 0.5.
         label_sep: separator of multi-label labels.
@@ -120,6 +124,7 @@ class FinetuneConfig:
     text_column: str | int = "text"
     text_pair_column: str | int | None = None
     label_column: str | int = "label"
+    labels: str | list[str] | None = None
     multi_label: bool = False
     label_sep: str = ","
     pooling: Literal["pooler", "cls", "last", "mean"] | None = None
@@ -190,6 +195,43 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- label sets
+
+
+def declared_labels(labels: str | list[str] | None) -> list[str] | None:
+    """FinetuneConfig.labels as a list: "a,b,c", "@FILE" (one label per line), or a list."""
+    if labels is None or isinstance(labels, list):
+        return labels
+    if labels.startswith("@"):
+        path = Path(labels[1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"labels: {path}: no such file")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in labels.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"labels must name each label once, got {labels!r}")
+    return names
+
+
+def rare_labels(counts: dict[str, int], *, factor: float = 0.05) -> dict[str, int]:
+    """Labels seen far less often than the typical one: count < max(2, factor x the median
+    count). One mistyped label among thousands of examples is exactly such a label."""
+    typical = float(np.median(list(counts.values()))) if counts else 0.0
+    return {name: n for name, n in counts.items() if n < max(2.0, factor * typical)}
+
+
+def warn_rare_labels(path: Path, what: str, counts: dict[str, int], notes: list[str]) -> None:
+    """Warn by name and count about rare training labels (a typo adds a class silently otherwise)."""
+    rare = rare_labels(counts)
+    if rare and len(rare) < len(counts):
+        shown = ", ".join(f"{name!r} ({n}x)" for name, n in sorted(rare.items(), key=lambda x: x[1]))
+        line = (f"{path}: rare {what}: {shown}, against a median of {int(np.median(list(counts.values())))} per "
+                f"{what.rstrip('s')}; a typo? declare the label set with --labels to make unknown labels an error")
+        log.warning(line)
+        notes.append(line)
 
 
 # ----------------------------------------------------------------------------- the starting model

@@ -35,10 +35,12 @@ from lmforge.tasks.base import (
     class_weight_vector,
     collate_inputs,
     count_of,
+    declared_labels,
     log_truncation,
     model_with_head,
     require_head,
     truncating,
+    warn_rare_labels,
 )
 from lmforge.train.objectives import ObjectiveOutput
 
@@ -79,7 +81,10 @@ class Classify:
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
         if train is not None:
-            train_data = self.read(train, config, config.multi_label)
+            train_data = self.read(train, config, config.multi_label, declared_labels(config.labels))
+            if config.labels is None:
+                counts = label_counts(train_data)
+                warn_rare_labels(train, "labels", dict(zip(train_data.label_names, counts.tolist())), notes)
             pooling = config.pooling or DEFAULT_POOLING[base.family]
             head = HeadSpec(KIND, train_data.label_names, pooling, config.multi_label, bias=base.family != "gpt")
             model = model_with_head(base, head)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ from lmforge.tasks.base import (
     Setup,
     class_weight_vector,
     collate_inputs,
+    declared_labels,
     log_truncation,
     model_with_head,
     pad,
     require_head,
     truncating,
+    warn_rare_labels,
 )
 from lmforge.train.objectives import ObjectiveOutput
 
@@ -82,7 +85,12 @@ class Ner:
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
         read = functools.partial(read_conll, scheme=config.scheme, skip_bad=config.skip_bad)
-        train_data = read(train) if train is not None else None
+        types = declared_labels(config.labels)
+        tags = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in "BI"] if types is not None else None
+        train_data = read(train, label_names=tags) if train is not None else None
+        if train_data is not None and types is None:
+            entities = Counter(t[2:] for sentence in train_data.tags for t in sentence if t.startswith("B-"))
+            warn_rare_labels(train, "entity types", dict(entities), notes)
         if train_data is not None:
             head = HeadSpec(KIND, train_data.label_names)
             model = model_with_head(base, head)

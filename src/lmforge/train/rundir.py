@@ -115,8 +115,10 @@ def _lock(path: Path) -> int:
 
 
 def holds_run(path: Path) -> bool:
-    """Does `path` hold files of an earlier run (run.json, or what runs wrote before it existed)?"""
-    return any((path / name).exists() for name in (RUN_FILE, "metrics.jsonl", "checkpoints"))
+    """Does `path` hold files of an earlier run: run.json, or (written before run.json existed)
+    metrics.jsonl or a checkpoint with lmforge's manifest?"""
+    return ((path / RUN_FILE).is_file() or (path / "metrics.jsonl").is_file()
+            or any((path / "checkpoints").glob("step_*/manifest.json")))
 
 
 def move_aside(path: Path) -> Path | None:
