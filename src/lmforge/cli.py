@@ -9,14 +9,17 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable
 
 import docstring_parser
+import yaml
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 import lmforge
@@ -26,6 +29,17 @@ log = logging.getLogger("lmforge")
 
 class UserError(Exception):
     """A mistake in what the user passed: printed as one line, exit status 2."""
+
+
+class Parser(ArgumentParser):
+    """jsonargparse's parser, whose usage errors are one line plus a hint (not the whole usage)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        text = " ".join(message.split()).replace("<class '", "").replace("'>", "")
+        text = re.sub(r'Parser key "([^"]+)": Expected an? (.+?)\. Got value: ', r"\1: expected \2, got ", text)
+        raise UserError(f"{text} (see `{prog} --help`)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -86,12 +100,8 @@ def _pretrain_args(p: ArgumentParser) -> None:
 def _pretrain(a: Namespace) -> None:
     from lmforge.config import from_namespace
     from lmforge.tasks.pretrain import pretrain
-    from lmforge.train.loop import TrainingError
 
-    try:
-        result = pretrain(from_namespace(a))
-    except TrainingError as e:
-        raise UserError(str(e)) from None
+    result = pretrain(from_namespace(a))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=str))
     if result.get("stopped") == "interrupted":
         sys.exit(130)
@@ -408,7 +418,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="lmforge", description=lmforge.__doc__, env_prefix="LMFORGE", default_env=False)
+    parser = Parser(prog="lmforge", description=lmforge.__doc__, env_prefix="LMFORGE", default_env=False)
     parser.add_argument("--version", action="version", version=f"lmforge {lmforge.__version__}")
     _add_commands(parser, COMMANDS)
     return parser
@@ -417,7 +427,7 @@ def build_parser() -> ArgumentParser:
 def _add_commands(parser: ArgumentParser, table: dict) -> None:
     sub = parser.add_subcommands(dest="command", required=True)
     for name, entry in table.items():
-        p = ArgumentParser(prog=f"{parser.prog} {name}")
+        p = Parser(prog=f"{parser.prog} {name}")
         if isinstance(entry, dict):
             sub.add_subcommand(name, p, help=f"{name} commands: {', '.join(entry)}")
             _add_commands(p, entry)
@@ -434,15 +444,79 @@ def _resolve(table: dict, args: Namespace) -> tuple[Callable[[Namespace], None],
     return entry[2], args
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """Check every `--config FILE` before jsonargparse reads it (a missing file, invalid YAML,
+    not a mapping: one line naming the file); an empty file sets nothing and is dropped."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg[9:] if arg.startswith("--config=") \
+            else None
+        if path is None:
+            out.append(arg)
+            i += 1
+            continue
+        i += 2 if arg == "--config" else 1
+        try:
+            data = yaml.safe_load(open(path, encoding="utf-8"))  # noqa: SIM115 (read at once)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}:" if mark is not None else ""
+            raise UserError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a config file is a YAML mapping of sections (model:, data:, optim:, ...), "
+                            f"not a {type(data).__name__}")
+        out += ["--config", path]
+    return out
+
+
+def _in_config(message: str, argv: list[str]) -> str:
+    """Prefix a usage error about field `a.b` with the config file that sets it."""
+    match = re.match(r"([a-z_]+(?:\.[a-z_]+)+)[: ]", message)
+    if match is None:
+        return message
+    for path in (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"):
+        node: object = yaml.safe_load(open(path, encoding="utf-8"))  # noqa: SIM115 (read at once)
+        for part in match.group(1).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f"{path}: {message}"
+    return message
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmforge.train.loop import TrainingError
+
+    return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+            TrainingError)
+
+
+def _one_line(e: BaseException) -> str | None:
+    """The line a user sees for an error that is theirs (or their machine's: a full disk), else None."""
+    if isinstance(e, _user_errors()):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return f"{e.filename or 'writing'}: {e.strerror}"
+    if isinstance(e, MemoryError):
+        return "out of memory (a model or batch too large for this machine?)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    run, command_args = _resolve(COMMANDS, args)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = _config_files(argv)
+        run, command_args = _resolve(COMMANDS, build_parser().parse_args(argv))
         run(command_args)
-    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError) as e:
-        if os.environ.get("LMFORGE_DEBUG"):
+    except Exception as e:  # noqa: BLE001 (sorted below: the user's mistakes are one line, bugs a traceback)
+        line = _one_line(e)
+        line = line if line is None or "--config" not in argv else _in_config(line, argv)
+        if line is None or os.environ.get("LMFORGE_DEBUG"):
             raise
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        print(f"lmforge: error: {line}", file=sys.stderr)
         sys.exit(2)

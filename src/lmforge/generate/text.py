@@ -13,7 +13,10 @@ decode(ids, skip_special_tokens=True) -> str, and the ids eos_id, pad_id, bos_id
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -256,10 +259,56 @@ def _raise_exception(message: str) -> None:
     raise ValueError(f"chat_template: {message}")
 
 
+# A chat template comes with a model directory, which may come from anyone: it renders in
+# jinja2's sandbox (no attribute escapes), and within these bounds (no endless loops, no
+# giant strings).
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_CHARS = 4_000_000
+
+
+class _ChatSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*` and `**` bounded so that no expression builds a giant value."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError("chat_template: exponent too large")
+        if operator == "*":
+            size = next((len(x) * y for x, y in ((left, right), (right, left))
+                         if isinstance(x, str | list | tuple) and isinstance(y, int)), 0)
+            if size > TEMPLATE_CHARS:
+                raise jinja2.exceptions.SecurityError("chat_template: a repeated value would be too large")
+        return super().call_binop(context, operator, left, right)
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _OutOfTime inside any Python code this thread runs past `seconds` (a trace
+    function: a template's loops are Python lines, each one checked)."""
+    deadline = time.monotonic() + seconds
+    previous = sys.gettrace()
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        return trace
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_template(source: str) -> jinja2.Template:
     """A chat template compiled once (sft renders every conversation prefix through it)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
     try:
         return env.from_string(source)
@@ -267,12 +316,35 @@ def _compiled_template(source: str) -> jinja2.Template:
         raise ValueError(f"chat_template line {e.lineno}: {e.message}") from e
 
 
+def render_template(template: jinja2.Template, **context: Any) -> str:
+    """Render within TEMPLATE_SECONDS and TEMPLATE_CHARS; any failure of the template (its own
+    raise_exception, a type error, a bound) is a ValueError saying so in one line."""
+    parts, size = [], 0
+    try:
+        with _time_limit(TEMPLATE_SECONDS):
+            for part in template.generate(**context):
+                parts.append(part)
+                size += len(part)
+                if size > TEMPLATE_CHARS:
+                    raise ValueError(f"chat_template: the rendered prompt exceeds {TEMPLATE_CHARS:,} characters")
+    except _OutOfTime:
+        raise ValueError(f"chat_template: rendering took longer than {TEMPLATE_SECONDS:g} s (a runaway loop?)") \
+            from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith("chat_template") else f"chat_template: {e}") from None
+    except Exception as e:  # noqa: BLE001 (a template can raise anything; each means "this template failed")
+        message = str(e).removeprefix("chat_template: ")
+        raise ValueError(f"chat_template: rendering failed ({type(e).__name__}: {message})") from None
+    return "".join(parts)
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """Render chat messages [{"role": ..., "content": ...}, ...] into one prompt string
     with the tokenizer's jinja2 chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
 
     The template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and
-    `raise_exception`, like Hugging Face chat templates, and runs sandboxed.
+    `raise_exception`, like Hugging Face chat templates, and runs sandboxed, bounded in
+    time and size (see render_template).
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("chat_prompt: messages must be a non-empty list of {'role', 'content'} dicts")
@@ -281,5 +353,5 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
             raise ValueError(f"chat_prompt: messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
 
     template = _compiled_template(getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
-    return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+    return render_template(template, messages=messages, add_generation_prompt=add_generation_prompt,
                            bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))

@@ -18,6 +18,7 @@ from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_d
 from lmforge.interop.hf import read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, attach_head, build, config_from_dict, family_of
 from lmforge.models.weights import load_weights, save_weights
+from lmforge.plan.arch import check_fits
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
         cfg = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    check_fits(path, where=f"{config_file}: ")
     if cfg.get("format") == "lmforge":
         model, head, special = _load_lmforge(path, cfg)
     elif "model_type" in cfg:

@@ -229,3 +229,27 @@ def check_lora_targets(targets: tuple[str, ...]) -> None:
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
         raise ValueError(f"lora_targets: unknown or empty {unknown or list(targets)}; choose from {LORA_TARGETS}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate on the CPU (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model: str | os.PathLike | ModelConfig, bytes_per_param: int = 4, where: str = "") -> None:
+    """Refuse, before anything is allocated, a model whose weights alone exceed the free
+    memory (a config.json with an impossible vocab_size would otherwise try for terabytes):
+    ValueError giving the size and the fields to check."""
+    arch = describe(model)
+    need, free = arch.total_params * bytes_per_param, available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{where}{arch.total_params:,} parameters ({need / 2**30:,.1f} GiB of weights) do not fit "
+                         f"in the {free / 2**30:,.1f} GiB of free memory: check vocab_size ({arch.vocab_size:,}), "
+                         f"dim ({arch.dim:,}) and the layer counts in the config")

@@ -27,6 +27,7 @@ from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
+from lmforge.plan.arch import check_fits
 from lmforge.tasks.pretrain_data import DataBuilder, prepared_data, synthetic_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, rundir
@@ -139,6 +140,7 @@ def _pretrain(config: RunConfig, data: DataBuilder | None, env: DistEnv) -> dict
     else:
         pdata = prepared_data(config, env)
     mcfg = model_config(config, **pdata.model_overrides)
+    check_fits(mcfg, where="model: ")
     seed_everything(config.train.seed)  # the same initial weights on every process
     model = build(mcfg)
     if config.model.init_from:

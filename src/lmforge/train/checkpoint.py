@@ -19,9 +19,11 @@ the rest (a truncated copy, a flipped bit): `verify` names the bad file, and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -137,7 +139,12 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 def save_weights(state: dict[str, Tensor], path: Path, aliases: dict[str, str]) -> None:
     """A state dict as safetensors, each alias left out (stored once, under its canonical name)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
-    save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(aliases)})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(aliases)})
+    except SafetensorError as e:  # safetensors reports a full disk as its own error type
+        if "No space left" in str(e) or "os error 28" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ except on log steps (each such read is marked `# host sync`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import random
 import signal
@@ -293,18 +294,32 @@ def _save(run: _Run, save_extra: Callable[[Path], None] | None) -> Path:
     root = Path(run.config.train.out_dir) / "checkpoints"
     if run.env.is_main:
         ck = run.config.checkpoint
-        checkpoint.save(
-            root, run.step, model_state=model_state, aliases=run.aliases,
-            optimizer_state={"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
-                             "scaler": run.scaler.state_dict()},
-            trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best,
-                           "world_size": run.env.world_size, "ranks": ranks},
-            config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra,
-            run_id=run.run_dir.run_id)
+        try:
+            _write_checkpoint(run, root, model_state, optimizer_state, ranks, save_extra)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            previous = checkpoint.latest_good(root)
+            raise TrainingError(
+                f"{root}: no space left on the device for the step {run.step} checkpoint ({e.strerror}); the "
+                f"previous checkpoint {previous.name if previous else '(none)'} is intact: free space, then run "
+                "again with train.resume=auto") from None
         checkpoint.prune(root, ck.keep_last, keep_best=ck.keep_best, metric=ck.metric, mode=ck.mode,
                          run_id=run.run_dir.run_id)
     parallel.barrier()
     return checkpoint.step_dir(root, run.step)
+
+
+def _write_checkpoint(run: _Run, root: Path, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
+                      ranks: list[Any], save_extra: Callable[[Path], None] | None) -> None:
+    checkpoint.save(
+        root, run.step, model_state=model_state, aliases=run.aliases,
+        optimizer_state={"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
+                         "scaler": run.scaler.state_dict()},
+        trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best,
+                       "world_size": run.env.world_size, "ranks": ranks},
+        config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra,
+        run_id=run.run_dir.run_id)
 
 
 def resume_changes(path: Path, config: RunConfig) -> dict[str, tuple[Any, Any]]:
