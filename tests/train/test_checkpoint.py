@@ -167,3 +167,44 @@ def test_rng_state_round_trip(tmp_path):
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     b = (random.random(), np.random.rand(), torch.rand(1))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def _logged_steps(out_dir: Path) -> int:
+    try:
+        return sum(1 for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_chaos_repeated_sigkills_at_random_steps_end_bit_identical(tmp_path):
+    """Kill the run with SIGKILL at random steps, several times, resuming each time: it ends
+    exactly where an uninterrupted run ends (losses and weights bit-identical)."""
+    reference = _worker(tmp_path / "ref")
+    rng = random.Random(2026)
+    run = tmp_path / "run"
+    kills = 0
+    for _ in range(4):
+        target = _logged_steps(run) + rng.randint(1, 5)
+        if target >= 16:
+            break
+        proc = _worker(run, "--slow")
+        deadline = time.monotonic() + 120
+        while _logged_steps(run) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        kills += 1
+    assert kills >= 3
+    final = _worker(run)
+    out, _ = final.communicate(timeout=120)
+    assert final.returncode == 0 and "max_steps 16" in out, out
+    ref_out, _ = reference.communicate(timeout=120)
+    assert reference.returncode == 0, ref_out
+    assert _losses(run) == _losses(tmp_path / "ref")
+    a = checkpoint.load(tmp_path / "ref" / "checkpoints" / "step_00000016")
+    b = checkpoint.load(run / "checkpoints" / "step_00000016")
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+    history = [e["event"] for e in json.loads((run / "run.json").read_text())["history"]]
+    assert "start" in history and history.count("resume") >= 1  # (a kill before the first checkpoint starts over)
