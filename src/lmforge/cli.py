@@ -99,7 +99,7 @@ def _pretrain_args(p: ArgumentParser) -> None:
 
 def _pretrain(a: Namespace) -> None:
     from lmforge.config import from_namespace
-    from lmforge.tasks.pretrain import pretrain
+    from lmforge.pretrain import pretrain
 
     result = pretrain(from_namespace(a))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=str))

@@ -31,7 +31,7 @@ from lmforge.data.prepare import prepare_corpus
 from lmforge.eval.perplexity import perplexity_of_text
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.models import build, preset
-from lmforge.tasks.pretrain import pretrain
+from lmforge.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train import rundir
 from lmforge.train.objectives import clm

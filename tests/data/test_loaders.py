@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.loaders import IGNORE_INDEX, Documents, PackedDocuments, RandomWindows, SequentialWindows
+from lmforge.data.batching import IGNORE_INDEX
+from lmforge.data.loaders import Documents, PackedDocuments, RandomWindows, SequentialWindows
 from lmforge.data.prepare import prepare_corpus
 from lmforge.data.shards import TokenShards
 from lmforge.tokenizer import train_tokenizer

@@ -12,7 +12,7 @@ from lmforge.dist.parallel import DistEnv
 from lmforge.models import BertConfig, EncoderDecoderConfig, GPTConfig, build
 from lmforge.train.loop import train
 from lmforge.train.objectives import LossModule, clm
-from lmforge.tasks.pretrain_data import SyntheticBatches
+from lmforge.data.pretraining import SyntheticBatches
 
 
 def _gpt(seed=0):

@@ -12,11 +12,12 @@ import torch
 import transformers as hf
 from torch.testing import assert_close
 
+from lmforge.data.batching import IGNORE_INDEX
 from lmforge.data.readers import _to_iob2, read_conll
 from lmforge.eval.metrics import ner_metrics
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.tasks import FinetuneConfig, evaluate, finetune
-from lmforge.tasks.base import IGNORE_INDEX, load_base
+from lmforge.tasks.base import load_base
 from lmforge.tasks.ner import Ner, word_tags
 
 TEXTS = ["johnson visited newcastle upon tyne today, new york"] * 20

@@ -10,8 +10,8 @@ import time
 import torch
 
 from lmforge.config import load_config
+from lmforge.data.pretraining import SyntheticBatches
 from lmforge.models import GPTConfig, build
-from lmforge.tasks.pretrain_data import SyntheticBatches
 from lmforge.train.loop import train
 from lmforge.train.objectives import clm
 

@@ -6,7 +6,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from lmforge.config import OptimConfig, RunConfig, config_parser, load_config, save_config
-from lmforge.tasks.pretrain import model_config
+from lmforge.pretrain import model_config
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

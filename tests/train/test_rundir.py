@@ -14,7 +14,7 @@ import yaml
 
 from lmforge.cli import main
 from lmforge.config import load_config
-from lmforge.tasks.pretrain import pretrain
+from lmforge.pretrain import pretrain
 from lmforge.train.checkpoint import CheckpointError
 from lmforge.train.logging import read_records
 

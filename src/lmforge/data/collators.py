@@ -18,11 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
-IGNORE_INDEX = -100
+from lmforge.data.batching import IGNORE_INDEX, TokenSeq, as_ids, pad_batch
 
-TokenSeq = Sequence[int] | np.ndarray | Tensor
 Pair = tuple[TokenSeq, TokenSeq, int]
 
 
@@ -115,28 +113,6 @@ def word_continuation_table(tokenizer: TokenizerLike, scheme: str = "auto") -> T
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-
-def as_ids(seq: TokenSeq) -> Tensor:
-    """One sequence of token ids -> 1-D int64 CPU tensor (copies narrow or memmapped arrays)."""
-    if isinstance(seq, Tensor):
-        t = seq.to(device="cpu", dtype=torch.int64)
-    else:
-        t = torch.from_numpy(np.array(seq, dtype=np.int64, ndmin=1))
-    if t.dim() != 1:
-        raise ValueError(f"expected a 1-D sequence of token ids, got shape {tuple(t.shape)}")
-    return t
-
-
-def pad_batch(seqs: Sequence[TokenSeq], pad_value: int, max_len: int | None = None) -> tuple[Tensor, Tensor]:
-    """Right-pad sequences (truncated to max_len) -> (ids (B, L), attention_mask (B, L)), both int64."""
-    if len(seqs) == 0:
-        raise ValueError("cannot collate an empty batch")
-    tensors = [as_ids(s)[:max_len] for s in seqs]
-    ids = pad_sequence(tensors, batch_first=True, padding_value=pad_value)
-    lengths = torch.tensor([len(t) for t in tensors])
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
-    return ids, mask
 
 
 def shift_right(labels: Tensor, pad_id: int, start_id: int) -> Tensor:

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmforge.data.batching import IGNORE_INDEX
 from lmforge.data.shards import TokenShards
 
 POOL_DOCS = 256  # documents per pool: NotNext partners and the example shuffle come from within a pool
 
-IGNORE_INDEX = -100  # the label cross-entropy skips (torch.nn.functional.cross_entropy's default ignore_index)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

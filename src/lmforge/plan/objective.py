@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.batching import IGNORE_INDEX
 from lmforge.plan.arch import Arch
 from lmforge.plan.dataflow import Shape
-from lmforge.train.objectives import IGNORE_INDEX, linear_cross_entropy, mlm_nsp
+from lmforge.train.objectives import linear_cross_entropy, mlm_nsp
 
 
 def random_batch(arch: Arch, shape: Shape, device: torch.device | str, seed: int = 0) -> dict[str, Tensor]:

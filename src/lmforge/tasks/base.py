@@ -23,6 +23,7 @@ import tokenizers
 import torch
 from torch import Tensor, nn
 
+from lmforge.data.batching import with_index
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.models import HeadSpec, ModelConfig, attach_head, family_of
 from lmforge.tokenizer import Tokenizer
@@ -30,7 +31,6 @@ from lmforge.train.objectives import ObjectiveOutput
 
 log = logging.getLogger("lmforge.tasks")
 
-IGNORE_INDEX = -100
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAVE_FORMATS = ("auto", "hf", "lmforge")
 
@@ -454,12 +454,6 @@ class ExampleBatches:
         self.extra_state.update(copy.deepcopy(state.get("extra", {})))
 
 
-def with_index(batch: dict[str, Tensor], positions: Sequence[int]) -> dict[str, Tensor]:
-    """Add the features' positions ("index", (B,) int64) so that outputs can be matched to them."""
-    batch["index"] = torch.tensor(list(positions), dtype=torch.int64)
-    return batch
-
-
 def eval_batches(features: Sequence[dict[str, Any]], collate: Callable[[list[dict]], dict[str, Tensor]],
                  batch_size: int, length: Callable[[dict], int] = lambda f: len(f["input_ids"])) -> list[dict]:
     """Validation batches, built once: features sorted by length so that each batch pads little
@@ -467,23 +461,6 @@ def eval_batches(features: Sequence[dict[str, Any]], collate: Callable[[list[dic
     order = sorted(range(len(features)), key=lambda i: length(features[i]))
     return [with_index(collate([features[i] for i in order[s:s + batch_size]]), order[s:s + batch_size])
             for s in range(0, len(order), batch_size)]
-
-
-def pad(rows: Sequence[Sequence[int]], value: int, dtype: torch.dtype = torch.int64) -> Tensor:
-    """Right-pad lists to the longest -> (B, T)."""
-    T = max(len(r) for r in rows)
-    out = torch.full((len(rows), T), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=dtype)
-    return out
-
-
-def collate_inputs(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """input_ids, attention_mask and token_type_ids (B, T), right-padded."""
-    ids = pad([f["input_ids"] for f in features], pad_id)
-    lengths = torch.tensor([len(f["input_ids"]) for f in features])
-    return {"input_ids": ids, "attention_mask": (torch.arange(ids.size(1))[None] < lengths[:, None]).long(),
-            "token_type_ids": pad([f["type_ids"] for f in features], 0)}
 
 
 # ----------------------------------------------------------------------------- tokenizing

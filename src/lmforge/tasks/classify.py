@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.batching import collate_inputs
 from lmforge.data.readers import ClassificationData, read_classification
 from lmforge.eval.metrics import classification_metrics, multilabel_metrics
 from lmforge.eval.report import confusion_matrix_png
@@ -33,7 +34,6 @@ from lmforge.tasks.base import (
     Outputs,
     Setup,
     class_weight_vector,
-    collate_inputs,
     count_of,
     declared_labels,
     log_truncation,

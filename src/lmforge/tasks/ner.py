@@ -23,22 +23,20 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.batching import IGNORE_INDEX, collate_inputs, pad
 from lmforge.data.readers import NerData, _to_iob2, read_conll
 from lmforge.eval.metrics import ner_metrics
 from lmforge.models import HeadSpec
 from lmforge.tasks.base import (
-    IGNORE_INDEX,
     Base,
     FinetuneConfig,
     OnDevice,
     Outputs,
     Setup,
     class_weight_vector,
-    collate_inputs,
     declared_labels,
     log_truncation,
     model_with_head,
-    pad,
     require_head,
     truncating,
     warn_rare_labels,

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.batching import IGNORE_INDEX, attention_mask, pad
 from lmforge.data.sources import iter_documents
 from lmforge.eval.metrics import bits_per_byte, bits_per_char, perplexity
 from lmforge.eval.perplexity import window_spans
-from lmforge.tasks.base import IGNORE_INDEX, Base, FinetuneConfig, Outputs, Setup, pad
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup
 from lmforge.tasks.seq2seq import task_options
 from lmforge.train.objectives import CHUNK_ELEMENTS, ObjectiveOutput
 
@@ -115,10 +116,9 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     the targets a previous window scored."""
     ids = pad([f["input_ids"] for f in features], pad_id)
     labels = pad([f["targets"] for f in features], IGNORE_INDEX)
-    lengths = torch.tensor([len(f["input_ids"]) for f in features])
     for row, f in enumerate(features):
         labels[row, :f["skip"]] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": (torch.arange(ids.size(1))[None] < lengths[:, None]).long(),
+    return {"input_ids": ids, "attention_mask": attention_mask([len(f["input_ids"]) for f in features], ids.size(1)),
             "labels": labels}
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.batching import collate_inputs
 from lmforge.data.readers import QAData, QAExample, read_squad
 from lmforge.eval.metrics import squad_metrics
 from lmforge.models import HeadSpec
@@ -37,7 +38,6 @@ from lmforge.tasks.base import (
     FinetuneConfig,
     Outputs,
     Setup,
-    collate_inputs,
     count_of,
     log,
     model_with_head,

@@ -41,10 +41,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from lmforge.data.batching import IGNORE_INDEX, collate_lm
 from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
-from lmforge.tasks.base import IGNORE_INDEX, Base, FinetuneConfig, Outputs, Setup, log_truncation, pad, truncating
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, truncating
 from lmforge.train.objectives import ObjectiveOutput, clm, denoise
 
 log = logging.getLogger("lmforge.tasks")
@@ -191,14 +192,6 @@ def decoder_features(base: Base, data: Seq2SeqData, template: str, max_length: i
     return features
 
 
-def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """input_ids, attention_mask (B, S) right-padded; labels (B, T) padded with -100."""
-    ids = pad([f["input_ids"] for f in features], pad_id)
-    lengths = torch.tensor([len(f["input_ids"]) for f in features])
-    return {"input_ids": ids, "attention_mask": (torch.arange(ids.size(1))[None] < lengths[:, None]).long(),
-            "labels": pad([f["labels"] for f in features], IGNORE_INDEX)}
-
-
 def step(model: nn.Module, batch: dict[str, Tensor], encdec: bool) -> tuple[ObjectiveOutput, None]:
     """Summed target-token cross-entropy (teacher forcing); no per-item outputs: the metrics
     come from generation in `score`."""
@@ -330,7 +323,7 @@ class Seq2SeqTask:
             notes.append(f"decoder-only format: {template!r} then ' ' + target + EOS; loss on the target tokens")
         return Setup(
             model=base.model, head=None, train=train_features, valid=valid_features,
-            collate=functools.partial(collate, pad_id=base.pad_id),
+            collate=functools.partial(collate_lm, pad_id=base.pad_id),
             step=functools.partial(step, encdec=encdec),
             score=functools.partial(score, base=base, features=valid_features, data=valid_data, config=gen,
                                     opts=opts, batch_size=config.batch_size, encdec=encdec,

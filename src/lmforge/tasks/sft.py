@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.data.batching import IGNORE_INDEX, collate_lm
 from lmforge.data.readers import ChatData, read_chat
 from lmforge.eval.metrics import perplexity
 from lmforge.generate.decode import GenerationConfig
 from lmforge.generate.text import DEFAULT_CHAT_TEMPLATE, chat_prompt
-from lmforge.tasks.base import IGNORE_INDEX, Base, FinetuneConfig, Outputs, Setup, log_truncation, pad
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation
 from lmforge.tasks.perplexity import row_token_stats
 from lmforge.tasks.seq2seq import generate_ids, task_options
 from lmforge.train.objectives import ObjectiveOutput, clm
@@ -188,14 +189,6 @@ def encode(base: Base, data: ChatData, path: Path, max_length: int, skip_bad: bo
     return features
 
 
-def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """input_ids, attention_mask (B, T) right-padded with the pad token; labels padded with -100."""
-    ids = pad([f["input_ids"] for f in features], pad_id)
-    lengths = torch.tensor([len(f["input_ids"]) for f in features])
-    return {"input_ids": ids, "attention_mask": (torch.arange(ids.size(1))[None] < lengths[:, None]).long(),
-            "labels": pad([f["labels"] for f in features], IGNORE_INDEX)}
-
-
 def step(model: nn.Module, batch: dict[str, Tensor]) -> tuple[ObjectiveOutput, tuple[Tensor, ...] | None]:
     """Summed cross-entropy on the assistant tokens. Training: the chunked causal-LM objective;
     validation: per conversation (nll_sum, correct, tokens) for `score`."""
@@ -280,7 +273,7 @@ class Sft:
         valid_features = features[valid]
         return Setup(
             model=base.model, head=None, train=features[train] if train is not None else [], valid=valid_features,
-            collate=functools.partial(collate, pad_id=base.pad_id), step=step,
+            collate=functools.partial(collate_lm, pad_id=base.pad_id), step=step,
             score=functools.partial(score, base=base, data=datasets[valid], opts=opts,
                                     conversations=[f["conversation"] for f in valid_features]),
             report=report, notes=notes)

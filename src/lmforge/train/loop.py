@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,27 +34,13 @@ import yaml
 from torch import Tensor, nn
 
 from lmforge.config import RunConfig, config_changes, save_config
+from lmforge.data.batching import BatchIterator
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
 from lmforge.train import checkpoint, rundir
 from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
 from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
-
-
-class BatchIterator(Protocol):
-    """What the loop consumes: an iterator of batches (dicts of CPU tensors: input_ids,
-    labels, ...) whose position can be saved and restored exactly. Training stops when it
-    is exhausted, so a pretraining iterator cycles through its data forever. Under torchrun
-    each process has its own shard, and all shards must last equally many batches."""
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]: ...
-
-    def __next__(self) -> dict[str, Tensor]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainingError(RuntimeError):

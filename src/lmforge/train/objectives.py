@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from lmforge.data.batching import IGNORE_INDEX
+
 # Rows of logits per chunk: chunk_rows * V fp32 logits (~256 MiB) exist at a time, however long the batch.
 CHUNK_ELEMENTS = 2**26
 # On a CPU, chunks of ~4 MiB of logits stay in cache between the passes that read them (log-softmax,

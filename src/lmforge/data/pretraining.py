@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lmforge.config import RunConfig
+from lmforge.data.batching import BatchIterator
 from lmforge.data.collators import (
     DenoisingCollator,
     MLMCollator,
@@ -39,8 +40,6 @@ from lmforge.data.shards import META_FILE, TokenShards
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import rundir
-from lmforge.train.loop import BatchIterator
 
 SENTENCE_ENDS = (".", "!", "?", "Ġ.", "▁.")  # sentence-final tokens, as the common tokenizers spell them
 
@@ -130,6 +129,12 @@ def _equal_length(batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
 # ----------------------------------------------------------------------------- builders
 
 
+def prepares_into_run(config: RunConfig) -> bool:
+    """Will `prepared_data` tokenize raw text into out_dir/data (rather than read prepared shards)?"""
+    d = config.data
+    return not d.synthetic and any(s is not None and not (Path(s) / META_FILE).is_file() for s in (d.train, d.val))
+
+
 def _prepared(source: str, tok: Tokenizer | None, target: Path, val_fraction: float, env: DistEnv) -> str:
     """`source` itself when it is a prepared directory; else raw text files (paths, a directory or
     a glob) tokenized into `target` by rank 0 (idempotent: an identical preparation is reused)."""
@@ -139,7 +144,6 @@ def _prepared(source: str, tok: Tokenizer | None, target: Path, val_fraction: fl
         raise ValueError(f"{source}: raw text needs data.tokenizer (train one with `lmforge tokenizer train`), "
                          "or prepare it first with `lmforge data prepare`")
     if env.is_main:
-        rundir.record(target.parent.parent, target.parent.name)  # out_dir/data belongs to the run
         stats = prepare_corpus(tok, source, target, val_fraction=val_fraction)
         if not stats["skipped"]:
             print(f"prepared {source} -> {target}: {stats['n_tokens']:,} tokens in {stats['seconds']:.1f}s")

@@ -8,10 +8,10 @@ import torch
 from lmforge.config import load_config
 from lmforge.data.loaders import Documents, PooledExamples
 from lmforge.data.prepare import prepare_corpus
+from lmforge.data.pretraining import SyntheticBatches, _document_objective, _vocab_info
 from lmforge.data.shards import TokenShards
 from lmforge.models import build
-from lmforge.tasks.pretrain import init_weights, model_config, pretrain
-from lmforge.tasks.pretrain_data import SyntheticBatches, _document_objective, _vocab_info
+from lmforge.pretrain import init_weights, model_config, pretrain
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train import checkpoint
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.config import RunConfig
+from lmforge.data.pretraining import DataBuilder, prepared_data, prepares_into_run, synthetic_data
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
 from lmforge.files import check_writable
@@ -28,7 +29,6 @@ from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
 from lmforge.plan.arch import check_fits
-from lmforge.tasks.pretrain_data import DataBuilder, prepared_data, synthetic_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, rundir
 from lmforge.train.loop import resolve_precision, seed_everything, train
@@ -132,6 +132,8 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
 def _pretrain(config: RunConfig, data: DataBuilder | None, env: DistEnv) -> dict[str, Any]:
     """`pretrain` inside its run directory."""
     check_writable(Path(config.train.out_dir) / "model", MODEL_DIR)  # before training, not after it
+    if data is None and prepares_into_run(config):
+        rundir.record(config.train.out_dir, "data")  # text files are prepared into out_dir/data, the run's own
     if data is not None:
         pdata = data(config, env)
     elif config.data.synthetic:
