@@ -224,15 +224,19 @@ class EvalConfig:
         every: evaluate every this many optimizer steps; 0: only at the end.
         steps: validation batches per evaluation (per process); None: the whole validation set.
         at_end: evaluate once more after the last step.
+        patience: early stopping: stop after this many evaluations in a row that do not improve
+            checkpoint.metric (in checkpoint.mode); None: never stop early.
     """
 
     every: int = 500
     steps: int | None = 50
     at_end: bool = True
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0", self.every)
         _check(self.steps is None or self.steps >= 1, "eval.steps", "must be >= 1 or null", self.steps)
+        _check(self.patience is None or self.patience >= 1, "eval.patience", "must be >= 1 or null", self.patience)
 
 
 @dataclass

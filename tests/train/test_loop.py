@@ -181,3 +181,23 @@ def test_logged_mfu_counts_the_vocabulary_projection_where_it_runs(bert, encdec,
         r = [json.loads(line) for line in (res.out_dir / "metrics.jsonl").read_text().splitlines()][-1]
         assert r["mfu"] * 1e12 / r["tokens_per_s"] == pytest.approx(flops_per_token(model, 16, fraction))
         assert r["mfu"] < r["tokens_per_s"] * flops_per_token(model, 16) / 1e12  # less than counting every row
+
+
+def test_early_stopping_is_the_loops_and_survives_a_resume(gpt, batches_cls, make_clm_batch, run_config):
+    calls = []
+
+    def evaluate_fn(model):
+        calls.append(model.training)
+        return {"val_score": 0.5}  # never improves after the first evaluation
+
+    common = {"eval.every": 2, "eval.patience": 2, "checkpoint.every": 2, "checkpoint.metric": "val_score",
+              "checkpoint.mode": "max", "train.resume": "auto"}
+    batches = [make_clm_batch(4, 16, seed=s) for s in range(3)]
+    first = train(gpt(), clm, batches_cls(batches), run_config(**{**common, "train.max_steps": 4}),
+                  evaluate_fn=evaluate_fn)
+    assert first.stopped == "max_steps"  # evaluations at 2 (best) and 4 (1 without improvement)
+    again = train(gpt(), clm, batches_cls(batches), run_config(**{**common, "train.max_steps": 10}),
+                  evaluate_fn=evaluate_fn)
+    assert again.stopped == "early_stopping" and again.step == 6  # the count carried over the resume
+    assert again.best == {"metric": "val_score", "value": 0.5, "step": 2}
+    assert calls == [True] * 3  # evaluations at 2, 4, 6, given the model as the loop has it

@@ -8,7 +8,6 @@ task interface from a task author's side.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -390,8 +389,7 @@ class ExampleBatches:
     Epoch e's order is a permutation drawn from (seed, e) alone, so the position (epoch,
     batch) is the whole state. Under torchrun each process takes every world_size-th item of
     each global batch of batch_size * world_size; a last global batch too small to give every
-    process an item is dropped there. `stop()` ends the iteration early (early stopping);
-    its flag is part of the state. `items` counts the features yielded (for samples/s).
+    process an item is dropped there. `items` counts the features yielded (for samples/s).
     """
 
     def __init__(self, features: Sequence[dict[str, Any]], collate: Callable[[list[dict]], dict[str, Tensor]],
@@ -403,8 +401,6 @@ class ExampleBatches:
         self.epochs, self.shuffle, self.seed = epochs, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = self.batch = self.items = 0
-        self.stopped = False
-        self.extra_state: dict[str, Any] = {}  # resumable state of helpers (early stopping)
         self._order: np.ndarray | None = None
 
     @property
@@ -421,8 +417,6 @@ class ExampleBatches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        if self.stopped:
-            raise StopIteration
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch, self._order = self.epoch + 1, 0, None
         if self.epoch >= self.epochs:
@@ -436,12 +430,9 @@ class ExampleBatches:
         self.items += len(mine)
         return with_index(self.collate([self.features[i] for i in mine]), mine)
 
-    def stop(self) -> None:
-        self.stopped = True
-
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, "stopped": self.stopped, "seed": self.seed,
-                "n": len(self.features), "batch_size": self.batch_size, "extra": copy.deepcopy(self.extra_state)}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": len(self.features),
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {"seed": self.seed, "n": len(self.features), "batch_size": self.batch_size}
@@ -449,9 +440,7 @@ class ExampleBatches:
             if state.get(key) != value:
                 raise ValueError(f"cannot resume: the checkpoint's data has {key}={state.get(key)!r}, this run "
                                  f"{value!r} (resuming needs the same data and options, or resume=none)")
-        self.epoch, self.batch, self.stopped, self._order = state["epoch"], state["batch"], state["stopped"], None
-        self.extra_state.clear()
-        self.extra_state.update(copy.deepcopy(state.get("extra", {})))
+        self.epoch, self.batch, self._order = state["epoch"], state["batch"], None
 
 
 def eval_batches(features: Sequence[dict[str, Any]], collate: Callable[[list[dict]], dict[str, Tensor]],

@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -82,79 +81,41 @@ from lmforge.nn.lora import apply_lora, merge_lora
 from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
 from lmforge.train import checkpoint, loop, rundir
 from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
-from lmforge.train.objectives import LossModule, ObjectiveOutput
+from lmforge.train.objectives import ObjectiveOutput
 
 log = logging.getLogger("lmforge.tasks")
 
 PRETRAINING_HEADS = ("lm_head", "nsp_head")  # a backbone's own heads, unused under a task head
 
 
-# ----------------------------------------------------------------------------- outputs and early stopping
+# ----------------------------------------------------------------------------- evaluation
 
 
-class OutputCollector:
-    """Keeps what a task's `step` returned for validation batches (the model in eval mode)."""
-
-    def __init__(self) -> None:
-        self.parts: list[tuple[Tensor, Any]] = []
-        self.loss: list[tuple[Tensor, Tensor]] = []
-
-    def objective(self, step):
-        """The loop's objective: the task's step, keeping outputs while the model evaluates."""
-        def objective(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
-            out, outputs = step(model, batch)
-            if not model.training:
-                self.loss.append((out.loss.detach(), out.count))
-                if outputs is not None:
-                    self.parts.append((batch["index"], outputs))
-            return out
-        return objective
-
-    def mean_loss(self) -> float:
-        """Mean loss of the collected batches (as the loop's val_loss); empties that part."""
-        if not self.loss:
-            return math.nan
-        total = torch.stack([s.double() for s, _ in self.loss]).sum()
-        count = torch.stack([c.double() for _, c in self.loss]).sum()
-        self.loss = []
-        return float(total / count.clamp(min=1))  # host sync (evaluation only)
-
-    def take(self) -> Outputs:
-        """{feature position: its outputs (fp32 CPU tensors)}; empties the collector."""
-        result: Outputs = {}
-        for index, outputs in self.parts:
-            positions = index.tolist()  # host sync (evaluation only)
-            if isinstance(outputs, Tensor):
-                items = outputs.detach().float().cpu().unbind(0)
-            else:
-                items = list(zip(*(o.detach().float().cpu().unbind(0) for o in outputs)))
-            result.update(zip(positions, items))
-        self.parts, self.loss = [], []
-        return result
-
-
-class EarlyStopping:
-    """Stops the batch iterator after `patience` evaluations without improving `key`; its
-    state travels in the iterator's state (checkpointed with the data position)."""
-
-    def __init__(self, key: str, mode: str, patience: int | None, batches: ExampleBatches) -> None:
-        self.key, self.mode, self.patience, self.batches = key, mode, patience, batches
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self.batches.extra_state.setdefault("early_stopping", {"best": None, "bad": 0})
-
-    def update(self, values: dict[str, float]) -> None:
-        value, s = values.get(self.key), self.state
-        ok = value is not None and math.isfinite(value)
-        if ok and (s["best"] is None or (value > s["best"] if self.mode == "max" else value < s["best"])):
-            s["best"], s["bad"] = value, 0
-            return
-        s["bad"] += 1
-        if self.patience is not None and s["bad"] >= self.patience:
-            log.warning("early stopping: %s did not improve for %d evaluations (best %s)", self.key, s["bad"],
-                        s["best"])
-            self.batches.stop()
+def evaluate_task(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor]], device: torch.device,
+                  precision: str) -> dict[str, Any]:
+    """The task's full metrics and its loss over prepared validation batches, from one
+    forward pass each (the model in eval mode): `setup.step` gives the summed loss and the
+    per-item outputs, which go to `setup.score` keyed by feature position."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    parts: list[tuple[Tensor, Any]] = []
+    with torch.no_grad():
+        for batch in batches:
+            with loop.autocast(precision, device):
+                out, items = setup.step(model, loop.to_device(batch, device))
+            loss += out.loss.double()
+            count += out.count
+            if items is not None:
+                parts.append((batch["index"], items))
+    model.train(was_training)
+    outputs: Outputs = {}
+    for index, items in parts:
+        per_item = (items.float().cpu().unbind(0) if isinstance(items, Tensor)
+                    else list(zip(*(o.float().cpu().unbind(0) for o in items))))
+        outputs.update(zip(index.tolist(), per_item))
+    return {**setup.score(model, outputs), "loss": float(loss / count.clamp(min=1))}  # host sync (evaluation only)
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -269,7 +230,7 @@ def _run_config(config: FinetuneConfig, family: str, out: Path, total: int, ever
         train=TrainConfig(micro_batch_size=config.batch_size, grad_accum=config.grad_accum, max_steps=total,
                           seed=config.seed, precision=config.precision, compile=config.compile, device=config.device,
                           out_dir=str(out), resume=config.resume),
-        eval=EvalConfig(every=every, steps=None, at_end=True),
+        eval=EvalConfig(every=every, steps=None, at_end=True, patience=config.patience),
         checkpoint=CheckpointConfig(every=every, keep_last=1, keep_best=config.keep_best, metric=f"val_{metric}",
                                     mode=mode),
         log=LogConfig(every=config.log_every, progress=config.progress, tensorboard=config.tensorboard),
@@ -285,16 +246,6 @@ def _restore_best(model: nn.Module, result: TrainResult, out: Path) -> int:
     model.load_state_dict(state)
     log.info("best %s %.4g at step %d: exporting those weights", best["metric"], best["value"], best["step"])
     return best["step"]
-
-
-def run_evaluation(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor]], device: torch.device,
-                   precision: str) -> dict[str, Any]:
-    """The task's full metrics (and the loss) over prepared validation batches."""
-    collector = OutputCollector()
-    runner = LossModule(model, collector.objective(setup.step))
-    with torch.no_grad():
-        val = loop.evaluate(runner, batches, device, precision=precision)
-    return {**setup.score(model, collector.take()), "loss": val["val_loss"]}
 
 
 def hf_exportable(head: HeadSpec | None, family: str) -> bool:
@@ -379,23 +330,20 @@ def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, ou
     total = steps_per_epoch * config.epochs
     every = config.eval_every or steps_per_epoch
     val = eval_batches(setup.valid, setup.collate, config.batch_size)
-    collector = OutputCollector()
-    stopper = EarlyStopping(f"val_{metric}", mode, config.patience, batches)
+    precision = resolve_precision(config.precision, env.device)
 
-    def eval_fn(m: nn.Module) -> dict[str, float]:
-        loss = collector.mean_loss()  # the loop's val_loss, from the same pass
-        values = scalars(setup.score(m, collector.take()), "val_")
-        stopper.update({**values, "val_loss": loss})
-        return values
+    def objective(m: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        return setup.step(m, batch)[0]
+
+    def evaluate_fn(m: nn.Module) -> dict[str, float]:
+        return scalars(evaluate_task(setup, m, val, env.device, precision), "val_")
 
     run_config = _run_config(config, base.family, out, total, every, metric, mode, (str(model), str(train), str(valid)))
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = loop.train(setup.model, collector.objective(setup.step), batches, run_config, val_batches=val,
-                        eval_fn=eval_fn)
+    result = loop.train(setup.model, objective, batches, run_config, evaluate_fn=evaluate_fn)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     best_step = _restore_best(setup.model, result, out) if config.keep_best else result.step
-    precision = resolve_precision(config.precision, env.device)
-    metrics = run_evaluation(setup, setup.model, val, env.device, precision)
+    metrics = evaluate_task(setup, setup.model, val, env.device, precision)
     metrics["run"] = {"steps": result.step, "best_step": best_step, "stopped": result.stopped,
                       "epochs": round(result.step / steps_per_epoch, 3), "train_samples": batches.items,
                       "train_seconds": seconds, "train_samples_per_s": batches.items / max(seconds, 1e-9),
@@ -425,7 +373,7 @@ def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike
     device = parallel.resolve_device(config.device)
     setup.model.to(device).eval()
     batches = eval_batches(setup.valid, setup.collate, config.batch_size)
-    metrics = run_evaluation(setup, setup.model, batches, device, resolve_precision(config.precision, device))
+    metrics = evaluate_task(setup, setup.model, batches, device, resolve_precision(config.precision, device))
     if out is not None:
         write_outputs(Path(out), f"{task.name}: {_shown(model)} on {Path(data).name}", metrics, setup, {})
     return metrics

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import random
 import signal
@@ -42,6 +43,8 @@ from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
 from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
 
+log = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, out of memory); the message says what to change."""
@@ -49,8 +52,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """How a run ended. stopped: max_steps, max_tokens, max_time, data_exhausted or
-    interrupted (SIGINT/SIGTERM; a checkpoint was written first)."""
+    """How a run ended. stopped: max_steps, max_tokens, max_time, early_stopping (eval.patience
+    evaluations without improving checkpoint.metric), data_exhausted or interrupted
+    (SIGINT/SIGTERM; a checkpoint was written first)."""
 
     out_dir: Path
     step: int
@@ -83,6 +87,7 @@ class _Run:
     step: int = 0
     tokens: int = 0
     best: dict[str, Any] | None = None
+    stale: int = 0  # evaluations in a row without a better checkpoint.metric (early stopping)
     last_val: dict[str, float] = field(default_factory=dict)
     last_eval_step: int = -1
 
@@ -302,7 +307,7 @@ def _write_checkpoint(run: _Run, root: Path, model_state: dict[str, Tensor], opt
         root, run.step, model_state=model_state, aliases=run.aliases,
         optimizer_state={"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                          "scaler": run.scaler.state_dict()},
-        trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best,
+        trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best, "stale": run.stale,
                        "world_size": run.env.world_size, "ranks": ranks},
         config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra,
         run_id=run.run_dir.run_id)
@@ -360,16 +365,23 @@ def _restore(run: _Run, path: Path, changes: dict[str, tuple[Any, Any]]) -> None
                                          ) from None
     checkpoint.set_rng_state(mine["rng"], run.env.device)
     run.step, run.tokens, run.best = trainer["step"], trainer["tokens"], trainer["best"]
+    run.stale = trainer.get("stale", 0)
 
 
-def _update_best(run: _Run, val: dict[str, float]) -> None:
-    ck = run.config.checkpoint
+def _update_best(run: _Run, val: dict[str, float]) -> str | None:
+    """Track the best checkpoint.metric; returns the reason to stop early (eval.patience), if any."""
+    ck, patience = run.config.checkpoint, run.config.eval.patience
     value = val.get(ck.metric)
-    if value is None or not math.isfinite(value):
-        return
-    better = run.best is None or (value < run.best["value"] if ck.mode == "min" else value > run.best["value"])
-    if better:
-        run.best = {"metric": ck.metric, "value": value, "step": run.step}
+    ok = value is not None and math.isfinite(value)
+    if ok and (run.best is None or (value < run.best["value"] if ck.mode == "min" else value > run.best["value"])):
+        run.best, run.stale = {"metric": ck.metric, "value": value, "step": run.step}, 0
+        return None
+    run.stale += 1
+    if patience is None or run.stale < patience:
+        return None
+    best = f"{run.best['value']:.4g} at step {run.best['step']}" if run.best else "none"
+    log.warning("early stopping: %s did not improve for %d evaluations (best %s)", ck.metric, run.stale, best)
+    return "early_stopping"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -482,7 +494,7 @@ def train(
     config: RunConfig,
     *,
     val_batches: Iterable[dict[str, Tensor]] | None = None,
-    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     save_extra: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `objective` over `train_batches` as `config` says; resume first
@@ -494,10 +506,10 @@ def train(
     train_batches: this process's shard of the training batches (see BatchIterator).
     val_batches: re-iterable validation batches (each `iter()` starts over), this process's
         shard; evaluated every eval.every steps for val_loss, val_ppl and objective metrics.
-    eval_fn: more validation metrics, called with the (unwrapped) model at each evaluation on
-        every process, e.g. generation-based scores; its keys join the val_* record. Metrics
-        an objective returns (accuracy, ...) are reduced over processes automatically; prefer
-        them: under FSDP the model's root parameters are gathered only inside the objective.
+    evaluate_fn: an evaluation of the task's own, called with the (unwrapped) model every
+        eval.every steps on every process (instead of, or beside, val_batches' pass): its
+        val_* metrics (a fine-tuning task's loss, accuracy, F1...) join the record. Either
+        kind ranks checkpoints (checkpoint.metric) and stops early (eval.patience).
     save_extra: writes more files into each checkpoint directory before it is sealed (rank 0).
 
     The run holds config.train.out_dir (lmforge.train.rundir): a second run there is refused,
@@ -507,13 +519,14 @@ def train(
     out = config.train.out_dir
     with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main) as run_dir:
         run = _setup(model, objective, train_batches, config, env, run_dir)
-        return _loop(run, val_batches, eval_fn, save_extra)
+        return _loop(run, val_batches, evaluate_fn, save_extra)
 
 
-def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, eval_fn: Callable | None,
+def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, evaluate_fn: Callable | None,
           save_extra: Callable[[Path], None] | None) -> TrainResult:
     """The steps of `train`, from where `_setup` left the run."""
     cfg, env = run.config, run.env
+    evaluates = val_batches is not None or evaluate_fn is not None
     logger = RunLogger(cfg.train.out_dir, cfg.log, enabled=env.is_main, total_steps=run.total_steps,
                        start_step=run.step)
     steps = (f"steps {run.step + 1}..{run.total_steps}" if run.step < run.total_steps
@@ -562,8 +575,8 @@ def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, eval_fn: C
             elif env.distributed:
                 stop = None  # processes agree to stop at log steps, where they communicate anyway
 
-            if val_batches is not None and cfg.eval.every and run.step % cfg.eval.every == 0:
-                _evaluate_and_log(run, val_batches, eval_fn, logger)
+            if evaluates and cfg.eval.every and run.step % cfg.eval.every == 0:
+                stop = stop or _evaluate_and_log(run, val_batches, evaluate_fn, logger)
 
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
                 result.checkpoint, last_saved = _save(run, save_extra), run.step
@@ -575,8 +588,8 @@ def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, eval_fn: C
                 break
 
         interrupted = result.stopped == "interrupted"
-        if val_batches is not None and cfg.eval.at_end and run.last_eval_step != run.step and not interrupted:
-            _evaluate_and_log(run, val_batches, eval_fn, logger)
+        if evaluates and cfg.eval.at_end and run.last_eval_step != run.step and not interrupted:
+            _evaluate_and_log(run, val_batches, evaluate_fn, logger)
         if last_saved != run.step and run.step > 0:
             result.checkpoint = _save(run, save_extra)
         if interrupted:
@@ -593,12 +606,17 @@ def _out_of_memory(run: _Run) -> str:
             "to keep the global batch, set train.activation_checkpointing=true, or shard with dist.strategy=fsdp")
 
 
-def _evaluate_and_log(run: _Run, val_batches: Iterable, eval_fn: Callable | None, logger: RunLogger) -> None:
-    val = evaluate(run.runner, val_batches, run.env.device, max_batches=run.config.eval.steps,
-                   precision=run.precision)
-    if eval_fn is not None:
-        val.update(eval_fn(run.model))
+def _evaluate_and_log(run: _Run, val_batches: Iterable | None, evaluate_fn: Callable | None,
+                      logger: RunLogger) -> str | None:
+    """One evaluation, logged; returns "early_stopping" when eval.patience says to stop."""
+    val = {}
+    if val_batches is not None:
+        val = evaluate(run.runner, val_batches, run.env.device, max_batches=run.config.eval.steps,
+                       precision=run.precision)
+    if evaluate_fn is not None:
+        val.update(evaluate_fn(run.model))
     run.last_val, run.last_eval_step = val, run.step
-    _update_best(run, val)
+    stop = _update_best(run, val)
     logger.log({"step": run.step, **val})
     logger.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    return stop
