@@ -11,13 +11,13 @@ and its own Python (which wheels to bring, the one command line).
 Workloads, in this order, each in its own process with its own time budget (seconds):
   cuda-tests   60  pytest -m cuda tests/cuda: compiled training step, CUDA-graph decoding equal to
                    eager, bf16 against fp32, fused AdamW (and no host sync between log steps)
-  train-gpt2  120  gpt2-124m, T=1024, bf16: lmforge's train() (compiled) against transformers'
+  train-gpt2  110  gpt2-124m, T=1024, bf16: lmforge's train() (compiled) against transformers'
                    GPT2LMHeadModel with torch.compile and fused AdamW; tokens/s and MFU
-  mlm-bert    100  bert-base masked LM, T=128, 15% masking: lmforge's train() against
+  mlm-bert     90  bert-base masked LM, T=128, 15% masking: lmforge's train() against
                    BertForMaskedLM (SDPA, bf16), each with and without torch.compile
-  decode-gpt2 140  greedy gpt2-124m, batch 1 and 16, 256 new tokens: lmforge (eager, CUDA graph)
+  decode-gpt2 170  greedy gpt2-124m, batch 1 and 16, 256 new tokens: lmforge (eager, CUDA graph)
                    against transformers' generate (default, static cache which it compiles)
-  plan-verify  50  `lmforge plan --verify` on CUDA: gpt2-124m, bert-base, llama-small (and more
+  plan-verify  40  `lmforge plan --verify` on CUDA: gpt2-124m, bert-base, llama-small (and more
                    settings while time is left); predicted against measured peak memory and step time
 
 A workload that crashes, hangs past its budget or lacks a package is recorded as such (with
@@ -72,10 +72,10 @@ BASE = ("torch", "numpy", "safetensors", "tokenizers", "yaml", "jinja2", "tqdm")
 LOOP = BASE + ("jsonargparse", "tensorboard")
 WORKLOADS = [
     Workload("cuda-tests", 60, LOOP + ("pytest",), "CUDA tests (pytest -m cuda tests/cuda)"),
-    Workload("train-gpt2", 120, LOOP + ("transformers",), "gpt2-124m training, T=1024, bf16"),
-    Workload("mlm-bert", 100, LOOP + ("transformers",), "bert-base masked LM, T=128, 15% masked, bf16"),
-    Workload("decode-gpt2", 140, BASE + ("transformers",), "greedy decoding, gpt2-124m, 256 new tokens, bf16"),
-    Workload("plan-verify", 50, LOOP + ("docstring_parser", "sacrebleu"), "lmforge plan --verify on CUDA"),
+    Workload("train-gpt2", 110, LOOP + ("transformers",), "gpt2-124m training, T=1024, bf16"),
+    Workload("mlm-bert", 90, LOOP + ("transformers",), "bert-base masked LM, T=128, 15% masked, bf16"),
+    Workload("decode-gpt2", 170, BASE + ("transformers",), "greedy decoding, gpt2-124m, 256 new tokens, bf16"),
+    Workload("plan-verify", 40, LOOP + ("docstring_parser", "sacrebleu"), "lmforge plan --verify on CUDA"),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
 # What a GPU machine's own Python is taken to have, with everything these require; the rest of
@@ -147,7 +147,8 @@ def child_env(dry_run: bool) -> dict[str, str]:
     """The workload's environment: this tree's src/ and bench/ first on the path, unbuffered
     output; for a dry run, no GPU visible and one CPU thread."""
     env = dict(os.environ)
-    paths = [str(REPO / "src"), str(REPO / "bench")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    given = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]  # it runs in REPO
+    paths = [str(REPO / "src"), str(REPO / "bench"), *given]
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if dry_run:  # tiny models on a small, maybe shared CPU: one thread, no GPU
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = budget_overrides(a.budget)
     selected = [w for w in WORKLOADS if (not a.only or w.name in a.only) and w.name not in a.skip]
     budgets = {w.name: overrides.get(w.name, w.budget) * a.budget_scale for w in selected}
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the workloads run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     print(f"gpu_suite: {len(selected)} workloads, {sum(budgets.values()):.0f} s budgeted"
           f"{', dry run on CPU' if a.dry_run else ''}; writing {out}/suite.json and suite.md", flush=True)

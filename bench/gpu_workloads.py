@@ -26,11 +26,11 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +95,7 @@ def interleave(rec: Recorder, workload: str, variants: dict[str, Callable[[str],
     labels = list(variants)
     means: dict[str, list[float]] = {k: [] for k in labels}  # seconds per timed step, one per round
     walls: dict[str, list[float]] = {k: [] for k in labels}  # a whole round: compilation, checkpoint
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch()) as tmp:
         for r in range(p["rounds"]):
             estimate = sum(w[-1] for w in walls.values() if w)
             if r and time.perf_counter() + estimate > deadline:
@@ -107,6 +107,13 @@ def interleave(rec: Recorder, workload: str, variants: dict[str, Callable[[str],
                 walls[label].append(time.perf_counter() - t0)
                 means[label].append(sum(s[0] for s in steps) / len(steps))
                 training_rows(rec, workload, means, walls, p, flops, peak, peer)
+
+
+def scratch() -> str | None:
+    """Where train() writes the checkpoint it ends with (gpt2-124m: 1.5 GB a round): memory-backed
+    /dev/shm when it has room, so that a slow disk does not eat the time budget; else the default."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 16 * 2**30 else None
 
 
 def training_rows(rec: Recorder, workload: str, means: dict, walls: dict, p: dict, flops: float,
@@ -242,6 +249,8 @@ def decode_gpt2(rec: Recorder, p: dict, device: str, deadline: float, work: Path
         for r in bench_generate.bench_batch(p["model"], ours, theirs, batch, a, compiled=True, deadline=now + share):
             rec.row(f"decode-gpt2/{batch}/{r['impl']}", impl=r["impl"], batch=batch, new=r["new"], tok_s=r["tok_s"],
                     ms_tok=r["ms_tok"], vs_peer=r["speedup"], same=r["same"], calls=r["calls"])
+        rec.note(f"batch {batch}: transformers' static-cache generate compiled its forward: "
+                 f"{'yes' if hasattr(theirs, '_compiled_call') else 'no'}")
 
 
 # ----------------------------------------------------------------------------- the planner
@@ -322,22 +331,34 @@ def plan_verify(rec: Recorder, p: dict, device: str, deadline: float, work: Path
 # ----------------------------------------------------------------------------- CUDA tests
 
 
+class TestRows:
+    """A pytest plugin writing one row per test as soon as it has run, so that the rows of a
+    run stopped at its budget are kept: outcome, seconds, and the skip reason or failure."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when != "call" and report.passed:
+            return  # setup and teardown count only when they fail or skip
+        message = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            message = report.longrepr[2]  # (file, line, reason)
+        elif report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)
+        outcome = "error" if report.failed and report.when != "call" else report.outcome
+        self.rec.row(f"cuda-tests/{report.nodeid}", test=report.nodeid.split("::")[-1], outcome=outcome,
+                     seconds=report.duration, message=message.splitlines()[0][:200] if message else "")
+
+
 def cuda_tests(rec: Recorder, p: dict, device: str, deadline: float, work: Path) -> int:
-    """pytest -m cuda tests/cuda in this process; one row per test from its JUnit XML."""
+    """pytest -m cuda tests/cuda in this process, one row per test."""
     import pytest
 
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the machine's own plugins play no part
-    xml = work / "cuda-tests.xml"
-    rc = pytest.main([str(REPO / "tests" / "cuda"), "-m", "cuda", "-q", "-p", "no:cacheprovider",
-                      f"--junitxml={xml}"])
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                message = (child.get("message") or "").splitlines()[0][:160] if child.get("message") else ""
-        name = case.get("name")
-        rec.row(f"cuda-tests/{name}", test=name, outcome=outcome, seconds=float(case.get("time") or 0), message=message)
+    rc = pytest.main([str(REPO / "tests" / "cuda"), "-m", "cuda", "-q", "-p", "no:cacheprovider"],
+                     plugins=[TestRows(rec)])
     return 0 if rc == 0 else 1
 
 

@@ -30,7 +30,7 @@ OPTIONAL = {"dill", "scipy", "attrs", "charset-normalizer", "sniffio"}
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), **extra)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **extra}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -315,3 +315,46 @@ def test_targets_compare_the_best_lmforge_figure_and_the_markdown_says_what_fail
     md = suite.markdown(report)
     assert "| **no** |" in md and "status **timeout**" in md and "stopped at its budget of 60 s" in md
     assert "RuntimeError: boom" in md and "NVIDIA H200" in md
+
+
+def test_each_cuda_test_becomes_a_row_as_it_runs(tmp_path):
+    """The cuda-tests workload's pytest plugin: passed, failed (with the assertion), skipped
+    (with the reason) and a failing fixture (an error), one row each."""
+    (tmp_path / "test_sample.py").write_text(textwrap.dedent('''
+        import pytest
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("no device")
+
+        def test_ok():
+            pass
+
+        def test_bad():
+            assert 1 == 2, "one is not two"
+
+        @pytest.mark.skipif(True, reason="needs a CUDA GPU")
+        def test_skipped():
+            pass
+
+        def test_error(broken):
+            pass
+    '''))
+    script = textwrap.dedent(f'''
+        import sys
+        from pathlib import Path
+        import pytest
+        import gpu_workloads
+        rec = gpu_workloads.Recorder(Path({str(tmp_path / "rows.jsonl")!r}))
+        sys.exit(pytest.main([{str(tmp_path / "test_sample.py")!r}, "-q", "-p", "no:cacheprovider"],
+                             plugins=[gpu_workloads.TestRows(rec)]))
+    ''')
+    env = _env(PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO / 'bench'}", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {r["test"]: r for r in suite.collect(suite.read_records(tmp_path / "rows.jsonl"))["rows"]}
+    assert {k: r["outcome"] for k, r in rows.items()} == {"test_ok": "passed", "test_bad": "failed",
+                                                          "test_skipped": "skipped", "test_error": "error"}
+    assert "one is not two" in rows["test_bad"]["message"] and "needs a CUDA GPU" in rows["test_skipped"]["message"]
+    assert "no device" in rows["test_error"]["message"]

@@ -80,8 +80,8 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["learned", "rope"])
 def test_cuda_graph_decode_equals_eager(kind):
     """The compiled one-token step replays as a CUDA graph (inductor skipped none) and gives
-    the eager loop's tokens: for a padded batch, again from the kept cache, and at another
-    batch size (a second graph)."""
+    the eager loop's tokens: for a padded batch, again from the kept cache, and (Llama-style)
+    at another batch size, a second graph."""
     model = _sharp_gpt(kind)
     ids, mask = _left_padded([[5, 17, 33, 8, 41], [60, 2, 9, 71, 13, 22, 86, 30], [44, 3, 90]])
     torch._dynamo.reset()
@@ -91,10 +91,11 @@ def test_cuda_graph_decode_equals_eager(kind):
         eager = generate(model, ids, mask, max_new_tokens=12).tokens
         graph = generate(model, ids, mask, max_new_tokens=12, decode_step=step).tokens
         again = generate(model, ids, mask, max_new_tokens=12, decode_step=step).tokens
-        one_eager = generate(model, ids[1:2], mask[1:2], max_new_tokens=12).tokens
-        one_graph = generate(model, ids[1:2], mask[1:2], max_new_tokens=12, decode_step=step).tokens
-    assert torch.equal(graph, eager) and torch.equal(again, eager)
-    assert torch.equal(one_graph, one_eager)
+        assert torch.equal(graph, eager) and torch.equal(again, eager)
+        if kind == "rope":  # one recompilation for both kinds would only cost time
+            one_eager = generate(model, ids[1:2], mask[1:2], max_new_tokens=12).tokens
+            one_graph = generate(model, ids[1:2], mask[1:2], max_new_tokens=12, decode_step=step).tokens
+            assert torch.equal(one_graph, one_eager)
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
