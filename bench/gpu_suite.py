@@ -105,6 +105,7 @@ def normalise(name: str) -> str:
 
 def missing_message(module: str, needed_by: list[str]) -> str:
     """The one line printed for a package a workload cannot import."""
+    module = module.split(".")[0]
     dist = DISTRIBUTION.get(module, module)
     listed = wheel_names().get(normalise(dist))
     bring = (f"install the wheels of bench/gpu_wheels.txt ({listed} is there), see bench/README.md" if listed else

@@ -97,7 +97,10 @@ def interleave(rec: Recorder, workload: str, variants: dict[str, Callable[[str],
     walls: dict[str, list[float]] = {k: [] for k in labels}  # a whole round: compilation, checkpoint
     with tempfile.TemporaryDirectory(dir=scratch()) as tmp:
         for r in range(p["rounds"]):
-            estimate = sum(w[-1] for w in walls.values() if w)
+            # A round as long as the last one, or (after the first, which compiled) its timed steps,
+            # half again for the untimed ones, and a few seconds for setup and the closing checkpoint.
+            estimate = sum(w[-1] if len(w) > 1 else 1.5 * p["steps"] * m[-1] + 5.0
+                           for m, w in zip(means.values(), walls.values()) if w)
             if r and time.perf_counter() + estimate > deadline:
                 rec.note(f"{workload}: {r} of {p['rounds']} rounds; the next would pass the time budget")
                 break

@@ -141,6 +141,9 @@ def test_the_workloads_import_only_what_the_gpu_machine_has_or_the_wheels_bring(
         assert loaded, w["name"]
         assert loaded <= allowed, (w["name"], sorted(loaded - allowed))
         assert not loaded & {"matplotlib", "rouge-score", "seqeval", "fastapi", "uvicorn"}, w["name"]
+        owners = importlib.metadata.packages_distributions()
+        for module in suite.BY_NAME[w["name"]].needs:  # what the suite checks before a workload is what it uses
+            assert {canonicalize_name(d) for d in owners[module]} & loaded, (w["name"], module)
 
 
 # ---- the command lines -------------------------------------------------------------------------
