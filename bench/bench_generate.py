@@ -38,6 +38,7 @@ MODELS = {
     "quickstart": lambda: preset("gpt-tiny", vocab_size=2048, dim=192, n_layers=4, n_heads=4, max_seq_len=128),
     "gpt-tiny-8k": lambda: preset("gpt-tiny", vocab_size=8192, max_seq_len=1024),
     "gpt2-124m": lambda: preset("gpt2-124m"),
+    "tiny": lambda: preset("gpt-tiny", vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64),  # smoke runs
 }
 
 
@@ -56,9 +57,10 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]:
-    """Median wall and CPU seconds per call of each run, and its last output. The runs are
-    interleaved (one call of each per round, in rotating order)."""
+def timed(runs: dict, warmup: int, repeats: int, device: str, deadline: float | None = None) -> dict[str, dict]:
+    """Median wall and CPU seconds per call of each run, its last output and the number of
+    timed calls. The runs are interleaved (one call of each per round, in rotating order);
+    past `deadline` (a time.perf_counter() reading) no further round starts after the first."""
     outputs = {label: None for label in runs}
     for label, fn in runs.items():
         extra = 2 if "compile" in label or "graph" in label else 0  # compilation and graph capture
@@ -68,6 +70,8 @@ def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]
     cpu: dict[str, list[float]] = {label: [] for label in runs}
     labels = list(runs)
     for r in range(repeats):
+        if r and deadline is not None and time.perf_counter() > deadline:
+            break
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -78,12 +82,14 @@ def timed(runs: dict, warmup: int, repeats: int, device: str) -> dict[str, dict]
             wall[label].append(time.perf_counter() - w0)
             cpu[label].append(time.process_time() - c0)
     return {label: dict(wall=statistics.median(wall[label]), cpu=statistics.median(cpu[label]),
-                        tokens=outputs[label]) for label in runs}
+                        tokens=outputs[label], calls=len(wall[label])) for label in runs}
 
 
 def make_runs(ours, theirs, ids: torch.Tensor, mask: torch.Tensor, n: int, device: str,
-              compile_cpu: bool = False) -> dict:
-    """label -> a call generating n tokens greedily, returning the new tokens (B, n)."""
+              compile_cpu: bool = False, compiled: bool | None = None) -> dict:
+    """label -> a call generating n tokens greedily, returning the new tokens (B, n).
+    compiled: add lmforge's CUDA-graph step and transformers' static cache (default: on CUDA;
+    elsewhere the step is compiled for the CPU and transformers' static cache runs eagerly)."""
     P = ids.size(1)
     runs = {
         "lmforge": lambda: generate(ours, ids, mask, max_new_tokens=n).tokens,
@@ -93,7 +99,9 @@ def make_runs(ours, theirs, ids: torch.Tensor, mask: torch.Tensor, n: int, devic
         cpu_step = CompiledDecodeStep(gpt_decode_step, mode="default")
         runs["lmforge (compiled step)"] = lambda: generate(ours, ids, mask, max_new_tokens=n,
                                                            decode_step=cpu_step).tokens
-    if device == "cuda":
+    if compiled is None:
+        compiled = device == "cuda"
+    if compiled:
         step = compile_decode_step(ours)
         runs["lmforge (CUDA graph)"] = lambda: generate(ours, ids, mask, max_new_tokens=n, decode_step=step).tokens
         runs["transformers (static cache, compiled)"] = lambda: theirs.generate(
@@ -101,36 +109,45 @@ def make_runs(ours, theirs, ids: torch.Tensor, mask: torch.Tensor, n: int, devic
     return runs
 
 
-def bench_model(name: str, a: argparse.Namespace) -> list[dict]:
+def prepare(name: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """lmforge's model `name` and transformers' twin with its weights, on device, bf16 on CUDA."""
     torch.manual_seed(0)
     ours = build(MODELS[name]())
     theirs = hf_model(ours)
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    ours, theirs = ours.to(a.device, dtype).eval(), theirs.to(a.device, dtype).eval()
-    n_params = count_params(ours)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return ours.to(device, dtype).eval(), theirs.to(device, dtype).eval()
+
+
+def bench_batch(name: str, ours, theirs, batch: int, a: argparse.Namespace, compiled: bool | None = None,
+                deadline: float | None = None) -> list[dict]:
+    """One row per implementation at one batch size (see make_runs and timed)."""
     n = min(a.new_tokens, ours.config.max_seq_len - a.prompt_len)  # the context bounds prompt + output
+    ids = torch.randint(0, ours.config.vocab_size, (batch, a.prompt_len), device=a.device)
+    mask = torch.ones_like(ids)
+    runs = make_runs(ours, theirs, ids, mask, n, a.device, a.compile_cpu, compiled)
+    with torch.inference_mode():
+        results = timed(runs, a.warmup, a.repeats, a.device, deadline)
+    base = results["transformers"]
     rows = []
-    for batch in a.batch:
-        ids = torch.randint(0, ours.config.vocab_size, (batch, a.prompt_len), device=a.device)
-        mask = torch.ones_like(ids)
-        runs = make_runs(ours, theirs, ids, mask, n, a.device, a.compile_cpu)
-        with torch.inference_mode():
-            results = timed(runs, a.warmup, a.repeats, a.device)
-        base = results["transformers"]
-        for label, res in results.items():
-            row = dict(model=name, params=n_params, batch=batch, new=n, impl=label,
-                       tok_s=batch * n / res["wall"], ms_tok=res["wall"] / n * 1e3, cpu_ms_tok=res["cpu"] / n * 1e3,
-                       speedup=base["wall"] / res["wall"], cpu_speedup=base["cpu"] / res["cpu"],
-                       same=bool(torch.equal(res["tokens"], base["tokens"])))
-            print(f"  {name} batch {batch} {label}: {row['tok_s']:.0f} tok/s, {row['ms_tok']:.3f} ms/step wall, "
-                  f"{row['cpu_ms_tok']:.3f} ms/step CPU (load {load()})", flush=True)
-            rows.append(row)
+    for label, res in results.items():
+        row = dict(model=name, params=count_params(ours), batch=batch, new=n, impl=label,
+                   tok_s=batch * n / res["wall"], ms_tok=res["wall"] / n * 1e3, cpu_ms_tok=res["cpu"] / n * 1e3,
+                   speedup=base["wall"] / res["wall"], cpu_speedup=base["cpu"] / res["cpu"],
+                   same=bool(torch.equal(res["tokens"], base["tokens"])), calls=res["calls"])
+        print(f"  {name} batch {batch} {label}: {row['tok_s']:.0f} tok/s, {row['ms_tok']:.3f} ms/step wall, "
+              f"{row['cpu_ms_tok']:.3f} ms/step CPU (load {load()})", flush=True)
+        rows.append(row)
     return rows
+
+
+def bench_model(name: str, a: argparse.Namespace) -> list[dict]:
+    ours, theirs = prepare(name, a.device)
+    return [row for batch in a.batch for row in bench_batch(name, ours, theirs, batch, a)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["quickstart", "gpt-tiny-8k", "gpt2-124m"], choices=list(MODELS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=16)

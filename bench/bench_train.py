@@ -37,6 +37,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -72,16 +73,21 @@ def load() -> str:
 
 class StampedBatches:
     """The loop's BatchIterator over a fixed list of batches, cycled; every `next` records
-    (wall, CPU) clock readings, so that the loop's steps can be timed from inside."""
+    (wall, CPU) clock readings, so that the loop's steps can be timed from inside.
 
-    def __init__(self, batches: list[dict], sync: bool) -> None:
+    sync: True waits for the GPU before every stamp (each step's time is its own); a set of
+    positions waits only before those stamps (the first timed step and the end of a round),
+    so that the host runs ahead of the device between them as in real training, and only
+    the round's total time is exact; False never waits (CPU)."""
+
+    def __init__(self, batches: list[dict], sync: bool | Container[int]) -> None:
         self.batches, self.sync, self.pos, self.stamps = batches, sync, 0, []
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if self.sync:
+        if self.sync is True or (self.sync is not False and self.pos in self.sync):
             torch.cuda.synchronize()
         self.stamps.append((time.perf_counter(), time.process_time()))
         batch = self.batches[self.pos % len(self.batches)]
@@ -100,7 +106,26 @@ def step_times(stamps: list[tuple[float, float]], warmup: int) -> list[tuple[flo
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
 
-def run_lmforge(model, batches, a, setting: Setting, out_dir: str) -> list[tuple[float, float]]:
+def round_sync(a: argparse.Namespace) -> set[int]:
+    """StampedBatches' sync positions that time a round as a whole: its first timed step's
+    stamp and its last stamp (pass as `sync=` to run_lmforge / run_plain)."""
+    return {a.warmup, a.steps}
+
+
+def random_batches(vocab_size: int, batch: int, seq: int, n: int = 4) -> list[dict]:
+    """n causal-LM batches of random tokens: input_ids and labels (the next tokens), (batch, seq)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        w = torch.randint(0, vocab_size, (batch, seq + 1), generator=gen)
+        batches.append({"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()})
+    return batches
+
+
+def run_lmforge(model, batches, a, setting: Setting, out_dir: str, objective=clm,
+                sync: bool | Container[int] | None = None) -> list[tuple[float, float]]:
+    """lmforge's train() for --steps steps (+1, see below) -> (wall, CPU) seconds of each step
+    after the warm-up. sync: as StampedBatches (None: every step on CUDA, never on CPU)."""
     config = load_config(None, {
         "model.preset": "gpt-tiny", "data.seq_len": setting.seq, "optim.lr": setting.lr,
         "optim.warmup_steps": 2, "train.micro_batch_size": setting.batch, "train.max_steps": a.steps + 1,
@@ -108,8 +133,8 @@ def run_lmforge(model, batches, a, setting: Setting, out_dir: str) -> list[tuple
         "train.compile": a.compile, "train.out_dir": out_dir, "train.resume": "none",
         "eval.every": 0, "eval.at_end": False, "checkpoint.every": 0, "log.every": a.log_every,
         "log.progress": False, "log.tensorboard": False, "log.plot": False, "dist.strategy": "none"})
-    stamped = StampedBatches(batches, a.device == "cuda")
-    train(model, clm, stamped, config)
+    stamped = StampedBatches(batches, a.device == "cuda" if sync is None else sync)
+    train(model, objective, stamped, config)
     # Stamps: one per step (the step's batch); the last step ends at the stamp of a batch that is
     # never trained on, as max_steps is one more than --steps.
     return step_times(stamped.stamps, a.warmup)
@@ -125,13 +150,17 @@ def objective_loss(model, batch) -> torch.Tensor:
     return out.loss / out.count
 
 
-def run_plain(model, batches, a, setting: Setting, loss_fn) -> list[tuple[float, float]]:
+def run_plain(model, batches, a, setting: Setting, loss_fn, fused: bool = False,
+              sync: bool | Container[int] | None = None) -> list[tuple[float, float]]:
+    """The plain loop for --steps steps, timed as run_lmforge; fused: torch's fused AdamW
+    kernel instead of its default implementation."""
     model = model.to(a.device).train()
     if a.compile:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=setting.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=setting.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=fused or None)
     amp = torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda")
-    stamped = StampedBatches(batches, a.device == "cuda")
+    stamped = StampedBatches(batches, a.device == "cuda" if sync is None else sync)
     for batch in stamped:
         if stamped.pos > a.steps:
             break
@@ -152,11 +181,7 @@ def bench(name: str, threads: int, a: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     cfg = preset("gpt-tiny", **s.overrides, max_seq_len=seq, dropout=s.dropout)
     initial = build(cfg)
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(4):
-        w = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
-        batches.append({"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()})
+    batches = random_batches(cfg.vocab_size, batch, seq)
     setting = Setting(s.overrides, batch, seq, s.lr, s.dropout)
     variants = {
         "plain": lambda out: run_plain(copy.deepcopy(initial), batches, a, setting, plain_loss),

@@ -1,13 +1,21 @@
+"""Shared by every test: one torch thread per xdist worker, a fixed seed, the shared datasets;
+and the tiny models, in-memory batches and run configs of the training tests (tests/train/)
+and the CUDA tests (tests/cuda/)."""
+
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.config import RunConfig, load_config
+from lmforge.models import BertConfig, EncoderDecoderConfig, GPTConfig, build
+
 # Two xdist workers share the CI machine's two cores: one thread each.
 torch.set_num_threads(int(os.environ.get("LMFORGE_TEST_THREADS", "1")))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+V = 64
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +29,84 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("shared datasets not available")
     return SHARED_DATA
+
+
+class ListBatches:
+    """The loop's BatchIterator protocol over a fixed list of batches, cycled forever (or
+    once with cycle=False); the position is the whole state."""
+
+    def __init__(self, batches: list[dict], cycle: bool = True) -> None:
+        self.batches, self.cycle, self.pos = batches, cycle, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self.cycle and self.pos >= len(self.batches):
+            raise StopIteration
+        batch = self.batches[self.pos % len(self.batches)]
+        self.pos += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+def clm_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, V, (batch_size, seq_len + 1), generator=g)
+    return {"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+
+
+@pytest.fixture
+def batches_cls():
+    """The ListBatches class (test modules cannot import conftest under importlib mode)."""
+    return ListBatches
+
+
+@pytest.fixture
+def make_clm_batch():
+    return clm_batch
+
+
+@pytest.fixture
+def gpt():
+    def make(**kw):
+        torch.manual_seed(kw.pop("seed", 0))
+        return build(GPTConfig(**{"vocab_size": V, "max_seq_len": 32, "dim": 32, "n_layers": 2, "n_heads": 2, **kw}))
+    return make
+
+
+@pytest.fixture
+def bert():
+    def make(**kw):
+        torch.manual_seed(kw.pop("seed", 0))
+        return build(BertConfig(**{"vocab_size": V, "max_seq_len": 32, "dim": 32, "n_layers": 2, "n_heads": 2,
+                                   "dropout": 0.0, "attn_dropout": 0.0, **kw}))
+    return make
+
+
+@pytest.fixture
+def encdec():
+    def make(**kw):
+        torch.manual_seed(kw.pop("seed", 0))
+        return build(EncoderDecoderConfig(**{"vocab_size": V, "max_seq_len": 32, "dim": 32, "n_layers": 2,
+                                             "n_heads": 2, "dropout": 0.0, "pad_token_id": 0,
+                                             "decoder_start_token_id": 2, **kw}))
+    return make
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    """A RunConfig for fast CPU tests, writing under tmp_path; keyword = dotted override."""
+    def make(**overrides) -> RunConfig:
+        base = {"train.out_dir": str(tmp_path / "run"), "train.device": "cpu", "train.precision": "fp32",
+                "train.max_steps": 10, "train.micro_batch_size": 4, "optim.warmup_steps": 0,
+                "optim.lr": 1e-3, "log.every": 1, "log.progress": False, "log.tensorboard": False,
+                "log.plot": False, "log.peak_flops": 1e12, "eval.every": 0, "checkpoint.every": 0,
+                "data.seq_len": 16, "train.resume": "none"}
+        return load_config(None, {**base, **{k.replace("__", "."): v for k, v in overrides.items()}})
+    return make

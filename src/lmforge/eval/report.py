@@ -4,6 +4,8 @@ then a rename), so a reader never sees half a report and a crash never leaves on
 
 Pictures use matplotlib's object API on a bare `Figure` (the Agg renderer), never
 pyplot: no global backend switch, no display needed, nothing leaks between calls.
+matplotlib is imported by the function that draws, so that importing this module (as
+every task does) needs no matplotlib until a picture is asked for.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from lmforge.files import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -59,6 +64,8 @@ def confusion_matrix_png(matrix, label_names: Sequence[str], path: str | os.Path
         raise ValueError(f"confusion matrix has shape {cm.shape}, expected ({k}, {k}) for {k} label names")
     shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
     side = max(4.0, 0.5 * k + 2)
+    from matplotlib.figure import Figure  # only when drawing (see the module docstring)
+
     fig = Figure(figsize=(side + 1, side))
     ax = fig.add_subplot()
     im = ax.imshow(shown, cmap="Blues", vmin=0)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot state
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -125,6 +124,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """train_loss (and val_loss where present) against step, written as a PNG atomically."""
+    # A bare Figure renders with Agg: no display, no pyplot state. Imported here, so that a run
+    # without log.plot (a benchmark, a GPU machine without matplotlib) never needs it.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
