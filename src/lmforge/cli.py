@@ -313,17 +313,20 @@ def _data_prepare(a: Namespace) -> None:
     print(json.dumps(stats["splits"]))
 
 
-def _dataclass_flags(p: ArgumentParser, cls: type, *, optional: bool = False,
-                     skip: set[str] = frozenset()) -> list[str]:
+def _dataclass_flags(p: ArgumentParser, cls: type, *, optional: bool = False, skip: set[str] = frozenset(),
+                     only: set[str] | None = None) -> list[str]:
     """One kebab-case flag per field of a config dataclass (`text_column` -> `--text-column`),
-    typed by its annotation, helped by its docstring's Args line. optional=True makes every
-    default None ("not given": the library's own default applies). Returns the field names."""
+    typed by its annotation, helped by its docstring's Args line (a base class's for inherited
+    fields). optional=True makes every default None ("not given": the library's own default
+    applies). Returns the field names."""
     hints = typing.get_type_hints(cls)
-    docs = {d.arg_name: d.description for d in docstring_parser.parse(cls.__doc__ or "").params}
+    docs = {d.arg_name: d.description for klass in reversed(cls.__mro__)
+            for d in docstring_parser.parse(klass.__doc__ or "").params}
     names = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if f.name in skip or typing.get_origin(hint) is dict:
+        if f.name in skip or (only is not None and f.name not in only) or typing.get_origin(hint) is dict \
+                or f.name == "options":
             continue
         default = None if optional else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, help_text = f"--{f.name.replace('_', '-')}", docs.get(f.name)
@@ -349,7 +352,8 @@ def _task_args(task, evaluate: bool) -> Callable[[ArgumentParser], None]:
             p.add_argument("--train", required=True, help="training data")
             p.add_argument("--valid", required=True, help="validation data")
             p.add_argument("--out", required=True, help="run directory: metrics.json, report.md, model/, ...")
-        config_fields = _dataclass_flags(p, FinetuneConfig)
+        config_fields = _dataclass_flags(p, FinetuneConfig,
+                                         only=set(FinetuneConfig.EVALUATE_FIELDS) if evaluate else None)
         if task.options_type is not None:
             _dataclass_flags(p, task.options_type, optional=True, skip=set(config_fields))
     return add
@@ -361,7 +365,8 @@ def _task_run(name: str, evaluate: bool) -> Callable[[Namespace], None]:
         from lmforge.tasks import evaluate as evaluate_task
 
         task = get_task(name)
-        config_names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options"}
+        config_names = set(FinetuneConfig.EVALUATE_FIELDS) if evaluate else \
+            {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options"}
         option_names = {f.name for f in dataclasses.fields(task.options_type)} if task.options_type else set()
         options = {k: a[k] for k in option_names - config_names if a[k] is not None}
         config = FinetuneConfig(**{k: a[k] for k in config_names}, options=options)

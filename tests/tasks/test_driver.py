@@ -16,7 +16,7 @@ from lmforge.interop.model_dir import load_model_dir, save_model_dir
 from lmforge.models import BertConfig, build
 from lmforge.tasks import FinetuneConfig, evaluate, finetune
 from lmforge.tasks.base import ExampleBatches, OnDevice, class_weight_vector, load_base
-from lmforge.tasks.classify import Classify, step
+from lmforge.tasks.classify import Classify, ClassifyOptions, step
 
 
 def _collate(features):
@@ -146,8 +146,9 @@ def test_options_and_config_validation(ag_news, make_model, fast, tmp_path):
         finetune("classify", base, ag_news["train"], ag_news["valid"], tmp_path / "r", max_length=512)
     with pytest.raises(ValueError, match="train_last_layers 3 exceeds the model's 2 layers"):
         finetune("classify", base, ag_news["train"], ag_news["valid"], tmp_path / "r", train_last_layers=3, **fast)
-    c = FinetuneConfig(text_column="1", label_column="0", lora_targets="wqkv, wo", class_weights="1,2.5")
-    assert (c.text_column, c.label_column, c.lora_targets, c.class_weights) == (1, 0, ["wqkv", "wo"], [1.0, 2.5])
+    c, o = FinetuneConfig(lora_targets="wqkv, wo"), ClassifyOptions(text_column="1", label_column="0",
+                                                                    class_weights="1,2.5")
+    assert (o.text_column, o.label_column, c.lora_targets, o.class_weights) == (1, 0, ["wqkv", "wo"], [1.0, 2.5])
 
 
 def test_bad_data_files(ag_news, make_model, fast, write_csv, tmp_path, caplog):
@@ -203,7 +204,8 @@ def test_classify_setup_pairs_and_multi_label(make_model, tmp_path):
             {"premise": "a dog runs", "hypothesis": "a cat sleeps", "label": "contradiction", "tags": ["y"]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = load_base(make_model(tmp_path / "m", ["a man plays someone a dog runs cat sleeps"] * 10, vocab_size=80))
-    config = FinetuneConfig(text_column="premise", text_pair_column="hypothesis", max_length=32)
+    config = FinetuneConfig(max_length=32,
+                            options=ClassifyOptions(text_column="premise", text_pair_column="hypothesis"))
     setup = Classify().setup(base, config, path, path)
     batch = setup.collate(setup.train)
     n = int(batch["attention_mask"][0].sum())
@@ -212,7 +214,7 @@ def test_classify_setup_pairs_and_multi_label(make_model, tmp_path):
     assert first[0] == "[CLS]" and first[-1] == "[SEP]" and first.count("[SEP]") == 2
     assert batch["token_type_ids"][0, :n_a].eq(0).all() and batch["token_type_ids"][0, n_a:n].eq(1).all()
     assert batch["labels"].tolist() == [1, 0]  # labels in sorted order: contradiction, entailment
-    multi = Classify().setup(base, FinetuneConfig(text_column="premise", label_column="tags", multi_label=True,
-                                                  max_length=32), path, path)
+    multi = Classify().setup(base, FinetuneConfig(max_length=32, options=ClassifyOptions(
+        text_column="premise", label_column="tags", multi_label=True)), path, path)
     assert multi.head.multi_label and multi.head.labels == ["x", "y"]
     assert multi.collate(multi.train)["labels"].tolist() == [[1.0, 1.0], [0.0, 1.0]]

@@ -16,7 +16,7 @@ from lmforge.eval.metrics import squad_metrics
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.tasks import FinetuneConfig, finetune
 from lmforge.tasks.base import load_base
-from lmforge.tasks.qa import ExtractiveQA, best_span, predict
+from lmforge.tasks.qa import ExtractiveQA, QAOptions, best_span, predict
 
 
 def _texts(path):
@@ -27,7 +27,7 @@ def _texts(path):
 def test_windows_cover_long_contexts_and_label_the_answer(make_squad, make_model, tmp_path):
     path = make_squad(tmp_path / "t.json", 40, 0, v2=True)
     base = load_base(make_model(tmp_path / "m", _texts(path), vocab_size=300))
-    config = FinetuneConfig(max_length=32, doc_stride=8, max_query_length=16)
+    config = FinetuneConfig(max_length=32, options=QAOptions(doc_stride=8, max_query_length=16))
     setup = ExtractiveQA().setup(base, config, path, path)
     data = read_squad(path)
     by_example: dict[int, list] = {}
@@ -75,11 +75,11 @@ def test_v2_null_answer_against_the_best_span(make_squad, make_model, tmp_path):
             start[f["start"]], end[f["end"]] = 3.0, 3.0
         start[f["cls"]], end[f["cls"]] = 2.0, 2.0
         outputs[pos] = (start, end)
-    predictions = predict(data, setup.valid, outputs, config)
+    predictions = predict(data, setup.valid, outputs, QAOptions())
     assert predictions == {ex.id: ex.answers[0].text if ex.answers else "" for ex in data.examples}
     assert squad_metrics(predictions, {ex.id: [a.text for a in ex.answers] for ex in data.examples})["f1"] == 100.0
     # A threshold above the margin (6 - 4 = 2) turns every answer into "no answer".
-    empty = predict(data, setup.valid, outputs, FinetuneConfig(max_length=128, null_threshold=-2.5))
+    empty = predict(data, setup.valid, outputs, QAOptions(null_threshold=-2.5))
     assert set(empty.values()) == {""}
 
 

@@ -18,9 +18,9 @@ from lmforge.generate import generate
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.models import GPTConfig, build, preset
 from lmforge.tasks import evaluate, finetune
-from lmforge.tasks.base import FinetuneConfig, load_base
+from lmforge.tasks.base import FinetuneConfig, get_task, load_base, task_options
 from lmforge.tasks.seq2seq import Seq2SeqOptions as Opts
-from lmforge.tasks.seq2seq import Summarize, Translate, decoder_features, read_pairs, task_options
+from lmforge.tasks.seq2seq import Summarize, Translate, decoder_features, read_pairs
 from lmforge.tokenizer import train_tokenizer
 
 SUMMARIZE, TRANSLATE = Summarize(), Translate()
@@ -222,7 +222,7 @@ def test_bad_input_raises_clear_errors(dialogsum, make_model, tmp_path):
     with pytest.raises(ValueError, match="unknown option.*num_beam\\b.*known: .*num_beams"):
         evaluate(SUMMARIZE, base, dialogsum["train"], options={**DIALOGSUM, "num_beam": 2})
     with pytest.raises(ValueError, match="source_lang and target_lang go together"):
-        task_options(Opts, FinetuneConfig(options={"source_lang": "de"}), "translate")
+        task_options(get_task("translate"), FinetuneConfig(options={"source_lang": "de"}))
     bert = make_model(tmp_path / "bert", dialogsum["texts"][:50], "bert")
     with pytest.raises(ValueError, match="this is a BERT encoder, which has no decoder"):
         finetune(SUMMARIZE, bert, dialogsum["train"], dialogsum["train"], tmp_path / "run", options=DIALOGSUM)

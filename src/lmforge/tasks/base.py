@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import tokenizers
@@ -39,16 +39,11 @@ def _check(ok: bool, name: str, message: str, value: Any) -> None:
         raise ValueError(f"{name} {message}, got {value!r}")
 
 
-def _column(value: str | int | None) -> str | int | None:
-    """A column given as text on a command line: "0" means the first column of a header-less file."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
 @dataclass
 class FinetuneConfig:
-    """Options of `lmforge finetune TASK` (and of `lmforge evaluate TASK` where they apply).
+    """Options of `lmforge finetune TASK` shared by every task (EVALUATE_FIELDS: the ones
+    `lmforge evaluate TASK` uses); each task's own options are its `options_type`'s fields,
+    held in `options`.
 
     Args:
         epochs: passes over the training data.
@@ -63,21 +58,6 @@ class FinetuneConfig:
         precision: fp32, bf16, fp16 or auto (bf16 on a GPU that supports it, else fp32).
         device: auto, cpu, cuda or cuda:N.
         tokenizer: tokenizer directory or file; None: the one in the model directory.
-        text_column: text column (name, or 0-based index for a header-less CSV/TSV).
-        text_pair_column: second text of a pair (NLI premise/hypothesis), or None.
-        label_column: label column (name or index).
-        labels: the label set (classify: the classes; ner: the entity types), names separated by
-            commas or "@FILE" with one per line. A label outside it anywhere in the data is an error
-            naming the file and line; None: the labels the training data has (a label seen there
-            only rarely is warned about, by name and count).
-        multi_label: several labels per example (a JSON list or labels joined by label_sep):
-            independent sigmoids, BCE-with-logits, threshold 0.5.
-        label_sep: separator of multi-label labels.
-        pooling: sequence vector for classify: pooler, cls, last or mean; None: pooler for BERT,
-            last for GPT (what transformers' classes do, so the export matches).
-        class_weights: "balanced" (n / (classes * count), scikit-learn's rule), a list of one
-            weight per label in label order, or None. The loss of each example (token) is
-            multiplied by its class's weight; multi-label: BCE pos_weight ("balanced": negatives / positives).
         freeze_backbone: train only the head.
         train_last_layers: train only the last K Transformer blocks (and what follows them: final
             norm, pooler) plus the head; embeddings and earlier blocks stay frozen.
@@ -90,23 +70,16 @@ class FinetuneConfig:
             accuracy, macro_f1, f1, exact_match, loss); None: the task's main metric.
         patience: stop after this many evaluations without improvement; None: never stop early.
         keep_best: export the weights of the best evaluation, not the last.
-        scheme: ner: tagging scheme of the files, iob2 (BIO) or iob1 (converted to IOB2).
-        doc_stride: qa: context tokens shared by consecutive windows of a long context; None:
-            max_length // 3 (128 for the default 384, as transformers' run_qa).
-        max_query_length: qa: questions are cut to this many tokens.
-        max_answer_length: qa: longest answer span, in tokens.
-        n_best: qa: start and end candidates per window (the top-n logits of each).
-        null_threshold: qa (SQuAD v2): answer "" when null score - best span score > this.
         skip_bad: skip (and count) malformed records instead of stopping at the first.
         save_format: model/ format: hf (transformers loads it), lmforge, or auto (hf where
             transformers has the class, else lmforge).
         keep_checkpoints: keep out/checkpoints (for resuming or inspection) after a finished run.
         resume: auto (continue from out/checkpoints when present), none, or a checkpoint directory.
         log_every: log the training loss every this many steps.
-        progress: show a progress bar.
+        progress: show progress bars.
         tensorboard: write TensorBoard events to out/tb.
         compile: torch.compile each Transformer block.
-        options: task-specific options for tasks registered outside this package.
+        options: the task's own options: a dict of its options_type's fields, or that dataclass.
     """
 
     epochs: int = 3
@@ -120,14 +93,6 @@ class FinetuneConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     tokenizer: str | None = None
-    text_column: str | int = "text"
-    text_pair_column: str | int | None = None
-    label_column: str | int = "label"
-    labels: str | list[str] | None = None
-    multi_label: bool = False
-    label_sep: str = ","
-    pooling: Literal["pooler", "cls", "last", "mean"] | None = None
-    class_weights: str | list[float] | None = None
     freeze_backbone: bool = False
     train_last_layers: int | None = None
     lora_rank: int = 0
@@ -138,12 +103,6 @@ class FinetuneConfig:
     early_stopping_metric: str | None = None
     patience: int | None = None
     keep_best: bool = True
-    scheme: Literal["iob1", "iob2"] = "iob2"
-    doc_stride: int | None = None
-    max_query_length: int = 64
-    max_answer_length: int = 30
-    n_best: int = 20
-    null_threshold: float = 0.0
     skip_bad: bool = False
     save_format: Literal["auto", "hf", "lmforge"] = "auto"
     keep_checkpoints: bool = False
@@ -152,19 +111,15 @@ class FinetuneConfig:
     progress: bool = True
     tensorboard: bool = True
     compile: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)
+
+    # The fields that mean something when only evaluating (lmforge evaluate TASK).
+    EVALUATE_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "max_length", "precision", "device", "tokenizer",
+                                                  "skip_bad", "progress")
 
     def __post_init__(self) -> None:
-        self.text_column, self.label_column = _column(self.text_column), _column(self.label_column)
-        self.text_pair_column = _column(self.text_pair_column)
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
-            try:
-                self.class_weights = [float(w) for w in self.class_weights.split(",")]
-            except ValueError:
-                raise ValueError(f"class_weights must be 'balanced' or numbers separated by commas, "
-                                 f"got {self.class_weights!r}") from None
         _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, "lr", "must be positive", self.lr)
@@ -184,16 +139,66 @@ class FinetuneConfig:
                 "lora_rank": self.lora_rank})
         _check(self.eval_every >= 0, "eval_every", "must be >= 0", self.eval_every)
         _check(self.patience is None or self.patience >= 1, "patience", "must be >= 1", self.patience)
-        _check(self.doc_stride is None or self.doc_stride >= 0, "doc_stride", "must be >= 0", self.doc_stride)
-        _check(self.max_query_length >= 1, "max_query_length", "must be >= 1", self.max_query_length)
-        _check(self.max_answer_length >= 1, "max_answer_length", "must be >= 1", self.max_answer_length)
-        _check(self.n_best >= 1, "n_best", "must be >= 1", self.n_best)
         _check(self.save_format in SAVE_FORMATS, "save_format", f"must be one of {SAVE_FORMATS}", self.save_format)
         _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
         _check(bool(self.resume), "resume", "must be auto, none or a checkpoint directory", self.resume)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        opts = self.options
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"},
+                "options": dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})}
+
+
+@dataclass
+class LabelOptions:
+    """The label options of the tasks that classify (classify, ner).
+
+    Args:
+        labels: the label set (classify: the classes; ner: the entity types), names separated by
+            commas or "@FILE" with one per line. A label outside it anywhere in the data is an error
+            naming the file and line; None: the labels the training data has (a label seen there
+            only rarely is warned about, by name and count).
+        class_weights: "balanced" (n / (classes * count), scikit-learn's rule), a list of one
+            weight per label in label order, or None. The loss of each example (token) is
+            multiplied by its class's weight; multi-label: BCE pos_weight ("balanced": negatives / positives).
+    """
+
+    labels: str | list[str] | None = None
+    class_weights: str | list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
+            try:
+                self.class_weights = [float(w) for w in self.class_weights.split(",")]
+            except ValueError:
+                raise ValueError(f"class_weights must be 'balanced' or numbers separated by commas, "
+                                 f"got {self.class_weights!r}") from None
+
+
+def column(value: str | int | None) -> str | int | None:
+    """A column given as text on a command line: "0" means the first column of a header-less file."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def task_options(task: Task, config: FinetuneConfig) -> Any:
+    """The task's options dataclass from FinetuneConfig.options (an instance already, or a dict
+    of its fields over the task's option_defaults); an unknown name is an error listing the
+    known ones."""
+    cls, given = task.options_type, config.options or {}
+    if cls is None:
+        if given:
+            raise ValueError(f"task {task.name} has no options of its own, got {', '.join(sorted(given))}")
+        return None
+    if isinstance(given, cls):
+        return given
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) for task {task.name}: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return cls(**{**getattr(task, "option_defaults", {}), **given})
 
 
 # ----------------------------------------------------------------------------- label sets

@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,15 +31,18 @@ from lmforge.models import HeadSpec
 from lmforge.tasks.base import (
     Base,
     FinetuneConfig,
+    LabelOptions,
     OnDevice,
     Outputs,
     Setup,
     class_weight_vector,
+    column,
     count_of,
     declared_labels,
     log_truncation,
     model_with_head,
     require_head,
+    task_options,
     truncating,
     warn_rare_labels,
 )
@@ -46,6 +50,34 @@ from lmforge.train.objectives import ObjectiveOutput
 
 KIND = "sequence-classification"
 DEFAULT_POOLING = {"bert": "pooler", "gpt": "last", "encdec": "mean"}
+
+
+@dataclass
+class ClassifyOptions(LabelOptions):
+    """Options of classify.
+
+    Args:
+        text_column: text column (name, or 0-based index for a header-less CSV/TSV).
+        text_pair_column: second text of a pair (NLI premise/hypothesis), or None.
+        label_column: label column (name or index).
+        multi_label: several labels per example (a JSON list or labels joined by label_sep):
+            independent sigmoids, BCE-with-logits, threshold 0.5.
+        label_sep: separator of multi-label labels.
+        pooling: sequence vector: pooler, cls, last or mean; None: pooler for BERT, last for GPT
+            (what transformers' classes do, so the export matches).
+    """
+
+    text_column: str | int = "text"
+    text_pair_column: str | int | None = None
+    label_column: str | int = "label"
+    multi_label: bool = False
+    label_sep: str = ","
+    pooling: Literal["pooler", "cls", "last", "mean"] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.text_column, self.label_column = column(self.text_column), column(self.label_column)
+        self.text_pair_column = column(self.text_pair_column)
 
 
 def encode(base: Base, data: ClassificationData, max_length: int, what: str, notes: list[str]) -> list[dict]:
@@ -72,7 +104,7 @@ class Classify:
     """The classify task (see the module docstring)."""
 
     name = "classify"
-    options_type = None
+    options_type = ClassifyOptions
     evaluate_only = False
     metric = "accuracy"
     metrics = ("accuracy", "macro_f1", "weighted_f1", "micro_f1")
@@ -80,24 +112,25 @@ class Classify:
 
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
+        opts: ClassifyOptions = task_options(self, config)
         if train is not None:
-            train_data = self.read(train, config, config.multi_label, declared_labels(config.labels))
-            if config.labels is None:
+            train_data = self.read(train, config, opts, opts.multi_label, declared_labels(opts.labels))
+            if opts.labels is None:
                 counts = label_counts(train_data)
                 warn_rare_labels(train, "labels", dict(zip(train_data.label_names, counts.tolist())), notes)
-            pooling = config.pooling or DEFAULT_POOLING[base.family]
-            head = HeadSpec(KIND, train_data.label_names, pooling, config.multi_label, bias=base.family != "gpt")
+            pooling = opts.pooling or DEFAULT_POOLING[base.family]
+            head = HeadSpec(KIND, train_data.label_names, pooling, opts.multi_label, bias=base.family != "gpt")
             model = model_with_head(base, head)
         else:
             head, model = require_head(base, KIND), base.model
-        valid_data = self.read(valid, config, head.multi_label, head.labels)
+        valid_data = self.read(valid, config, opts, head.multi_label, head.labels)
         for path, data in ((train, train_data if train is not None else None), (valid, valid_data)):
             if data is not None and data.skipped:
                 notes.append(f"{path}: skipped {data.skipped} malformed records")
         features = encode(base, train_data, config.max_length, str(train), notes) if train is not None else []
         weights = None
         if train is not None:
-            weights = class_weight_vector(config.class_weights, label_counts(train_data), head.labels,
+            weights = class_weight_vector(opts.class_weights, label_counts(train_data), head.labels,
                                           len(train_data) if head.multi_label else None)
         return Setup(
             model=model, head=head, train=features,
@@ -109,11 +142,11 @@ class Classify:
             report=report, notes=notes)
 
     @staticmethod
-    def read(path: Path, config: FinetuneConfig, multi_label: bool,
+    def read(path: Path, config: FinetuneConfig, opts: ClassifyOptions, multi_label: bool,
              label_names: list[str] | None = None) -> ClassificationData:
-        return read_classification(path, text_col=config.text_column, label_col=config.label_column,
-                                   text_pair_col=config.text_pair_column, multi_label=multi_label,
-                                   label_sep=config.label_sep, label_names=label_names, skip_bad=config.skip_bad)
+        return read_classification(path, text_col=opts.text_column, label_col=opts.label_column,
+                                   text_pair_col=opts.text_pair_column, multi_label=multi_label,
+                                   label_sep=opts.label_sep, label_names=label_names, skip_bad=config.skip_bad)
 
 
 def collate(features: list[dict[str, Any]], pad_id: int, n_labels: int, multi_label: bool) -> dict[str, Tensor]:

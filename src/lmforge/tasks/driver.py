@@ -50,6 +50,7 @@ Register the task in lmforge/tasks/__init__.py (`register(MyTask())`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -78,7 +79,17 @@ from lmforge.interop.hf import ConversionError
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import HeadSpec, count_params
 from lmforge.nn.lora import apply_lora, merge_lora
-from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
+from lmforge.tasks.base import (
+    ExampleBatches,
+    FinetuneConfig,
+    Outputs,
+    Setup,
+    Task,
+    eval_batches,
+    get_task,
+    load_base,
+    task_options,
+)
 from lmforge.train import checkpoint, loop, rundir
 from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
 from lmforge.train.objectives import ObjectiveOutput
@@ -186,14 +197,25 @@ def apply_training_scope(model: nn.Module, head: HeadSpec | None, config: Finetu
 
 
 def _resolve(task: str | Task, config: FinetuneConfig | None, options: dict[str, Any]) -> tuple[Task, FinetuneConfig]:
+    """The task and its FinetuneConfig: keyword options are FinetuneConfig's fields or the
+    task's own (its options_type's), which end up checked and typed in config.options."""
     task = get_task(task) if isinstance(task, str) else task
     config = config or FinetuneConfig()
-    if options:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FinetuneConfig)})
-        if unknown:
-            raise ValueError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-        config = dataclasses.replace(config, **options)
-    return task, config
+    shared = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    own = {f.name for f in dataclasses.fields(task.options_type)} if task.options_type else set()
+    unknown = sorted(set(options) - shared - own)
+    if unknown:
+        close = {m for name in unknown for m in difflib.get_close_matches(name, own | shared, n=2)}
+        hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+        raise ValueError(f"unknown fine-tuning option(s): {', '.join(unknown)}{hint}; task {task.name}'s own "
+                         f"options: {', '.join(sorted(own)) or 'none'}")
+    given = config.options if isinstance(config.options, dict) else dataclasses.asdict(config.options)
+    extra = options.get("options") or {}
+    extra = extra if isinstance(extra, dict) else dataclasses.asdict(extra)
+    task_given = {**given, **extra, **{k: v for k, v in options.items() if k in own}}
+    config = dataclasses.replace(config, **{k: v for k, v in options.items() if k in shared - {"options"}},
+                                 options=task_given)
+    return task, dataclasses.replace(config, options=task_options(task, config))
 
 
 def _with_max_length(config: FinetuneConfig, task: Task, max_seq_len: int) -> FinetuneConfig:

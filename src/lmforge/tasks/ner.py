@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from lmforge.models import HeadSpec
 from lmforge.tasks.base import (
     Base,
     FinetuneConfig,
+    LabelOptions,
     OnDevice,
     Outputs,
     Setup,
@@ -38,12 +40,24 @@ from lmforge.tasks.base import (
     log_truncation,
     model_with_head,
     require_head,
+    task_options,
     truncating,
     warn_rare_labels,
 )
 from lmforge.train.objectives import ObjectiveOutput
 
 KIND = "token-classification"
+
+
+@dataclass
+class NerOptions(LabelOptions):
+    """Options of ner.
+
+    Args:
+        scheme: tagging scheme of the files: iob2 (BIO) or iob1 (converted to IOB2).
+    """
+
+    scheme: Literal["iob1", "iob2"] = "iob2"
 
 
 def encode(base: Base, data: NerData, max_length: int, what: str, notes: list[str]) -> list[dict[str, Any]]:
@@ -74,7 +88,7 @@ class Ner:
     """The ner task (see the module docstring)."""
 
     name = "ner"
-    options_type = None
+    options_type = NerOptions
     evaluate_only = False
     metric = "f1"
     metrics = ("f1", "precision", "recall", "accuracy")
@@ -82,8 +96,9 @@ class Ner:
 
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
-        read = functools.partial(read_conll, scheme=config.scheme, skip_bad=config.skip_bad)
-        types = declared_labels(config.labels)
+        opts: NerOptions = task_options(self, config)
+        read = functools.partial(read_conll, scheme=opts.scheme, skip_bad=config.skip_bad)
+        types = declared_labels(opts.labels)
         tags = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in "BI"] if types is not None else None
         train_data = read(train, label_names=tags) if train is not None else None
         if train_data is not None and types is None:
@@ -105,7 +120,7 @@ class Ner:
             features = encode(base, train_data, config.max_length, str(train), notes)
             counts = np.bincount([y for f in features for y in f["labels"] if y != IGNORE_INDEX],
                                  minlength=len(head.labels))
-            weights = class_weight_vector(config.class_weights, counts, head.labels)
+            weights = class_weight_vector(opts.class_weights, counts, head.labels)
         valid_features = encode(base, valid_data, config.max_length, str(valid), notes)
         return Setup(
             model=model, head=head, train=features, valid=valid_features,

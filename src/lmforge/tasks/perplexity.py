@@ -38,8 +38,7 @@ from lmforge.data.batching import IGNORE_INDEX, attention_mask, pad
 from lmforge.data.sources import iter_documents
 from lmforge.eval.metrics import bits_per_byte, bits_per_char, perplexity
 from lmforge.eval.perplexity import window_spans
-from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup
-from lmforge.tasks.seq2seq import task_options
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, task_options
 from lmforge.train.objectives import CHUNK_ELEMENTS, ObjectiveOutput
 
 # ----------------------------------------------------------------------------- per-token statistics
@@ -86,12 +85,14 @@ class PerplexityOptions:
     """Options of `evaluate perplexity` (FinetuneConfig.options).
 
     Args:
+        text_column: the text field of .jsonl / column of .csv, .tsv, .parquet (a .txt file is one document).
         stride: tokens each window moves; None: max_length // 2. stride = max_length is plain
             chunked evaluation (cheapest, least context).
         add_special_tokens: let the tokenizer add its special tokens (a BOS, which makes the
             first text token predicted too).
     """
 
+    text_column: str | int = "text"
     stride: int | None = None
     add_special_tokens: bool = False
 
@@ -156,12 +157,12 @@ class Perplexity:
             what = f"a {base.head.kind} head" if base.head is not None else f"a model of the {base.family} family"
             raise ValueError(f"{base.path}: perplexity needs a causal language model (GPT / Llama family without "
                              f"a task head); this is {what}")
-        opts = task_options(PerplexityOptions, config, self.name)
+        opts = task_options(self, config)
         max_length = config.max_length
         stride = opts.stride or max(1, max_length // 2)
         if not 1 <= stride <= max_length:
             raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
-        documents = read_documents(valid, config.text_column)
+        documents = read_documents(valid, opts.text_column)
         encoded = base.tokenizer.encode_batch(documents, add_special_tokens=opts.add_special_tokens)
         features: list[dict[str, Any]] = []
         kept = [(doc, ids) for doc, ids in zip(documents, encoded) if len(ids) >= 2]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,43 @@ from lmforge.tasks.base import (
     FinetuneConfig,
     Outputs,
     Setup,
+    _check,
     count_of,
     log,
     model_with_head,
     require_head,
+    task_options,
     truncating,
 )
 from lmforge.train.objectives import ObjectiveOutput
 
 KIND = "span"
+
+
+@dataclass
+class QAOptions:
+    """Options of qa.
+
+    Args:
+        doc_stride: context tokens shared by consecutive windows of a long context; None:
+            max_length // 3 (128 for the default 384, as transformers' run_qa).
+        max_query_length: questions are cut to this many tokens.
+        max_answer_length: longest answer span, in tokens.
+        n_best: start and end candidates per window (the top-n logits of each).
+        null_threshold: SQuAD v2: answer "" when null score - best span score > this.
+    """
+
+    doc_stride: int | None = None
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    n_best: int = 20
+    null_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.doc_stride is None or self.doc_stride >= 0, "doc_stride", "must be >= 0", self.doc_stride)
+        _check(self.max_query_length >= 1, "max_query_length", "must be >= 1", self.max_query_length)
+        _check(self.max_answer_length >= 1, "max_answer_length", "must be >= 1", self.max_answer_length)
+        _check(self.n_best >= 1, "n_best", "must be >= 1", self.n_best)
 NO_SPAN = -1e9  # logit given to padding: outside every softmax
 
 
@@ -84,12 +113,12 @@ def answer_tokens(offsets: list[tuple[int, int]], context: tuple[int, int], star
     return first - 1, last + 1
 
 
-def make_features(base: Base, data: QAData, config: FinetuneConfig, what: str, notes: list[str],
+def make_features(base: Base, data: QAData, config: FinetuneConfig, opts: QAOptions, what: str, notes: list[str],
                   keep_offsets: bool) -> list[dict[str, Any]]:
     """Question/context windows -> features {input_ids, type_ids, example, start, end, cls,
     context (c0, c1)} (+ offsets, for prediction)."""
-    questions, longest = cut_questions(base, data.examples, config.max_query_length, notes)
-    stride = config.doc_stride if config.doc_stride is not None else config.max_length // 3
+    questions, longest = cut_questions(base, data.examples, opts.max_query_length, notes)
+    stride = opts.doc_stride if opts.doc_stride is not None else config.max_length // 3
     backend = truncating(base.tokenizer, config.max_length)
     specials = backend.post_processor.num_special_tokens_to_add(True) if backend.post_processor else 0
     room = config.max_length - longest - specials  # context tokens per window beside the longest question
@@ -132,7 +161,7 @@ class ExtractiveQA:
     """The qa task (see the module docstring)."""
 
     name = "qa"
-    options_type = None
+    options_type = QAOptions
     evaluate_only = False
     metric = "f1"
     metrics = ("f1", "exact_match", "HasAns_f1", "HasAns_exact_match", "NoAns_f1", "NoAns_exact_match")
@@ -140,6 +169,7 @@ class ExtractiveQA:
 
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
+        opts: QAOptions = task_options(self, config)
         read = functools.partial(read_squad, skip_bad=config.skip_bad)
         train_data = read(train) if train is not None else None
         if train_data is not None:
@@ -151,12 +181,12 @@ class ExtractiveQA:
         for path, data in ((train, train_data), (valid, valid_data)):
             if data is not None and data.skipped:
                 notes.append(f"{path}: skipped {data.skipped} malformed questions")
-        features = make_features(base, train_data, config, str(train), notes, False) if train_data else []
-        valid_features = make_features(base, valid_data, config, str(valid), notes, True)
+        features = make_features(base, train_data, config, opts, str(train), notes, False) if train_data else []
+        valid_features = make_features(base, valid_data, config, opts, str(valid), notes, True)
         return Setup(
             model=model, head=head, train=features, valid=valid_features,
             collate=functools.partial(collate, pad_id=base.pad_id), step=step,
-            score=functools.partial(score, data=valid_data, features=valid_features, config=config),
+            score=functools.partial(score, data=valid_data, features=valid_features, opts=opts),
             notes=notes)
 
 
@@ -199,7 +229,7 @@ def best_span(start: np.ndarray, end: np.ndarray, context: tuple[int, int], n_be
     return float(scores.flat[k]), int(starts[i]), int(ends[j])
 
 
-def predict(data: QAData, features: list[dict[str, Any]], outputs: Outputs, config: FinetuneConfig) -> dict[str, str]:
+def predict(data: QAData, features: list[dict[str, Any]], outputs: Outputs, opts: QAOptions) -> dict[str, str]:
     """{question id: answer text} from the windows' start/end logits (see the module docstring)."""
     windows: dict[int, list[int]] = defaultdict(list)
     for position, f in enumerate(features):
@@ -212,17 +242,17 @@ def predict(data: QAData, features: list[dict[str, Any]], outputs: Outputs, conf
             f = features[position]
             start, end = (o[:len(f["input_ids"])].numpy() for o in outputs[position])
             null = min(null, float(start[f["cls"]] + end[f["cls"]]))
-            span = best_span(start, end, f["context"], config.n_best, config.max_answer_length)
+            span = best_span(start, end, f["context"], opts.n_best, opts.max_answer_length)
             if span is not None and span[0] > best:
                 best = span[0]
                 text = ex.context[f["offsets"][span[1]][0]:f["offsets"][span[2]][1]].strip()
-        answers[ex.id] = "" if v2 and null - best > config.null_threshold else text
+        answers[ex.id] = "" if v2 and null - best > opts.null_threshold else text
     return answers
 
 
 def score(model: nn.Module, outputs: Outputs, data: QAData, features: list[dict[str, Any]],
-          config: FinetuneConfig) -> dict[str, Any]:
-    predictions = predict(data, features, outputs, config)
+          opts: QAOptions) -> dict[str, Any]:
+    predictions = predict(data, features, outputs, opts)
     references = {ex.id: [a.text for a in ex.answers] for ex in data.examples}
     return {**squad_metrics(predictions, references),
             "predictions": [{"id": i, "prediction": predictions[i], "answers": a} for i, a in references.items()]}

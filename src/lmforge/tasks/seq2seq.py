@@ -36,7 +36,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ from lmforge.data.batching import IGNORE_INDEX, collate_lm
 from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
-from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, truncating
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options, truncating
 from lmforge.train.objectives import ObjectiveOutput, clm, denoise
 
 log = logging.getLogger("lmforge.tasks")
@@ -53,19 +53,6 @@ log = logging.getLogger("lmforge.tasks")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".tsv", ".tab", ".csv")
 SAMPLE_CHARS = 300  # longer texts are shortened in report.md's sample table
 
-OptionsT = TypeVar("OptionsT")
-
-
-def task_options(cls: type[OptionsT], config: FinetuneConfig, task: str, **defaults: Any) -> OptionsT:
-    """A task's options dataclass: the task's defaults, overridden by FinetuneConfig fields of
-    the same name that are set (not None), overridden by FinetuneConfig.options. An unknown
-    key in options is an error that lists the known ones."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config.options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) for task {task}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    fields = {name: getattr(config, name) for name in known if getattr(config, name, None) is not None}
-    return cls(**{**defaults, **fields, **config.options})
 
 
 @dataclass
@@ -288,7 +275,7 @@ class Seq2SeqTask:
     metric = "rougeL"
     metrics: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     max_length = 512
-    defaults: dict[str, Any] = {}
+    option_defaults: dict[str, Any] = {}
     prompt = "{source}\n\nTL;DR:"
 
     @staticmethod
@@ -297,7 +284,7 @@ class Seq2SeqTask:
 
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         encdec = model_kind(base, self.name)
-        opts = task_options(Seq2SeqOptions, config, self.name, **self.defaults)
+        opts = task_options(self, config)
         max_target = min(opts.max_target_length, base.config.max_seq_len)
         template = opts.prompt or self.prompt
         notes: list[str] = []
@@ -340,7 +327,7 @@ class Summarize(Seq2SeqTask):
     max_length = 512
     # no_repeat_ngram_size stays 0: a 3-gram ban (BART's CNN/DM setting) breaks summaries that
     # repeat a name written as several tokens, such as DialogSum's "#Person2#".
-    defaults = {"max_target_length": 128}
+    option_defaults = {"max_target_length": 128}
     prompt = "{source}\n\nTL;DR:"
 
 
@@ -351,7 +338,7 @@ class Translate(Seq2SeqTask):
     metric = "bleu"
     metrics = ("bleu", "chrf")
     max_length = 128
-    defaults = {"max_target_length": 128}
+    option_defaults = {"max_target_length": 128}
     prompt = "Translate: {source}\n=>"
 
     @staticmethod

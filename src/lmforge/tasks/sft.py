@@ -44,9 +44,9 @@ from lmforge.data.readers import ChatData, read_chat
 from lmforge.eval.metrics import perplexity
 from lmforge.generate.decode import GenerationConfig
 from lmforge.generate.text import DEFAULT_CHAT_TEMPLATE, chat_prompt
-from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation
+from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options
 from lmforge.tasks.perplexity import row_token_stats
-from lmforge.tasks.seq2seq import generate_ids, task_options
+from lmforge.tasks.seq2seq import generate_ids
 from lmforge.train.objectives import ObjectiveOutput, clm
 
 log = logging.getLogger("lmforge.tasks")
@@ -257,7 +257,7 @@ class Sft:
                              f"task head); this is {what}")
         if base.tokenizer.eos_id is None:
             raise ValueError(f"{base.path}: the tokenizer has no EOS token, so the model could not learn to stop")
-        opts = task_options(SftOptions, config, self.name)
+        opts = task_options(self, config)
         notes: list[str] = []
         ensure_chat_template(base, notes)
         if train is not None:
