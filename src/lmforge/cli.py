@@ -196,23 +196,33 @@ def _inspect_positions(a: Namespace) -> None:
 
 
 def _serve_args(p: ArgumentParser) -> None:
-    _model_args(p)
+    p.add_argument("--model", action="append", required=True,
+                   help="model directory (lmforge or Hugging Face); repeat it to serve several")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="the name clients use for a model, one per --model (default: the directory's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0..65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per request")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting before 503")
-    p.add_argument("--max-active", type=int, default=4, help="requests decoded in turn at once")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (then 408 and the connection is closed)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences (prompts x n) accepted at once per model, running or waiting, before 503")
+    p.add_argument("--max-active", type=int, default=64,
+                   help="sequences running at once per model (requests take decoding steps in turn)")
 
 
 def _serve(a: Namespace) -> None:
     from lmforge.serve import serve
 
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_tokens=a.max_tokens,
-          max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes, max_queue=a.max_queue,
-          max_active=a.max_active, device=a.device, dtype=a.dtype)
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_names=a.served_model_name,
+          max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
+          max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
+          dtype=a.dtype)
 
 
 def _plan_args(p: ArgumentParser) -> None:
