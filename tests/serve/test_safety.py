@@ -201,7 +201,8 @@ def test_a_short_request_is_not_starved_behind_big_ones(lm):
 
     try:
         for b in range(3):
-            eng.submit(GenerationRequest(prompts=[ids] * 4, n=2, max_tokens=40, temperature=1.0, seed=b), sink(f"big{b}"))
+            big = GenerationRequest(prompts=[ids] * 4, n=2, max_tokens=40, temperature=1.0, seed=b)
+            eng.submit(big, sink(f"big{b}"))
         deadline = time.monotonic() + 20
         while not log and time.monotonic() < deadline:  # the big ones have started
             time.sleep(0.001)
