@@ -196,7 +196,7 @@ def _inspect_positions(a: Namespace) -> None:
 
 
 def _serve_args(p: ArgumentParser) -> None:
-    p.add_argument("--model", action="append", required=True,
+    p.add_argument("--model", action="append", default=None,
                    help="model directory (lmforge or Hugging Face); repeat it to serve several")
     p.add_argument("--served-model-name", action="append", default=None,
                    help="the name clients use for a model, one per --model (default: the directory's name)")
@@ -214,6 +214,14 @@ def _serve_args(p: ArgumentParser) -> None:
                    help="sequences (prompts x n) accepted at once per model, running or waiting, before 503")
     p.add_argument("--max-active", type=int, default=64,
                    help="sequences running at once per model (requests take decoding steps in turn)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="NAME=URL: a model of another OpenAI-compatible server (URL like http://host:8001/v1), for "
+                        "the arena; repeatable")
+    p.add_argument("--backend-key", action="append", default=None, help="NAME=KEY: the API key of --backend NAME")
+    p.add_argument("--arena-db", default=None,
+                   help="SQLite file of the arena's ratings (default with two models or more: arena.db)")
+    p.add_argument("--study", default=None, help="JSONL file of prompts every rater judges (one {\"prompt\": ...} "
+                                                  "per line)")
 
 
 def _serve(a: Namespace) -> None:
@@ -222,7 +230,28 @@ def _serve(a: Namespace) -> None:
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_names=a.served_model_name,
           max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
           max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
-          dtype=a.dtype)
+          dtype=a.dtype, backends=a.backend or (), backend_keys=a.backend_key or (), arena_db=a.arena_db,
+          study=a.study)
+
+
+def _arena_report_args(p: ArgumentParser) -> None:
+    p.add_argument("db", help="the arena's SQLite file (lmforge serve --arena-db)")
+    p.add_argument("--out", default=None, help="output directory (default: beside DB, named DB-report)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+
+def _arena_report(a: Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.eval.arena_report import write_report
+
+    db = Path(a.db)
+    out = Path(a.out) if a.out else db.with_name(f"{db.stem}-report")
+    paths = write_report(db, out, a.bootstrap, a.seed)
+    print(paths[1].read_text(encoding="utf-8"))
+    for path in paths:
+        print(f"wrote {path}")
 
 
 def _plan_args(p: ArgumentParser) -> None:
@@ -399,7 +428,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     },
     "plan": ("predict parameters, FLOPs, memory and time of a training setup (--verify measures them)",
              _plan_args, _plan),
-    "serve": ("serve a model over HTTP: OpenAI-compatible API and a web playground", _serve_args, _serve),
+    "serve": ("serve models over HTTP: OpenAI-compatible API, a web playground and, with two models or more, "
+              "an arena for human ratings", _serve_args, _serve),
+    "arena": {
+        "report": ("win rates, Bradley-Terry scores and rater agreement of arena votes, with a plot and exports",
+                   _arena_report_args, _arena_report),
+    },
     "inspect": {
         "attention": ("attention weights of every layer and head as PNG and HTML", _inspect_attention_args,
                       _inspect_attention),

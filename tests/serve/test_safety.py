@@ -13,14 +13,12 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from lmforge.cli import main
 from lmforge.serve import GenerationRequest, Limits, create_app
 from lmforge.serve.engine import Engine, EngineBusy, Piece
 
-from .conftest import LiveServer
+from .conftest import LiveServer, serve_cli
 
 PROMPT = "ROMEO: What light"
 
@@ -70,30 +68,6 @@ def test_several_models_are_served_by_name(lm):
 
 
 # ---- `lmforge serve` refuses bad options with one line ---------------------------------------
-
-@pytest.fixture
-def no_serving(monkeypatch):
-    """Fails a test that gets as far as running a server, instead of serving forever."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr(uvicorn.Server, "run", refuse)
-    monkeypatch.setattr(uvicorn, "run", refuse)
-
-
-@pytest.fixture(scope="module")
-def model_dir(lm, tmp_path_factory):
-    return lm.save(tmp_path_factory.mktemp("served") / "model")
-
-
-def serve_cli(capsys, *argv) -> tuple[int, str]:
-    try:
-        main(["serve", *argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
-
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--api-key", ""], "--api-key is empty"), (["--api-key", "  "], "--api-key is empty"),

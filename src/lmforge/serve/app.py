@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
@@ -41,11 +42,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.api import LM
+from lmforge.eval.arena_store import ArenaStore
 from lmforge.generate.text import chat_prompt
 from lmforge.serve import protocol
-from lmforge.serve.engine import Done, Engine, EngineBusy, Event, Failed, GenerationRequest, collect
+from lmforge.serve.arena import Arena, Study
+from lmforge.serve.backends import Backend
+from lmforge.serve.engine import Done, Engine, EngineBusy, Event, Failed, GenerationRequest, Piece, collect
 from lmforge.serve.http import APIError, read_json, validate
 from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from lmforge.serve.study import load_study
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +148,19 @@ class _Server:
             raise APIError(400, f"n: the request asks for {n * prompts} sequences ({prompts} prompts x n={n}); "
                                 f"this server takes at most {self.engine.max_queue} at once", param="n")
 
+    async def answer(self, messages: list[dict[str, str]], options: dict[str, Any]) -> AsyncIterator[str]:
+        """A chat reply's text, piece by piece (the arena's view of a local model); options:
+        max_tokens (capped to the limits and the context), temperature, seed."""
+        ids = await run_in_threadpool(self.encode_chat, messages)
+        self.check_prompt(ids, "prompt")
+        gen = GenerationRequest(prompts=[ids], max_tokens=self.max_tokens(None, options["max_tokens"], [ids]),
+                                temperature=options["temperature"], seed=options.get("seed"))
+        async for event in self.submit(gen)():
+            if isinstance(event, Failed):
+                raise _failure(event.error)
+            if isinstance(event, Piece):
+                yield event.text
+
     def submit(self, request: GenerationRequest) -> _Events:
         try:
             return _Events(self.engine, request)
@@ -223,15 +241,20 @@ async def _respond(events: _Events, request: Request, stream: bool, chunks: Any,
 
 
 def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, limits: Limits | None = None,
-               model_name: str = "lmforge") -> FastAPI:
+               model_name: str = "lmforge", backends: Sequence[Backend] = (),
+               arena_db: str | os.PathLike | None = None, study: str | os.PathLike | None = None) -> FastAPI:
     """The server app for loaded LMs (anything with .model, a GPT or EncoderDecoder, and
     .tokenizer): one LM, served as `model_name`, or {served name: LM}, each with its own
-    engine; the first is the default. api_key: when set, /v1/* requires
-    `Authorization: Bearer <api_key>` (an empty key is refused: it would look set and check nothing)."""
+    engine; the first is the default. api_key: when set, /v1/* and the arena's API require
+    `Authorization: Bearer <api_key>` (an empty key is refused: it would look set and check nothing).
+
+    arena_db: an SQLite file for the arena's ratings (see arena.py), which compares the
+    local models and the `backends` (models of other OpenAI-compatible servers); study: a
+    JSONL file of prompts for it (see study.py; a database that holds a study resumes it)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a real key, or none to serve without one")
     named = dict(models) if isinstance(models, Mapping) else {model_name: models}
-    if not named:
+    if not named and not backends:
         raise ValueError("no model to serve")
     limits = limits or Limits()
     servers: dict[str, _Server] = {}
@@ -242,8 +265,9 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
             raise ValueError(f"model {name!r} has no tokenizer: serving needs one (tokenizer.json beside the weights)")
         engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
         servers[name] = _Server(engine, lm.tokenizer, limits, name)
-    default = next(iter(servers.values()))
+    default = next(iter(servers.values()), None)
     created = protocol.now()
+    arena = _arena(servers, backends, arena_db, study, limits) if arena_db is not None else None
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -254,12 +278,12 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
                            code="invalid_api_key")
 
     def pick(name: str | None) -> _Server:
-        if name is None:
+        if name is None and default is not None:
             return default
         if name not in servers:
-            served = ", ".join(f"`{n}`" for n in servers)
-            raise APIError(404, f"The model `{name}` does not exist on this server (it serves {served})",
-                           param="model", code="model_not_found")
+            served = f"it serves {', '.join(f'`{n}`' for n in servers)}" if servers else "it has no model of its own"
+            raise APIError(404, f"The model `{name}` does not exist on this server ({served})", param="model",
+                           code="model_not_found")
         return servers[name]
 
     async def body(request: Request) -> dict[str, Any]:
@@ -313,17 +337,27 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
         yield
         for srv in servers.values():
             srv.engine.close()  # requests still running get an error; the worker thread ends
+        if arena is not None:
+            arena.store.close()
 
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine = default.engine
+    app.state.engine = default.engine if default else None
     app.state.engines = {name: srv.engine for name, srv in servers.items()}
+    app.state.arena = arena
     app.include_router(api)
+    if arena is not None:
+        app.include_router(arena.router(authorize, lambda: FileResponse(str(STATIC / "arena.html"),
+                                                                        headers=_PAGE_HEADERS), limits.body_timeout_s))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        out = {"status": "ok", "model": default.model_name, **default.engine.load()}
+        out: dict[str, Any] = {"status": "ok"}
+        if default is not None:
+            out.update(model=default.model_name, **default.engine.load())
         if len(servers) > 1:
             out["models"] = {name: srv.engine.load() for name, srv in servers.items()}
+        if arena is not None:
+            out["arena"] = True  # (the playground links to it)
         return out
 
     @app.get("/", include_in_schema=False)
@@ -350,6 +384,29 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
 
 # The page loads only its own files: no third-party script can run in it.
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "X-Frame-Options": "DENY"}
+
+
+def _arena(servers: dict[str, _Server], backends: Sequence[Backend], db: str | os.PathLike,
+           study: str | os.PathLike | None, limits: Limits) -> Arena:
+    """The arena over the local models and the backends, its ratings in `db`."""
+    answerers = {name: srv.answer for name, srv in servers.items()}
+    for b in backends:
+        if b.name in answerers:
+            raise ValueError(f"backend {b.name}: a model of that name is already served")
+        answerers[b.name] = b.answer
+    store = ArenaStore(db)
+    try:
+        loaded = None
+        if study is not None:
+            items, digest = load_study(study, list(answerers))
+            store.load_study(items, digest)
+            loaded = Study(items, digest)
+        elif store.has_study():  # resume the study this database holds
+            loaded = Study(store.study(), store.study_digest())
+        return Arena(store, answerers, loaded, limits.max_tokens)
+    except BaseException:
+        store.close()
+        raise
 
 
 def _model_card(srv: _Server, created: int) -> dict[str, Any]:
