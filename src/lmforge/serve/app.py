@@ -158,7 +158,7 @@ class _Server:
         async for event in self.submit(gen)():
             if isinstance(event, Failed):
                 raise _failure(event.error)
-            if isinstance(event, Piece):
+            if isinstance(event, Piece) and event.text:
                 yield event.text
 
     def submit(self, request: GenerationRequest) -> _Events:
