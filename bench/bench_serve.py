@@ -18,7 +18,18 @@ alike: req/s and tokens/s are medians over rounds, latency percentiles pool all 
 Without --model the model is a randomly initialised gpt-tiny (dim 128, 4 layers) over
 a byte-level BPE of 4096 tokens trained on the bundled corpus (weights do not change
 the speed; a random model rarely emits EOS, so almost every request produces exactly
---new-tokens tokens; usage says how many were produced).
+--new-tokens tokens; usage says how many were produced); --size quickstart builds the
+quickstart's CPU model instead (dim 192, 4 layers, vocab 2048, context 128).
+
+--mixed measures fairness instead: --big requests of 16 prompts x n=8 (sampled,
+--big-tokens new tokens each) are sent at once, then --shorts streamed requests of 5
+new tokens arrive one every --interval seconds while the big ones run (open loop: each
+is sent on time whatever the others are doing). Reported: the shorts' time to first
+token (p50, p99, max, pooled over rounds) and the wall time of the big requests, per
+round. The server runs with its default --max-active and a queue large enough to
+accept everything (--max-queue 4096), so the scheduler, not the limit, decides.
+
+    python bench/bench_serve.py --mixed --size quickstart
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import lmforge
 from lmforge.api import LM, load
 from lmforge.generate import generate_text
 from lmforge.models import build, count_params, preset
+from lmforge.quickstart import CPU as QUICKSTART
 from lmforge.tokenizer import train_tokenizer
 
 PROMPTS = [
@@ -57,11 +69,17 @@ PROMPTS = [
 ]
 
 
-def make_model(out: Path) -> Path:
+SIZES = {"tiny": dict(vocab_size=4096, max_seq_len=256),  # gpt-tiny as it is
+         "quickstart": dict(vocab_size=QUICKSTART.vocab_size, dim=QUICKSTART.dim, n_layers=QUICKSTART.n_layers,
+                            n_heads=QUICKSTART.n_heads, max_seq_len=QUICKSTART.seq_len)}
+
+
+def make_model(out: Path, size: str = "tiny") -> Path:
     corpus = (importlib.resources.files("lmforge") / "corpus" / "tinyshakespeare.txt").read_text().splitlines()
-    tok = train_tokenizer(texts=corpus, kind="bpe", vocab_size=4096)
+    shape = SIZES[size]
+    tok = train_tokenizer(texts=corpus, kind="bpe", vocab_size=shape["vocab_size"])
     torch.manual_seed(0)
-    model = build(preset("gpt-tiny", vocab_size=tok.vocab_size, max_seq_len=256)).eval()
+    model = build(preset("gpt-tiny", **{**shape, "vocab_size": tok.vocab_size})).eval()
     return LM(model, tok).save(out)
 
 
@@ -71,9 +89,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, max_active: int, threads: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_active: int | None, threads: int,
+                 max_queue: int = 256) -> subprocess.Popen:
+    active = "" if max_active is None else f"max_active={max_active}, "
     code = (f"import torch; torch.set_num_threads({threads}); from lmforge.serve import serve; "
-            f"serve({str(model_dir)!r}, port={port}, max_active={max_active}, max_queue=256, log_level='warning')")
+            f"serve({str(model_dir)!r}, port={port}, {active}max_queue={max_queue}, log_level='warning')")
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -137,6 +157,62 @@ def peer(lm: LM, requests: int, new_tokens: int) -> dict:
     return {"wall": time.perf_counter() - start, "tokens": requests * new_tokens, "times": times}
 
 
+async def big_request(http: httpx.AsyncClient, i: int, new_tokens: int) -> float:
+    """One request of 16 prompts x n=8, sampled (seeded): seconds to the whole answer."""
+    prompts = [PROMPTS[(i + j) % len(PROMPTS)] for j in range(16)]
+    body = {"prompt": prompts, "n": 8, "max_tokens": new_tokens, "temperature": 0.8, "seed": i}
+    start = time.perf_counter()
+    r = await http.post("/v1/completions", json=body)
+    r.raise_for_status()
+    return time.perf_counter() - start
+
+
+async def mixed_load(url: str, big: int, big_tokens: int, shorts: int, interval: float) -> dict:
+    """`big` big requests at once, then `shorts` streamed 5-token requests, one every
+    `interval` seconds (open loop): the shorts' times to first token, the bigs' wall time."""
+    limits = httpx.Limits(max_connections=big + shorts + 2, max_keepalive_connections=big + shorts + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await one(http, 0, 2, False)  # connection and server warm-up
+        start = time.perf_counter()
+        bigs = [asyncio.create_task(big_request(http, i, big_tokens)) for i in range(big)]
+        await asyncio.sleep(interval)  # the big requests are in
+
+        async def short(i: int) -> float:
+            await asyncio.sleep(i * interval)
+            return (await one(http, i, 5, True))[0]
+
+        ttft = await asyncio.gather(*(short(i) for i in range(shorts)))
+        await asyncio.gather(*bigs)
+        return {"ttft": list(ttft), "big_wall": time.perf_counter() - start}
+
+
+def run_mixed(args: argparse.Namespace, model_dir: Path) -> None:
+    port = free_port()
+    proc = start_server(model_dir, port, None, args.threads, max_queue=4096)
+    try:
+        rounds = [asyncio.run(mixed_load(f"http://127.0.0.1:{port}", args.big, args.big_tokens, args.shorts,
+                                         args.interval)) for _ in range(args.rounds)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    ttft = [t for r in rounds for t in r["ttft"]]
+    lm = load(model_dir)
+    cfg = lm.config
+    print(f"# lmforge serve benchmark, mixed load, {time.strftime('%Y-%m-%d')}")
+    print(f"lmforge {lmforge.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}; device cpu, fp32")
+    print(f"model: {model_dir if args.model else f'gpt ({args.size} size, random init)'}, "
+          f"{count_params(lm.model):,} parameters (dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, "
+          f"context {cfg.max_seq_len}); {args.rounds} rounds of {args.big} requests of 16 prompts x n=8 x "
+          f"{args.big_tokens} tokens and {args.shorts} streamed 5-token requests, one every {args.interval} s\n")
+    print("| short requests | p50 TTFT (ms) | p99 TTFT (ms) | max TTFT (ms) | big requests' wall time per round (s) |")
+    print("|---:|---:|---:|---:|---|")
+    walls = ", ".join(f"{r['big_wall']:.1f}" for r in rounds)
+    print(f"| {len(ttft)} | {1e3 * percentile(ttft, 50):.0f} | {1e3 * percentile(ttft, 99):.0f} | "
+          f"{1e3 * max(ttft):.0f} | {walls} |")
+    print("\ncommand: python bench/bench_serve.py " + " ".join(sys.argv[1:]))
+
+
 def row(name: str, clients: int, plain: list[dict], streamed: list[dict] | None) -> str:
     """A table row: req/s and tokens/s are medians over rounds; latency percentiles pool all requests."""
     req_s = statistics.median(len(r["times"]) / r["wall"] for r in plain)
@@ -163,10 +239,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server and the peer (1 leaves a core to the load generator on a "
                          "2-core machine; oversubscribed OpenMP threads slow everything down)")
+    ap.add_argument("--size", choices=list(SIZES), default="tiny", help="the model built without --model")
+    ap.add_argument("--mixed", action="store_true", help="short requests under a load of big ones (see above)")
+    ap.add_argument("--big", type=int, default=6, help="--mixed: requests of 16 prompts x n=8")
+    ap.add_argument("--big-tokens", type=int, default=24, help="--mixed: new tokens of each big request's choices")
+    ap.add_argument("--shorts", type=int, default=20, help="--mixed: streamed 5-token requests")
+    ap.add_argument("--interval", type=float, default=0.25, help="--mixed: seconds between short requests")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or make_model(Path(tmp) / "model")
+        model_dir = args.model or make_model(Path(tmp) / "model", args.size)
+        if args.mixed:
+            return run_mixed(args, model_dir)
         torch.set_num_threads(args.threads)
         lm = load(model_dir)
         servers = {ma: free_port() for ma in args.max_active}

@@ -209,23 +209,62 @@ def _inspect_positions(a: Namespace) -> None:
 
 
 def _serve_args(p: ArgumentParser) -> None:
-    _model_args(p)
+    p.add_argument("--model", action="append", default=None,
+                   help="model directory (lmforge or Hugging Face); repeat it to serve several")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="the name clients use for a model, one per --model (default: the directory's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0..65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per request")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting before 503")
-    p.add_argument("--max-active", type=int, default=4, help="requests decoded in turn at once")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (then 408 and the connection is closed)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences (prompts x n) accepted at once per model, running or waiting, before 503")
+    p.add_argument("--max-active", type=int, default=64,
+                   help="sequences running at once per model (requests take decoding steps in turn)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="NAME=URL: a model of another OpenAI-compatible server (URL like http://host:8001/v1), for "
+                        "the arena; repeatable")
+    p.add_argument("--backend-key", action="append", default=None, help="NAME=KEY: the API key of --backend NAME")
+    p.add_argument("--arena-db", default=None,
+                   help="SQLite file of the arena's ratings (default with two models or more: arena.db)")
+    p.add_argument("--study", default=None, help="JSONL file of prompts every rater judges (one {\"prompt\": ...} "
+                                                  "per line)")
 
 
 def _serve(a: Namespace) -> None:
     from lmforge.serve import serve
 
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_tokens=a.max_tokens,
-          max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes, max_queue=a.max_queue,
-          max_active=a.max_active, device=a.device, dtype=a.dtype)
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_names=a.served_model_name,
+          max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
+          max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
+          dtype=a.dtype, backends=a.backend or (), backend_keys=a.backend_key or (), arena_db=a.arena_db,
+          study=a.study)
+
+
+def _arena_report_args(p: ArgumentParser) -> None:
+    p.add_argument("db", help="the arena's SQLite file (lmforge serve --arena-db)")
+    p.add_argument("--out", default=None, help="output directory (default: beside DB, named DB-report)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+
+def _arena_report(a: Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.eval.arena_report import write_report
+
+    db = Path(a.db)
+    out = Path(a.out) if a.out else db.with_name(f"{db.stem}-report")
+    paths = write_report(db, out, a.bootstrap, a.seed)
+    print(paths[1].read_text(encoding="utf-8"))
+    for path in paths:
+        print(f"wrote {path}")
 
 
 def _plan_args(p: ArgumentParser) -> None:
@@ -407,7 +446,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     },
     "plan": ("predict parameters, FLOPs, memory and time of a training setup (--verify measures them)",
              _plan_args, _plan),
-    "serve": ("serve a model over HTTP: OpenAI-compatible API and a web playground", _serve_args, _serve),
+    "serve": ("serve models over HTTP: OpenAI-compatible API, a web playground and, with two models or more, "
+              "an arena for human ratings", _serve_args, _serve),
+    "arena": {
+        "report": ("win rates, Bradley-Terry scores and rater agreement of arena votes, with a plot and exports",
+                   _arena_report_args, _arena_report),
+    },
     "inspect": {
         "attention": ("attention weights of every layer and head as PNG and HTML", _inspect_attention_args,
                       _inspect_attention),

@@ -1,10 +1,12 @@
 """Shared fixtures of the server tests: a byte-level BPE tokenizer trained on a few hundred
 lines of the bundled corpus, a random-init tiny GPT over its vocabulary, the app around
-them, and a real uvicorn server on a free loopback port."""
+them, a real uvicorn server on a free loopback port, and headless Chromium (Debian's
+package, driven by Playwright) for the pages."""
 
 from __future__ import annotations
 
 import importlib.resources
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmforge.api import LM
+from lmforge.cli import main
 from lmforge.models import build, preset
 from lmforge.serve import Limits, create_app
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -74,3 +77,44 @@ def live(lm: LM) -> Iterator[LiveServer]:
     app = create_app(lm, model_name="tiny", limits=Limits(max_queue=64, max_active=4))
     with LiveServer(app) as server:
         yield server
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("chromium is not installed (scripts/install-browser.sh installs it)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """Fails a test that gets as far as running a server, instead of serving forever."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+@pytest.fixture(scope="module")
+def model_dir(lm, tmp_path_factory):
+    return lm.save(tmp_path_factory.mktemp("served") / "model")
+
+
+def serve_cli(capsys, *argv) -> tuple[int, str]:
+    """`lmforge serve ARGV` in-process: (exit status, stderr)."""
+    try:
+        main(["serve", *argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr().err

@@ -50,7 +50,7 @@ def error_of(response, status: int) -> dict:
 
 def test_health_models_and_page(client):
     assert client.get("/health").json() == {"status": "ok", "model": "tiny", "queued": 0, "running": 0,
-                                            "accepted": 0}
+                                            "accepted": 0, "requests": 0}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert models["data"][0]["max_context"] == 128

@@ -175,7 +175,7 @@ def test_cancel_stops_generation_and_frees_the_slot(lm):
         deadline = time.monotonic() + 10
         while eng.load()["accepted"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert eng.load() == {"queued": 0, "running": 0, "accepted": 0}
+        assert eng.load() == {"queued": 0, "running": 0, "accepted": 0, "requests": 0}
         assert eng.stats["cancelled"] == 1 and eng.stats["tokens"] < 100
         assert eng.generate(request(lm.tokenizer, max_tokens=3)).choices[0].finish_reason == "length"
     finally:

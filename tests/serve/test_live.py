@@ -18,6 +18,7 @@ import pytest
 from lmforge.api import LM
 from lmforge.generate import chat_prompt, generate_text
 from lmforge.serve import Limits, create_app
+from lmforge.serve.launch import served_names
 
 from .conftest import LiveServer, tiny_gpt
 
@@ -105,7 +106,7 @@ def test_concurrent_requests_each_equal_their_answer_alone(live):
 
     alone, together = asyncio.run(run())
     assert together == alone
-    assert live.app.state.engine.stats["peak_running"] == 4  # requests really were decoded side by side
+    assert 2 <= live.app.state.engine.stats["peak_running"] <= 4  # decoded side by side, within max_active
     assert [len(t) for t in alone] == [b.get("n", 1) for _, b in reqs]
     assert sum(bool(text) for texts in alone for text in texts) >= 12  # not trivially empty
 
@@ -165,13 +166,14 @@ def test_waiting_client_that_leaves_frees_its_slot(long_server):
     assert engine.stats["tokens"] - before["tokens"] < 1000
 
 
-def test_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
+def test_lmforge_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
     model_dir = lm.save(tmp_path / "model")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from lmforge.serve import serve; serve({str(model_dir)!r}, port={port}, log_level='warning')"
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LMFORGE_API_KEY": "k1"})
+    command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
+               "--served-model-name", "shakespeare", "--device", "cpu"]
+    proc = subprocess.Popen(command, env={**os.environ, "LMFORGE_API_KEY": "k1"})
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:
@@ -182,11 +184,14 @@ def test_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
                 time.sleep(0.1)
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
-        assert models["data"][0]["id"] == "model"  # named after its directory
+        assert [m["id"] for m in models["data"]] == ["shakespeare"]
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from LMFORGE_API_KEY
         out = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k1"},
-                         json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0}).json()
+                         json={"model": "shakespeare", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}).json()
         assert out["choices"][0]["text"] == generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
+        wrong = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k1"},
+                           json={"model": "model", "prompt": PROMPT, "max_tokens": 6})
+        assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
         with socket.socket() as s:  # bound to loopback only
             s.settimeout(1)
             other = [a for a in socket.gethostbyname_ex(socket.gethostname())[2] if not a.startswith("127.")]
@@ -195,3 +200,10 @@ def test_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_served_names_default_to_the_last_part_of_what_was_given(tmp_path):
+    assert served_names(["runs/quickstart/model", "openai-community/gpt2", "runs/b/"]) == ["model", "gpt2", "b"]
+    assert served_names(["a", "b"], ["x", "y"]) == ["x", "y"]
+    with pytest.raises(ValueError, match="two models would be served as 'model'"):
+        served_names(["runs/a/model", "runs/b/model"])

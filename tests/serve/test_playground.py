@@ -7,30 +7,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
 
 import httpx
 import pytest
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 PROMPT = "ROMEO: What light"
 WIDTH, HEIGHT = 1200, 900
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 Image = pytest.importorskip("PIL.Image")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.skip("chromium is not installed (scripts/install-browser.sh installs it)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_playground_streams_tokens_and_shows_probabilities(browser, live, tmp_path):

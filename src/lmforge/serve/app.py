@@ -2,60 +2,60 @@
 
     GET  /                     the playground (serve/static)
     GET  /health               liveness and queue depth (no key needed)
-    GET  /v1/models            the one model served
+    GET  /v1/models            the models served
     POST /v1/completions       prompt(s) -> text; stream=true for server-sent events
     POST /v1/chat/completions  messages -> the assistant's reply; stream=true likewise
 
 Chat messages are rendered with the tokenizer's chat template; a tokenizer without one
 (e.g. trained from scratch) gets lmforge.generate's DEFAULT_CHAT_TEMPLATE:
 "<|role|>\ncontent\n" per message, then "<|assistant|>\n" for the reply. The request's
-"model" field is not checked: the server serves one model, whatever a client calls it.
+"model" names one of the models served (as /v1/models lists them); another name is
+answered 404 model_not_found, as OpenAI's API does, and a request without one goes to
+the first model.
 
-Every request is bounded before it reaches the model: the body size (checked from
-Content-Length and while reading, before any parsing), the JSON (strictly typed, see
-schemas.py), the prompt length and max_tokens, the number of choices, and the queue
-(503 when full). Errors come back in OpenAI's shape {"error": {"message", "type",
-"param", "code"}} with the offending field named. Generation runs on the engine's
-worker thread, so the event loop keeps serving; a client that disconnects cancels its
-request before the next token.
+Every request is bounded before it reaches the model: the body size and the time it
+takes to arrive (see http.py), the JSON (strictly typed, see schemas.py), the prompt
+length and max_tokens, the number of choices, and the queue, counted in sequences
+(prompts x n; 503 when full). Errors come back in OpenAI's shape {"error": {"message",
+"type", "param", "code"}} with the offending field named. Generation runs on each
+model's engine thread, so the event loop keeps serving; a client that disconnects
+cancels its request before the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import json
 import logging
+import math
 import os
-import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
-from lmforge.api import LM, load
+from lmforge.api import LM
+from lmforge.eval.arena_store import ArenaStore
 from lmforge.generate.text import chat_prompt
 from lmforge.serve import protocol
-from lmforge.serve.engine import Done, Engine, EngineBusy, Event, Failed, GenerationRequest, collect
+from lmforge.serve.arena import Arena, Study
+from lmforge.serve.backends import Backend
+from lmforge.serve.engine import Done, Engine, EngineBusy, Event, Failed, GenerationRequest, Piece, collect
+from lmforge.serve.http import APIError, read_json, validate
 from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from lmforge.serve.study import load_study
 
 log = logging.getLogger(__name__)
 
 STATIC = resources.files("lmforge.serve") / "static"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 @dataclass(frozen=True)
@@ -64,85 +64,30 @@ class Limits:
 
     max_tokens: new tokens per choice; max_prompt_tokens: tokens per prompt (the model's
     context bounds prompt + max_tokens as well); max_body_bytes: request body size;
-    max_queue: requests accepted at once (running or waiting; more get 503);
-    max_active: sequences decoded in turn by the worker (1 = strictly one at a time);
-    max_n: choices per prompt; max_prompts: prompts per completion request.
+    max_queue: sequences (prompts x n) accepted at once per model, running or waiting
+    (more get 503; a request bigger than that gets 400);
+    max_active: sequences running at once per model, decoded request by request in turn;
+    max_n: choices per prompt; max_prompts: prompts per completion request;
+    body_timeout_s: seconds a request body may take to arrive (then 408).
     """
 
     max_tokens: int = 512
     max_prompt_tokens: int = 2048
     max_body_bytes: int = 1 << 20
-    max_queue: int = 32
-    max_active: int = 4
+    max_queue: int = 256
+    max_active: int = 64
     max_n: int = 8
     max_prompts: int = 16
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if f.type == "float" or f.type is float:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                    raise ValueError(f"Limits.{f.name} must be a positive number of seconds, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{f.name} must be a positive integer, got {value!r}")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(protocol.error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
-
-
-# ---- request parsing --------------------------------------------------------------------------
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past `limit` bytes (before parsing), 400 if malformed."""
-    length = request.headers.get("content-length")
-    too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    if length is not None:
-        if not length.isdigit():
-            raise APIError(400, "invalid Content-Length header")
-        if int(length) > limit:
-            raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise APIError(499, "client disconnected while sending the request") from None
-    if not body:
-        raise APIError(400, "request body is empty: send a JSON object")
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise APIError(400, f"malformed JSON body: {str(e)[:200]}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"the JSON body must be an object, got {type(data).__name__}")
-    return data
-
-
-def validate(schema: type[BaseModel], data: dict[str, Any]) -> Any:
-    """Validate a body; the first problem becomes a 400 naming its field."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        path = [str(p) for p in err["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)]
-        where = ".".join(path)
-        message = err["msg"].removeprefix("Value error, ")
-        if not where:  # a check across fields: its message starts with the field it is about
-            first = re.match(r"\w+", message)
-            where = first.group(0) if first and first.group(0) in schema.model_fields else ""
-        elif not message.startswith(path[0]):
-            message = f"{where}: {message}"
-        raise APIError(400, message, param=where or None) from None
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -199,6 +144,22 @@ class _Server:
         if prompts > self.limits.max_prompts:
             raise APIError(400, f"prompt: at most {self.limits.max_prompts} prompts per request, got {prompts}",
                            param="prompt")
+        if n * prompts > self.engine.max_queue:
+            raise APIError(400, f"n: the request asks for {n * prompts} sequences ({prompts} prompts x n={n}); "
+                                f"this server takes at most {self.engine.max_queue} at once", param="n")
+
+    async def answer(self, messages: list[dict[str, str]], options: dict[str, Any]) -> AsyncIterator[str]:
+        """A chat reply's text, piece by piece (the arena's view of a local model); options:
+        max_tokens (capped to the limits and the context), temperature, seed."""
+        ids = await run_in_threadpool(self.encode_chat, messages)
+        self.check_prompt(ids, "prompt")
+        gen = GenerationRequest(prompts=[ids], max_tokens=self.max_tokens(None, options["max_tokens"], [ids]),
+                                temperature=options["temperature"], seed=options.get("seed"))
+        async for event in self.submit(gen)():
+            if isinstance(event, Failed):
+                raise _failure(event.error)
+            if isinstance(event, Piece) and event.text:
+                yield event.text
 
     def submit(self, request: GenerationRequest) -> _Events:
         try:
@@ -230,7 +191,7 @@ class _Events:
                 else:
                     try:
                         event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:
                         event = None
                     if loop.time() - checked >= DISCONNECT_POLL_S:  # events may flow without a pause
                         checked = loop.time()
@@ -279,16 +240,34 @@ async def _respond(events: _Events, request: Request, stream: bool, chunks: Any,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = None,
-               model_name: str = "lmforge") -> FastAPI:
-    """The server app for a loaded LM (anything with .model, a GPT or EncoderDecoder, and
-    .tokenizer). api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`."""
-    if getattr(lm, "tokenizer", None) is None:
-        raise ValueError("the model has no tokenizer: serving needs one (tokenizer.json beside the weights)")
+def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, limits: Limits | None = None,
+               model_name: str = "lmforge", backends: Sequence[Backend] = (),
+               arena_db: str | os.PathLike | None = None, study: str | os.PathLike | None = None) -> FastAPI:
+    """The server app for loaded LMs (anything with .model, a GPT or EncoderDecoder, and
+    .tokenizer): one LM, served as `model_name`, or {served name: LM}, each with its own
+    engine; the first is the default. api_key: when set, /v1/* and the arena's API require
+    `Authorization: Bearer <api_key>` (an empty key is refused: it would look set and check nothing).
+
+    arena_db: an SQLite file for the arena's ratings (see arena.py), which compares the
+    local models and the `backends` (models of other OpenAI-compatible servers); study: a
+    JSONL file of prompts for it (see study.py; a database that holds a study resumes it)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a real key, or none to serve without one")
+    named = dict(models) if isinstance(models, Mapping) else {model_name: models}
+    if not named and not backends:
+        raise ValueError("no model to serve")
     limits = limits or Limits()
-    engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
-    srv = _Server(engine, lm.tokenizer, limits, model_name)
+    servers: dict[str, _Server] = {}
+    for name, lm in named.items():
+        if not name or name != name.strip() or len(name) > 256:
+            raise ValueError(f"served model name {name!r} must be 1 to 256 characters without surrounding spaces")
+        if getattr(lm, "tokenizer", None) is None:
+            raise ValueError(f"model {name!r} has no tokenizer: serving needs one (tokenizer.json beside the weights)")
+        engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
+        servers[name] = _Server(engine, lm.tokenizer, limits, name)
+    default = next(iter(servers.values()), None)
     created = protocol.now()
+    arena = _arena(servers, backends, arena_db, study, limits) if arena_db is not None else None
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -298,22 +277,32 @@ def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = No
             raise APIError(401, "missing or incorrect API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
 
+    def pick(name: str | None) -> _Server:
+        if name is None and default is not None:
+            return default
+        if name not in servers:
+            served = f"it serves {', '.join(f'`{n}`' for n in servers)}" if servers else "it has no model of its own"
+            raise APIError(404, f"The model `{name}` does not exist on this server ({served})", param="model",
+                           code="model_not_found")
+        return servers[name]
+
+    async def body(request: Request) -> dict[str, Any]:
+        return await read_json(request, limits.max_body_bytes, limits.body_timeout_s)
+
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @api.get("/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(srv, created)]}
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(srv, created) for srv in servers.values()]}
 
     @api.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {model_name!r}", param="model",
-                           code="model_not_found")
-        return _model_card(srv, created)
+        return _model_card(pick(model_id), created)
 
     @api.post("/completions")
     async def completions(request: Request) -> Any:
-        req = validate(CompletionRequest, await read_json(request, limits.max_body_bytes))
+        req = validate(CompletionRequest, await body(request))
+        srv = pick(req.model)
         srv.check_choices(req.n, len(req.prompt))
         prompts = [p if isinstance(p, list) else await run_in_threadpool(srv.encode, p, "prompt")
                    for p in req.prompt]
@@ -323,36 +312,53 @@ def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = No
         gen = _generation_request(req, prompts, srv.max_tokens(req.max_tokens, 16, prompts), req.logprobs is not None,
                                   top)
         events = srv.submit(gen)
-        chunks = protocol.CompletionChunks(model_name, req.logprobs is not None, req.include_usage)
-        body = lambda result: protocol.completion_body(result, protocol.new_id("cmpl"), model_name,
-                                                       req.logprobs is not None)
-        return await _respond(events, request, req.stream, chunks, body)
+        chunks = protocol.CompletionChunks(srv.model_name, req.logprobs is not None, req.include_usage)
+        answer = lambda result: protocol.completion_body(result, protocol.new_id("cmpl"), srv.model_name,
+                                                         req.logprobs is not None)
+        return await _respond(events, request, req.stream, chunks, answer)
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        req = validate(ChatCompletionRequest, await read_json(request, limits.max_body_bytes))
+        req = validate(ChatCompletionRequest, await body(request))
+        srv = pick(req.model)
         srv.check_choices(req.n, 1)
         ids = await run_in_threadpool(srv.encode_chat, [{"role": m.role, "content": m.text()} for m in req.messages])
         srv.check_prompt(ids, "messages")
         gen = _generation_request(req, [ids], srv.max_tokens(req.max_tokens, limits.max_tokens, [ids]),
                                   req.logprobs, req.top_logprobs or 0)
         events = srv.submit(gen)
-        chunks = protocol.ChatChunks(model_name, req.logprobs, req.include_usage)
-        body = lambda result: protocol.chat_body(result, protocol.new_id("chatcmpl"), model_name, req.logprobs)
-        return await _respond(events, request, req.stream, chunks, body)
+        chunks = protocol.ChatChunks(srv.model_name, req.logprobs, req.include_usage)
+        answer = lambda result: protocol.chat_body(result, protocol.new_id("chatcmpl"), srv.model_name,
+                                                   req.logprobs)
+        return await _respond(events, request, req.stream, chunks, answer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.close()  # requests still running get an error; the worker thread ends
+        for srv in servers.values():
+            srv.engine.close()  # requests still running get an error; the worker thread ends
+        if arena is not None:
+            arena.store.close()
 
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine = engine
+    app.state.engine = default.engine if default else None
+    app.state.engines = {name: srv.engine for name, srv in servers.items()}
+    app.state.arena = arena
     app.include_router(api)
+    if arena is not None:
+        app.include_router(arena.router(authorize, lambda: FileResponse(str(STATIC / "arena.html"),
+                                                                        headers=_PAGE_HEADERS), limits.body_timeout_s))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **engine.load()}
+        out: dict[str, Any] = {"status": "ok"}
+        if default is not None:
+            out.update(model=default.model_name, **default.engine.load())
+        if len(servers) > 1:
+            out["models"] = {name: srv.engine.load() for name, srv in servers.items()}
+        if arena is not None:
+            out["arena"] = True  # (the playground links to it)
+        return out
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
@@ -380,6 +386,29 @@ def create_app(lm: LM, *, api_key: str | None = None, limits: Limits | None = No
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "X-Frame-Options": "DENY"}
 
 
+def _arena(servers: dict[str, _Server], backends: Sequence[Backend], db: str | os.PathLike,
+           study: str | os.PathLike | None, limits: Limits) -> Arena:
+    """The arena over the local models and the backends, its ratings in `db`."""
+    answerers = {name: srv.answer for name, srv in servers.items()}
+    for b in backends:
+        if b.name in answerers:
+            raise ValueError(f"backend {b.name}: a model of that name is already served")
+        answerers[b.name] = b.answer
+    store = ArenaStore(db)
+    try:
+        loaded = None
+        if study is not None:
+            items, digest = load_study(study, list(answerers))
+            store.load_study(items, digest)
+            loaded = Study(items, digest)
+        elif store.has_study():  # resume the study this database holds
+            loaded = Study(store.study(), store.study_digest())
+        return Arena(store, answerers, loaded, limits.max_tokens)
+    except BaseException:
+        store.close()
+        raise
+
+
 def _model_card(srv: _Server, created: int) -> dict[str, Any]:
     return {"id": srv.model_name, "object": "model", "created": created, "owned_by": "lmforge",
             "max_context": srv.engine.max_context, "max_tokens": srv.limits.max_tokens}
@@ -391,27 +420,3 @@ def _generation_request(req: Any, prompts: list[list[int]], max_tokens: int, log
                              top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None,
                              repetition_penalty=req.repetition_penalty, n=req.n, stop=req.stop, seed=req.seed,
                              logprobs=logprobs, top_logprobs=top_logprobs)
-
-
-def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-          max_tokens: int = 512, max_prompt_tokens: int = 2048, max_body_bytes: int = 1 << 20, max_queue: int = 32,
-          max_active: int = 4, device: str | None = None, dtype: str | None = None, model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Load a model directory (lmforge or Hugging Face, with its tokenizer) and serve it
-    until interrupted. Binds to loopback by default; api_key (or the LMFORGE_API_KEY
-    environment variable) makes /v1/* require `Authorization: Bearer <key>`."""
-    api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
-    limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                    max_queue=max_queue, max_active=max_active)
-    lm = load(model_dir, device=device, dtype=dtype)
-    app = create_app(lm, api_key=api_key, limits=limits, model_name=model_name or Path(model_dir).resolve().name)
-    if api_key is None and not _is_loopback(host):
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

@@ -1,19 +1,28 @@
 """The model side of the server: one worker thread that runs every generation.
 
-    HTTP handlers --submit(request, sink)--> waiting queue --admit--> active sequences
+    HTTP handlers --submit(request, sink)--> waiting line of requests --admit--> running prompts
                                                                       |  one decode step each,
-    sink(Piece) ... sink(Done) <-- detokenize, stop strings, top-k <--+  in turn (round robin)
+    sink(Piece) ... sink(Done) <-- detokenize, stop strings, top-k <--+  request by request in turn
 
 Why one thread and no cross-request batching: lmforge.generate decodes a batch under
 one GenerationConfig and one random generator, so requests with their own temperature,
 top-k/top-p and seed cannot share a batch without changing what each would produce
 alone; and a batched matmul rounds differently from an unbatched one, which can flip a
-greedy argmax. Here every sequence keeps its own KV cache and generator
-(`iter_generate`), so a request returns exactly what it returns alone, whatever else
-is running. The worker advances up to `max_active` sequences one token each in turn,
-so a short request (or a streaming reader waiting for its first token) is not stuck
-behind a long one; `max_active=1` is a plain first-in-first-out queue. A cancelled
-request (a client that went away) is dropped before its next step.
+greedy argmax. Here every prompt keeps its own KV cache and generator (`iter_generate`
+over its n rows), so a request returns exactly what it returns alone, whatever else is
+running.
+
+Work is counted in sequences: a request of P prompts with n choices each is P x n
+sequences. `max_queue` bounds the sequences accepted (running or waiting; more raise
+EngineBusy), `max_active` the sequences running at once (their KV caches). Scheduling
+is fair across requests, not across prompts: each request runs one prompt at a time,
+and the worker advances every running request by one step in turn, so a request of 16
+prompts x n=8 gets the same share of the worker as a 5-token request, and the 5-token
+request's first token waits one round, not for the big one to finish. A request whose
+prompt ends goes to the back of the waiting line if others wait, so a full
+`max_active` rotates between requests at prompt boundaries; `max_active=1` runs one
+prompt at a time, first in, first out. A cancelled request (a client that went away)
+is dropped before its next step.
 
 Only this module touches the model; the HTTP layer sees GenerationRequest in and
 Piece / Done / Failed events out.
@@ -104,18 +113,20 @@ class GenerationResult:
 
 
 class _Job:
-    """A submitted request: its sequences (one per prompt) and where its events go."""
+    """A submitted request: its prompts, run one at a time, and where its events go."""
 
     def __init__(self, request: GenerationRequest, sink: Callable[[Event], None]) -> None:
         self.request, self.sink = request, sink
         self.cancelled = False
         self.failed = False
-        self.pending = len(request.prompts)  # sequences not finished yet
+        self.finished = False  # Done, Failed or cancelled: nothing more happens to it
+        self.next_prompt = 0  # prompts started so far
+        self.remaining = len(request.prompts) * request.n  # sequences not finished (they count in the queue)
         self.completion_tokens = 0
 
 
 class _Sequence:
-    """One prompt of a job, decoded by its own iter_generate (own KV cache, own generator)."""
+    """One prompt of a job (its n rows), decoded by its own iter_generate (own KV cache, own generator)."""
 
     def __init__(self, job: _Job, prompt_index: int, steps: Iterator, rows: list[Detokenizer]) -> None:
         self.job, self.prompt_index, self.steps, self.rows = job, prompt_index, steps, rows
@@ -135,11 +146,12 @@ class Engine:
     """Runs generation requests of a GPT or EncoderDecoder on one worker thread.
 
     model: a GPT or EncoderDecoder (eval mode); tokenizer: encode/decode, eos_id, pad_id.
-    max_active: sequences decoded in turn (1 = first in, first out);
-    max_queue: requests accepted at once (running or waiting) before submit raises EngineBusy.
+    max_active: sequences (prompts x n) running at once, their KV caches held; a request
+    runs one prompt at a time, requests take steps in turn (1 = first in, first out);
+    max_queue: sequences accepted at once (running or waiting) before submit raises EngineBusy.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_active: int = 4, max_queue: int = 64) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_active: int = 64, max_queue: int = 256) -> None:
         if not isinstance(model, GPT | EncoderDecoder):
             raise ValueError(f"serving needs a GPT or EncoderDecoder model, got {type(model).__name__}")
         if max_active < 1 or max_queue < 1:
@@ -148,9 +160,10 @@ class Engine:
         self.max_active, self.max_queue = max_active, max_queue
         self.device = next(model.parameters()).device
         self._cond = threading.Condition()
-        self._waiting: deque[_Job] = deque()
-        self._active: list[_Sequence] = []
-        self._jobs = 0  # accepted and not finished
+        self._waiting: deque[_Job] = deque()  # requests with a prompt to start, in turn
+        self._running: list[_Sequence] = []  # at most one per request
+        self._jobs = 0  # requests accepted and not finished
+        self._sequences = 0  # their sequences not finished
         self._closed = False
         self._thread: threading.Thread | None = None
         self._token_strings: dict[int, str] = {}
@@ -171,10 +184,15 @@ class Engine:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
+    def _running_sequences(self) -> int:
+        return sum(s.job.request.n for s in self._running)
+
     def load(self) -> dict[str, int]:
-        """Requests waiting and sequences running (for /health and the tests)."""
+        """Sequences waiting, running and accepted, and requests accepted (for /health and the tests)."""
         with self._cond:
-            return {"queued": len(self._waiting), "running": len(self._active), "accepted": self._jobs}
+            running = self._running_sequences()
+            return {"queued": self._sequences - running, "running": running, "accepted": self._sequences,
+                    "requests": self._jobs}
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -192,7 +210,8 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Handle:
         """Queue a request; `sink` receives its events from the worker thread.
 
-        Raises ValueError for a request the model cannot run, EngineBusy when full."""
+        Raises ValueError for a request the model cannot run (or bigger than the whole
+        queue), EngineBusy when the queue has no room for its sequences now."""
         self.config_for(request)
         if not request.prompts or any(not p for p in request.prompts):
             raise ValueError("every prompt needs at least one token")
@@ -203,12 +222,17 @@ class Engine:
             if max(p) >= self.vocab_size or min(p) < 0:
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         job = _Job(request, sink)
+        if job.remaining > self.max_queue:
+            raise ValueError(f"n: the request asks for {job.remaining} sequences ({len(request.prompts)} prompts x "
+                             f"n={request.n}); this server takes at most {self.max_queue} at once")
         with self._cond:
             if self._closed:
                 raise EngineBusy("the engine is shut down")
-            if self._jobs >= self.max_queue:
-                raise EngineBusy(f"{self._jobs} requests are queued or running (limit {self.max_queue})")
+            if self._sequences + job.remaining > self.max_queue:
+                raise EngineBusy(f"{self._sequences} sequences are queued or running and this request adds "
+                                 f"{job.remaining} (limit {self.max_queue})")
             self._jobs += 1
+            self._sequences += job.remaining
             self._waiting.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
@@ -218,13 +242,20 @@ class Engine:
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:
-            if job.cancelled or job.pending == 0 or job.failed:
+            if job.cancelled or job.finished or job.failed:
                 return
             job.cancelled = True
-            if job in self._waiting:  # never started: free its slot now
+            if job in self._waiting:  # no prompt running: free its place now
                 self._waiting.remove(job)
-                self._jobs -= 1
-                self.stats["cancelled"] += 1
+                self._finish(job, "cancelled")
+
+    def _finish(self, job: _Job, outcome: str) -> None:
+        """Account for a job that is over (the lock is held)."""
+        job.finished = True
+        self._jobs -= 1
+        self._sequences -= job.remaining
+        job.remaining = 0
+        self.stats[outcome] += 1
 
     def close(self) -> None:
         """Stop the worker thread; requests still queued or running are dropped."""
@@ -262,34 +293,44 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._active and not self._waiting:
+                while not self._closed and not self._running and not self._waiting:
                     self._cond.wait()
                 if self._closed:
-                    dropped = {id(s.job): s.job for s in self._active} | {id(j): j for j in self._waiting}
-                    self._active.clear()
+                    dropped = {id(s.job): s.job for s in self._running} | {id(j): j for j in self._waiting}
+                    self._running.clear()
                     self._waiting.clear()
                     break
-                while self._waiting and len(self._active) < self.max_active:
-                    self._start(self._waiting.popleft())
-                self.stats["peak_running"] = max(self.stats["peak_running"], len(self._active))
-                active = list(self._active)
-            for seq in active:
+                self._admit()
+                running = list(self._running)
+            for seq in running:  # one round: every running request advances one step
                 self._advance(seq)
         for job in dropped.values():
             self._emit(job, Failed(EngineBusy("the server is shutting down")))
 
+    def _admit(self) -> None:
+        """Start the next prompt of waiting requests, in turn, while their sequences fit in
+        max_active (one always runs, however many rows it has). The lock is held."""
+        rows = self._running_sequences()
+        while self._waiting:
+            n = self._waiting[0].request.n
+            if self._running and rows + n > self.max_active:
+                break
+            self._start(self._waiting.popleft())
+            rows += n
+        self.stats["peak_running"] = max(self.stats["peak_running"], rows)
+
     def _start(self, job: _Job) -> None:
-        req = job.request
+        req, p = job.request, job.next_prompt
+        job.next_prompt += 1
         cfg = self.config_for(req)
-        for p, ids in enumerate(req.prompts):
-            generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
-            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-            steps = iter_generate(self.model, input_ids, torch.ones_like(input_ids), cfg, generator=generator)
-            rows = [Detokenizer(p * req.n + j, self.tokenizer, self.tokenizer.eos_id, req.stop) for j in range(req.n)]
-            self._active.append(_Sequence(job, p, steps, rows))
+        generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
+        input_ids = torch.tensor([req.prompts[p]], dtype=torch.long, device=self.device)
+        steps = iter_generate(self.model, input_ids, torch.ones_like(input_ids), cfg, generator=generator)
+        rows = [Detokenizer(p * req.n + j, self.tokenizer, self.tokenizer.eos_id, req.stop) for j in range(req.n)]
+        self._running.append(_Sequence(job, p, steps, rows))
 
     def _advance(self, seq: _Sequence) -> None:
-        """One decoding step of one sequence, its events sent; drops it when it ends."""
+        """One decoding step of one prompt, its events sent; drops it when it ends."""
         job = seq.job
         if job.cancelled or job.failed:
             self._drop(seq, None)
@@ -327,24 +368,21 @@ class Engine:
         return pieces
 
     def _drop(self, seq: _Sequence, error: Exception | None) -> None:
+        """A prompt is over (finished, cancelled or failed): free it, then queue the job's
+        next prompt at the back of the line, or end the job."""
         seq.steps.close()  # frees the KV cache now
         job = seq.job
+        tokens = sum(row.count for row in seq.rows)
         with self._cond:
-            self._active.remove(seq)
-            job.pending -= 1
-            job.completion_tokens += sum(row.count for row in seq.rows)
-            self.stats["tokens"] += sum(row.count for row in seq.rows)
-            if error is not None:
-                others = [s for s in self._active if s.job is job]
-                for s in others:
-                    s.steps.close()
-                    self._active.remove(s)
-                job.pending = 0
-            if job.pending:
+            self._running.remove(seq)
+            job.completion_tokens += tokens
+            self.stats["tokens"] += tokens
+            if not (job.cancelled or job.failed) and job.next_prompt < len(job.request.prompts):
+                job.remaining -= job.request.n
+                self._sequences -= job.request.n
+                self._waiting.append(job)
                 return
-            self._jobs -= 1
-            outcome = "failed" if job.failed else "cancelled" if job.cancelled else "completed"
-            self.stats[outcome] += 1
+            self._finish(job, "failed" if job.failed else "cancelled" if job.cancelled else "completed")
         if error is not None:
             self._emit(job, Failed(error))
         elif not job.cancelled:

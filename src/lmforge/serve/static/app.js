@@ -25,6 +25,7 @@ function intOr(id, fallback) {
 function requestBody() {
   const k = Math.min(20, Math.max(1, intOr("alternatives", 5)));
   const body = {
+    model: $("model-select").value || undefined,
     max_tokens: Math.max(1, intOr("max-tokens", 64)),
     temperature: parseFloat($("temperature").value),
     top_k: Math.max(0, intOr("top-k", 0)),
@@ -210,9 +211,19 @@ async function loadModel() {
     const res = await fetch("/v1/models", { headers: headers() });
     if (res.status === 401) { $("model-name").textContent = "API key required"; return; }
     const data = await res.json();
-    const card = data.data[0];
-    $("model-name").textContent = `model: ${card.id} (context ${card.max_context} tokens)`;
-    $("max-tokens").max = String(card.max_tokens);
+    const cards = data.data;
+    const select = $("model-select");
+    const show = () => {
+      const card = cards.find((c) => c.id === select.value) || cards[0];
+      $("model-name").textContent = `model: ${card.id} (context ${card.max_context} tokens)`;
+      $("max-tokens").max = String(card.max_tokens);
+    };
+    select.replaceChildren(...cards.map((c) => new Option(c.id, c.id)));
+    select.hidden = cards.length < 2;  // several models: choose one
+    select.onchange = show;
+    if (cards.length) show(); else $("model-name").textContent = "no local model";
+    const health = await (await fetch("/health")).json();
+    $("arena-link").hidden = !health.arena;
   } catch (e) {
     $("model-name").textContent = "server unreachable";
   }
