@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lmforge.hardware import GiB
 from lmforge.interop.hf import config_from_hf
 from lmforge.models import PRESETS, build, count_params, preset
 from lmforge.nn.attention import _Heads
@@ -18,7 +19,7 @@ from lmforge.nn.lora import apply_lora
 from lmforge.plan import engine_chunk_rows, make_plan
 from lmforge.plan.arch import describe
 from lmforge.plan.dataflow import Shape
-from lmforge.plan.device import Device, GiB
+from lmforge.plan.device import Device
 from lmforge.plan.estimate import make_shape, max_micro_batch, memory_per_device
 from lmforge.plan.memory import batch_bytes
 from lmforge.plan.objective import loss, random_batch

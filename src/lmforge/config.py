@@ -273,9 +273,9 @@ class LogConfig:
         progress: show a progress bar (rank 0 only).
         tensorboard: write TensorBoard event files to out_dir/tb.
         plot: write out_dir/loss.png at the end.
-        peak_flops: peak FLOP/s of one device for MFU; None: 989e12 on H100/H200 in bf16 (the
-            dense tensor-core peak), a table for other known GPUs, and a measured fp32 matmul
-            rate on CPU.
+        peak_flops: peak FLOP/s of one device for MFU; None: the datasheet table (lmforge.hardware)
+            for a known GPU (989e12 on H100/H200 in bf16, the dense tensor-core peak), a measured
+            fp32 matmul rate on CPU.
     """
 
     every: int = 10

@@ -23,6 +23,7 @@ from lmforge.data.pretraining import DataBuilder, prepared_data, prepares_into_r
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv
 from lmforge.files import check_writable
+from lmforge.hardware import ACCELERATORS
 from lmforge.interop.hf import ConversionError, model_type_of
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
@@ -81,8 +82,8 @@ def plan_summary(mcfg: ModelConfig, config: RunConfig, env: DistEnv) -> str:
     on_gpu = env.device.type == "cuda"
     device = "h100"  # FLOPs and memory do not depend on it; the CPU's own kernels via backend
     if on_gpu:
-        name = torch.cuda.get_device_name(env.device).lower()
-        device = next((key for key in ("h100", "a100") if key in name), "measured")
+        name = torch.cuda.get_device_name(env.device)
+        device = next((key for key, a in ACCELERATORS.items() if a.match in name), "measured")
     plan = make_plan(mcfg, seq_len=d.seq_len, batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                      precision=resolve_precision(t.precision, env.device),
                      activation_checkpointing=t.activation_checkpointing, devices=env.world_size,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-GiB = 2**30
+from lmforge.hardware import ACCELERATORS
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,9 @@ class Device:
     note: str = ""
 
 
-DEVICES: dict[str, Device] = {
-    "h100": Device("NVIDIA H100 SXM5 80GB (datasheet)", "cuda", 80 * GiB,
-                   {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 3.35e12, 0.45),
-    "a100": Device("NVIDIA A100 SXM4 80GB (datasheet)", "cuda", 80 * GiB,
-                   {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 2.039e12, 0.45),
-}
+ASSUMED_MFU = 0.45
+DEVICES: dict[str, Device] = {key: Device(a.name, "cuda", a.memory, dict(a.peak), a.bandwidth, ASSUMED_MFU)
+                              for key, a in ACCELERATORS.items()}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _measured: dict[tuple, Device] = {}

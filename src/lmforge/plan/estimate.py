@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge.hardware import GiB
+from lmforge.models.flops import encdec_flops_per_sequence, flops_per_token
 from lmforge.plan.arch import Arch, lora_params
 from lmforge.plan.calibrate import step_parts
 from lmforge.plan.dataflow import Shape, walk
-from lmforge.plan.device import Device, GiB
+from lmforge.plan.device import Device
 from lmforge.plan.memory import (
     MemorySettings,
     batch_bytes,
@@ -148,15 +150,16 @@ def formula(arch: Arch, shape: Shape, n_no_pos: int) -> tuple[str, int, int]:
         S, T, H, Q = shape.seq_len, shape.target_len, c.n_heads, c.dim // c.n_heads
         n_enc = enc.n_layers * enc.block_params()
         n_dec = dec.n_layers * dec.block_params() + arch.extra["tok_emb"]
-        attn = H * Q * (enc.n_layers * S * S + dec.n_layers * (T * T + T * S))
         text = ("B * [6 * (N_enc * S + N_dec * T) + 12 * H * Q * (L_enc * S^2 + L_dec * (T^2 + T * S))] "
                 "(N_dec with the tied LM head; inference: 2 and 4 for 6 and 12)")
-        return text, B * (6 * (n_enc * S + n_dec * T) + 12 * attn), B * (2 * (n_enc * S + n_dec * T) + 4 * attn)
+        train = encdec_flops_per_sequence(n_enc, n_dec, H, Q, enc.n_layers, dec.n_layers, S, T)
+        return text, round(B * train), round(B * train / 3)  # inference: the forward third
     st = arch.stacks[0]
     T, L, H, Q = shape.seq_len, st.n_layers, st.spec.n_heads, st.spec.head_dim
     text = ("6 * N + 12 * L * H * Q * T per token (N without position embeddings); "
             "inference 2 * N + 4 * L * H * Q * T")
-    return text, B * T * (6 * n_no_pos + 12 * L * H * Q * T), B * T * (2 * n_no_pos + 4 * L * H * Q * T)
+    train = flops_per_token(n_no_pos, L, H, Q, T)
+    return text, round(B * T * train), round(B * T * train / 3)
 
 
 def flops(arch: Arch, shape: Shape, s: dict[str, Any], segs: list[Segment]) -> dict[str, Any]:

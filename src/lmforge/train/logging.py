@@ -30,18 +30,11 @@ from tqdm.auto import tqdm
 
 from lmforge.config import LogConfig
 from lmforge.files import atomic_write_bytes
+from lmforge.hardware import accelerator_named
 from lmforge.models import count_params
+from lmforge.models.flops import encdec_flops_per_sequence
+from lmforge.models.flops import flops_per_token as transformer_flops
 from lmforge.train import rundir
-
-# Dense peak FLOP/s per device, by (substring of the CUDA device name, precision).
-# H100/H200 SXM bf16/fp16: 989e12 (the DESIGN.md reference); fp32 runs the TF32 tensor cores.
-GPU_PEAKS: dict[str, dict[str, float]] = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
-}
-
 
 # Progress-bar label -> record key; the ETA is tqdm's own (steps left / recent step rate).
 POSTFIX = {"loss": "train_loss", "val": "val_loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
@@ -67,17 +60,18 @@ def flops_per_token(model: nn.Module, seq_len: int, lm_fraction: float = 1.0) ->
     H, Q = cfg.n_heads, cfg.head_dim
     if hasattr(core, "encoder") and hasattr(core, "decoder"):
         # Source tokens go through the encoder and the decoder's cross-attention keys and values,
-        # target tokens (the lm_fraction) through the rest of the decoder.
+        # target tokens (the lm_fraction) through the rest of the decoder and the vocabulary projection.
         f, S = lm_fraction, seq_len
         T = S * f / (1.0 - f) if f < 1.0 else float(S)
         n_kv = sum(p.numel() for name, p in core.decoder.named_parameters() if ".cross.wkv." in name)
         n_src = count_params(core.encoder, positions=False) + n_kv
-        n_tgt = count_params(core.decoder, positions=False) - n_kv
-        attn = H * Q * (cfg.n_layers * S * S + (cfg.n_decoder_layers or cfg.n_layers) * (T * T + T * S)) / (S + T)
-        return 6.0 * (n_src * (1.0 - f) + n_tgt * f + head) + 12.0 * attn
+        n_tgt = count_params(core.decoder, positions=False) - n_kv + (head / f if f else 0.0)
+        per_sequence = encdec_flops_per_sequence(n_src, n_tgt, H, Q, cfg.n_layers, cfg.n_decoder_layers or cfg.n_layers,
+                                                 S, T)
+        return per_sequence / (S + T)
     weights = [getattr(m, "weight", None) for m in (getattr(core, "tok_emb", None), getattr(core, "lm_head", None))]
     n -= sum({id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}.values())  # a tied one once
-    return 6.0 * (n + head) + 12.0 * cfg.n_layers * H * Q * seq_len
+    return transformer_flops(n + head, cfg.n_layers, H, Q, seq_len)
 
 
 @functools.cache
@@ -102,10 +96,9 @@ def peak_flops(device: torch.device, precision: str, override: float | None = No
     if device.type == "cpu":
         return measured_cpu_flops()
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks.get(precision, peaks["fp32"])
+        accelerator = accelerator_named(torch.cuda.get_device_name(device))
+        if accelerator is not None:
+            return accelerator.peak.get(precision, accelerator.peak["fp32"])
     return None
 
 
