@@ -16,7 +16,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-IGNORE_INDEX = -100  # the label the losses skip (torch.nn.functional.cross_entropy's default ignore_index)
+from lmforge.models.config import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "BatchIterator", "TokenSeq", "as_ids", "attention_mask", "collate_inputs", "collate_lm",
+           "pad", "pad_batch", "with_index"]
+
 
 TokenSeq = Sequence[int] | np.ndarray | Tensor
 

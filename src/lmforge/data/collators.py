@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lmforge.data.batching import IGNORE_INDEX, TokenSeq, as_ids, pad_batch
+from lmforge.models.encdec import shift_right
 
 Pair = tuple[TokenSeq, TokenSeq, int]
 
@@ -113,14 +114,6 @@ def word_continuation_table(tokenizer: TokenizerLike, scheme: str = "auto") -> T
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-
-def shift_right(labels: Tensor, pad_id: int, start_id: int) -> Tensor:
-    """Teacher-forcing decoder inputs (B, T): labels shifted right behind start_id, -100 -> pad_id."""
-    shifted = labels.new_full(labels.shape, pad_id)
-    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad_id)
-    shifted[:, 0] = start_id
-    return shifted
 
 
 def _check_range(ids: Tensor, vocab: VocabInfo) -> None:

@@ -1,9 +1,12 @@
-"""What every family's architecture config shares: validation and vocabulary padding."""
+"""What every family's architecture config shares: validation and vocabulary padding; and
+the label value every loss skips."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+IGNORE_INDEX = -100  # a label no loss counts (torch.nn.functional.cross_entropy's default ignore_index)
 
 
 def round_up(n: int, multiple: int) -> int:

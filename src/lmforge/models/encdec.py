@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmforge.models.config import ArchConfig
-from lmforge.nn.attention import build_mask
+from lmforge.models.config import IGNORE_INDEX, ArchConfig
+from lmforge.nn.attention import build_mask, causal_self_mask
 from lmforge.nn.block import BlockSpec, PostNormBlock, PostNormDecoderBlock, PreNormBlock, PreNormDecoderBlock
 from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
@@ -238,18 +238,7 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"decoder_input_ids has {T} tokens, more than max_seq_len={self.config.max_seq_len}")
         device = decoder_input_ids.device
         memory_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B,1,1,S)
-        S = T
-        if cache is not None:
-            max_len = cache[0].max_len
-            S = max_len if decoder_attention_mask is None else decoder_attention_mask.size(-1)
-            if S > max_len:
-                raise ValueError(f"decoder_attention_mask covers {S} cache slots, more than the cache's {max_len}")
-        self_mask = None
-        if decoder_attention_mask is not None and decoder_attention_mask.dim() == 4:
-            self_mask = decoder_attention_mask
-        elif cache is not None or decoder_attention_mask is not None:
-            self_mask = build_mask(T, S, causal=True, key_padding=decoder_attention_mask, query_pos=cache_pos,
-                                   device=device)
+        self_mask = causal_self_mask(T, decoder_attention_mask, cache, cache_pos, device)
         position_ids = (cache_pos if cache is not None else torch.arange(T, device=device))[None]  # (1, T)
         x = self.tok_emb(decoder_input_ids) * self.emb_scale
         return self.decoder(x, memory, memory_mask, self_mask, position_ids, memory_kv, cache, cache_pos)
@@ -266,9 +255,14 @@ class EncoderDecoder(nn.Module):
                                        decoder_attention_mask=decoder_attention_mask))
 
     def shift_right(self, labels: Tensor) -> Tensor:
-        """Teacher forcing: targets (B, T) -> decoder inputs (B, T), shifted right behind
-        decoder_start_token_id (label padding -100 becomes pad_token_id)."""
-        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
-        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
-        shifted[:, 0] = self.config.decoder_start_token_id
-        return shifted
+        """Teacher forcing: targets (B, T) -> decoder inputs (B, T) (see `shift_right`)."""
+        return shift_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+
+def shift_right(labels: Tensor, pad_id: int, start_id: int) -> Tensor:
+    """Teacher forcing: targets (B, T) -> decoder inputs (B, T), the targets shifted right
+    behind start_id (the decoder start token); ignored labels become pad_id."""
+    shifted = labels.new_full(labels.shape, pad_id)
+    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad_id)
+    shifted[:, 0] = start_id
+    return shifted

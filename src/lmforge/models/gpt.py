@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.models.config import ArchConfig
-from lmforge.nn.attention import build_mask
+from lmforge.nn.attention import causal_self_mask
 from lmforge.nn.block import BlockSpec, PreNormBlock
 from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
@@ -181,17 +181,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         x = dropout(self.drop if self.training else None, x)
-        S = T
-        if cache is not None:
-            max_len = cache[0].max_len
-            S = max_len if attention_mask is None else attention_mask.size(-1)
-            if S > max_len:
-                raise ValueError(f"attention_mask covers {S} cache slots, more than the cache's {max_len}")
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask
-        elif cache is not None or attention_mask is not None:
-            mask = build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=x.device)
+        mask = causal_self_mask(T, attention_mask, cache, cache_pos, x.device)
         # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
         for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):
             x = block(x, mask, mask is None, rope, layer_cache, cache_pos)

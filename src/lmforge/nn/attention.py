@@ -27,6 +27,7 @@ They broadcast to (B, H, T, S).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,30 @@ def build_mask(
     else:
         mask = mask[None, None]  # (1, 1, T, S)
     return mask
+
+
+def causal_self_mask(T: int, attention_mask: Tensor | None, cache: Sequence[KVCache] | None,
+                     cache_pos: Tensor | None, device: torch.device) -> Tensor | None:
+    """The causal self-attention mask of a decoder's forward pass, or None when SDPA's
+    is_causal does the job (no padding, no cache). One place for what a GPT and an
+    encoder-decoder's decoder both need.
+
+    attention_mask: None; (B, T) or, with a cache, (B, S_cache) 1 = token, 0 = padding over
+        the first S_cache slots (all that attention then reads); or a ready bool mask
+        (B or 1, 1, T, S), used as is (a decoding loop that knows its query is the newest slot).
+    cache: the layers' KVCaches (their max_len bounds S); cache_pos: (T,) the queries' slots.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    if cache is None and attention_mask is None:
+        return None
+    S = T
+    if cache is not None:
+        max_len = cache[0].max_len
+        S = max_len if attention_mask is None else attention_mask.size(-1)
+        if S > max_len:
+            raise ValueError(f"the attention mask covers {S} cache slots, more than the cache's {max_len}")
+    return build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=device)
 
 
 class _Heads(nn.Module):
