@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.generate import generate_text
+from lmforge.generate.detokenize import Detokenizer, TokenInfo, held_back
 from lmforge.models import build, preset
-from lmforge.serve.detokenize import Detokenizer, TokenInfo, held_back
 from lmforge.serve.engine import Engine, EngineBusy, GenerationRequest
 from lmforge.serve.protocol import bytes_of
 

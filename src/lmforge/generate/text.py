@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from torch import Tensor, nn
 
 from lmforge.generate.decode import GenerationConfig, generate, iter_generate
+from lmforge.generate.detokenize import Detokenizer, TokenInfo, find_stop
 from lmforge.models.gpt import GPT
 
 # Used when the tokenizer has no chat template of its own (a tokenizer trained from scratch).
@@ -42,7 +43,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 # A character split across tokens decodes to U+FFFD until its last byte arrives.
-_INCOMPLETE = "\ufffd"
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -75,20 +75,6 @@ def encode_prompts(model: nn.Module, tokenizer: Any, prompts: list[str], device:
         input_ids[i, cols] = torch.tensor(ids, dtype=torch.long)
         mask[i, cols] = 1
     return input_ids.to(device), mask.to(device)
-
-
-def find_stop(text: str, stop: list[str] | None) -> int | None:
-    """Index of the earliest occurrence of any stop string in text, or None."""
-    hits = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stop: list[str]) -> int:
-    """Length of the longest suffix of text that could be the start of a stop string."""
-    for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stop):
-            return k
-    return 0
 
 
 def _row_text(tokenizer: Any, ids: list[int], eos: int | None, stop: list[str] | None) -> str:
@@ -220,34 +206,20 @@ def stream_text(
 
 def detokenize_stream(tokenizer: Any, token_ids: Iterable[int], *, eos_id: int | None = None,
                       stop: list[str] | None = None) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text pieces.
-
-    A piece is yielded once the text decodes cleanly (a character whose bytes are split
-    across tokens waits for its last byte); a suffix that could begin a stop string is
-    held back until it cannot; the stream ends at eos_id or before the first stop string.
-    The pieces join to the decoded text, cut at EOS and at the first stop string.
-    """
-    ids: list[int] = []
-    emitted = ""
-    for tok in token_ids:
-        if tok == eos_id:
-            break
-        ids.append(tok)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith(_INCOMPLETE):
-            continue
-        cut = find_stop(text, stop)
-        if cut is not None:
-            if cut > len(emitted):
-                yield text[len(emitted):cut]
+    """Turn a stream of token ids into a stream of text pieces (lmforge.generate.detokenize's
+    Detokenizer): a piece is yielded once the text decodes cleanly and cannot still turn into
+    a stop string; the stream ends at eos_id or before the first stop string. The pieces
+    join to the decoded text, cut at EOS and at the first stop string."""
+    rows = Detokenizer(0, tokenizer, eos_id, stop or [])
+    for token_id in token_ids:
+        piece = rows.push(TokenInfo(token_id, ""))
+        if piece is not None and piece.text:
+            yield piece.text
+        if rows.finish_reason:
             return
-        safe = len(text) - (_held_back(text, stop) if stop else 0)
-        if safe > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted):safe]
-            emitted = text[:safe]
-    text = _row_text(tokenizer, ids, None, stop)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+    piece = rows.finish("length")
+    if piece.text:
+        yield piece.text
 
 
 def _token_text(tokenizer: Any, name: str) -> str:

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from lmforge.generate import GenerationConfig, iter_generate
+from lmforge.generate.detokenize import INCOMPLETE, Detokenizer, Piece, TokenInfo, token_bytes
 from lmforge.models.encdec import EncoderDecoder
 from lmforge.models.gpt import GPT
-from lmforge.serve.detokenize import INCOMPLETE, Detokenizer, Piece, TokenInfo, token_bytes
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ Text is released token by token, and only when it is final:
 - text that could be the start of a stop string is held back until it is ruled out;
 - at a stop string the text and the token list are cut before it, as
   lmforge.generate's `generate_text` cuts them, so that the pieces join to its output.
+
+The one incremental detokenizer: `stream_text` and the server's engine both use it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.generate.text import find_stop
+INCOMPLETE = "\ufffd"  # what a partial UTF-8 character decodes to
 
-INCOMPLETE = "\ufffd"
+
+def find_stop(text: str, stop: list[str] | None) -> int | None:
+    """Index of the earliest occurrence of any stop string in text, or None."""
+    hits = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
+    return min(hits) if hits else None
 
 
 @dataclass
