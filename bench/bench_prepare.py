@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.prepare import default_workers, prepare_corpus
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.data.tokenizer_training import train_tokenizer_files
+from lmforge.tokenizer import Tokenizer
 
 
 def make_corpus(directory: Path, target_mb: float) -> Path:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             tok = Tokenizer.from_pretrained(args.tokenizer)
         else:
             shakespeare = importlib.resources.files("lmforge") / "corpus" / "tinyshakespeare.txt"
-            tok = train_tokenizer(str(shakespeare), "bpe", args.vocab_size)
+            tok = train_tokenizer_files(str(shakespeare), "bpe", args.vocab_size)
         mb = corpus.stat().st_size / 1e6
         n = args.workers
         methods: dict[str, Callable[[Path], int]] = {

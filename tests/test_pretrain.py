@@ -10,9 +10,10 @@ from lmforge.data.loaders import Documents, PooledExamples
 from lmforge.data.prepare import prepare_corpus
 from lmforge.data.pretraining import SyntheticBatches, _document_objective, _vocab_info
 from lmforge.data.shards import TokenShards
+from lmforge.data.tokenizer_training import train_tokenizer_files
 from lmforge.models import build
 from lmforge.pretrain import init_weights, model_config, pretrain
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2}
@@ -81,7 +82,7 @@ def corpus(tmp_path_factory) -> Path:
     text = (importlib.resources.files("lmforge") / "corpus" / "tinyshakespeare.txt").read_text()[:120_000]
     (root / "text.txt").write_text(text)
     for kind in ("bpe", "wordpiece"):
-        train_tokenizer(root / "text.txt", kind=kind, vocab_size=400).save(root / f"tok-{kind}")
+        train_tokenizer_files(root / "text.txt", kind=kind, vocab_size=400).save(root / f"tok-{kind}")
         tok = Tokenizer.from_pretrained(root / f"tok-{kind}")
         prepare_corpus(tok, root / "text.txt", root / f"data-{kind}", val_fraction=0.05, num_workers=1)
     return root

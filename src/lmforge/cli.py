@@ -316,7 +316,7 @@ def _tokenizer_train_args(p: ArgumentParser) -> None:
 
 
 def _tokenizer_train(a: Namespace) -> None:
-    from lmforge.tokenizer import train_tokenizer_command
+    from lmforge.data.tokenizer_training import train_tokenizer_command
 
     report = train_tokenizer_command(a.input, a.kind, a.vocab_size, a.out, a.lowercase, a.min_frequency,
                                      a.special_tokens, a.field)

@@ -28,11 +28,11 @@ import lmforge
 from lmforge.api import load
 from lmforge.config import load_config
 from lmforge.data.prepare import prepare_corpus
+from lmforge.data.tokenizer_training import train_tokenizer_files
 from lmforge.eval.perplexity import perplexity_of_text
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.models import build, preset
 from lmforge.pretrain import pretrain
-from lmforge.tokenizer import train_tokenizer
 from lmforge.train import rundir
 from lmforge.train.objectives import clm
 
@@ -152,7 +152,7 @@ def _quickstart(run: rundir.RunDir, corpus: Path, text: str, started: float, min
     atomic_write_text(data / "val.txt", val_text)
     print(f"[1/5] corpus {corpus.name}: {len(train_text):,} training and {len(val_text):,} validation characters")
 
-    tokenizer = train_tokenizer(data / "train.txt", kind="bpe", vocab_size=recipe.vocab_size, doc_per_file=True,
+    tokenizer = train_tokenizer_files(data / "train.txt", kind="bpe", vocab_size=recipe.vocab_size, doc_per_file=True,
                                 model_max_length=recipe.seq_len)
     tokenizer.save(out / "tokenizer")
     prepare_corpus(tokenizer, data / "train.txt", data / "train", val_fraction=0.0, doc_per_file=True)

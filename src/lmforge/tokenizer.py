@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.data.sources import InputSpec, iter_documents
 from lmforge.files import atomic_write_text
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
@@ -341,7 +339,8 @@ def _special_list(roles: Mapping[str, str], extra: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
-def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+def batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    """Lists of up to `size` texts (the unit tokenizers' batch calls take)."""
     batch: list[str] = []
     for text in texts:
         batch.append(text)
@@ -352,41 +351,43 @@ def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
-def train_tokenizer(inputs: InputSpec | None = None, kind: str = "bpe", vocab_size: int = 8000, *,
-                    texts: Iterable[str] | None = None,
-                    special_tokens: Sequence[str] | Mapping[str, str] | None = None,
-                    lowercase: bool = False, min_frequency: int = 2, field: str = "text", doc_per_file: bool = False,
-                    model_max_length: int | None = None, show_progress: bool = False) -> Tokenizer:
-    """Train a tokenizer of `kind` ("bpe", "wordpiece" or "unigram") with `vocab_size` ids.
+def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]] | None = None, kind: str = "bpe",
+                    vocab_size: int = 8000, *, special_tokens: Sequence[str] | Mapping[str, str] | None = None,
+                    lowercase: bool = False, min_frequency: int = 2, model_max_length: int | None = None,
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` ("bpe", "wordpiece" or "unigram") with `vocab_size` ids on `texts`.
 
-    inputs: corpus files, directories or globs (any format of `lmforge.data.sources`), read with `field`
-        and `doc_per_file`; or pass `texts`, an iterable of strings, instead.
+    texts: an iterable of strings (documents), or a function returning a fresh one each call
+        (WordPiece reads the corpus twice: a list is kept in memory, a function re-reads).
+        Files: lmforge.data.tokenizer_training.train_tokenizer_files.
     special_tokens: see `parse_special_tokens`. Defaults: bpe ``<|endoftext|>`` (bos and eos) and a
         distinct ``<|pad|>`` (so that fine-tuned models see a real end of text and learn to stop);
         wordpiece ``[PAD] [UNK] [CLS] [SEP] [MASK]``; unigram ``<pad> <unk> <s> </s> <mask>``.
     lowercase: lowercase before tokenizing (wordpiece also strips accents then, as BERT uncased does).
     min_frequency: pairs (bpe, wordpiece) seen fewer times are not merged.
+    show_progress: the trainer's progress bars.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if (inputs is None) == (texts is None):
-        raise ValueError("pass exactly one of inputs (corpus files) or texts (strings)")
+    if texts is None:
+        raise ValueError("train_tokenizer needs texts (strings, or a function giving them); for files use "
+                         "lmforge.data.tokenizer_training.train_tokenizer_files")
     roles = parse_special_tokens(special_tokens, kind)
     extra = [t for t in (special_tokens or []) if not isinstance(special_tokens, Mapping) and "=" not in t]
     specials = _special_list(roles, extra)
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
         raise ValueError(f"vocab_size {vocab_size} is too small for {kind} with {len(specials)} special tokens")
-    if kind == "wordpiece" and texts is not None and not isinstance(texts, Sequence):
+    if kind == "wordpiece" and not callable(texts) and not isinstance(texts, Sequence):
         texts = list(texts)  # read twice
 
     def docs() -> Iterator[str]:
-        return iter_documents(inputs, field=field, doc_per_file=doc_per_file) if texts is None else iter(texts)
+        return iter(texts() if callable(texts) else texts)
 
     pieces: list[str] = []
     if kind == "wordpiece":
         pieces = _continuation_pieces(docs(), roles, specials, min_frequency, lowercase)
     backend, trainer = _untrained(kind, roles, specials + pieces, vocab_size, min_frequency, lowercase, show_progress)
-    backend.train_from_iterator(_batched(docs()), trainer=trainer)
+    backend.train_from_iterator(batched(docs()), trainer=trainer)
     if kind == "wordpiece":
         backend = _canonical_wordpiece(backend, roles, specials, lowercase)
     elif kind == "unigram":
@@ -415,7 +416,7 @@ def _continuation_pieces(docs: Iterator[str], roles: Mapping[str, str], specials
     no merges finds the pieces; the real pass gets them, in sorted order, ahead of everything
     else, which makes every number and so every tie-break the same run to run."""
     backend, trainer = _untrained("wordpiece", roles, specials, len(specials) + 1, min_frequency, lowercase, False)
-    backend.train_from_iterator(_batched(docs), trainer=trainer)
+    backend.train_from_iterator(batched(docs), trainer=trainer)
     vocab = backend.get_vocab(with_added_tokens=False)
     return sorted(t for t in vocab if t.startswith("##") and len(t) == 3 and t not in specials)
 
@@ -467,39 +468,3 @@ def _untrained(kind: str, roles: Mapping[str, str], specials: list[str], vocab_s
 
 
 # ---- reports and the CLI entry point ---------------------------------------------------------------------------
-_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef\U00030000-\U0003134f]")
-
-
-def tokenizer_report(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, float | int]:
-    """Compression statistics of `tokenizer` on `texts`, special tokens not counted.
-
-    tokens_per_word is the fertility: tokens per whitespace-separated word, where each CJK ideograph
-    counts as one word (Chinese and Japanese are written without spaces). bytes_per_token counts
-    UTF-8 bytes, chars_per_token Unicode characters.
-    """
-    n_texts = n_words = n_tokens = n_bytes = n_chars = 0
-    for batch in _batched(texts):
-        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch, add_special_tokens=False))
-        for text in batch:
-            n_texts += 1
-            n_chars += len(text)
-            n_bytes += len(text.encode("utf-8"))
-            n_cjk = len(_CJK.findall(text))
-            n_words += n_cjk + len((_CJK.sub(" ", text) if n_cjk else text).split())
-    return {
-        "vocab_size": tokenizer.vocab_size, "n_texts": n_texts, "n_words": n_words, "n_tokens": n_tokens,
-        "tokens_per_word": n_tokens / max(n_words, 1), "bytes_per_token": n_bytes / max(n_tokens, 1),
-        "chars_per_token": n_chars / max(n_tokens, 1),
-    }
-
-
-def train_tokenizer_command(inputs: list[str], kind: str = "bpe", vocab_size: int = 8000, out: str | Path = "tokenizer",
-                            lowercase: bool = False, min_frequency: int = 2, special_tokens: list[str] | None = None,
-                            field: str = "text", report_docs: int = 2000) -> dict[str, Any]:
-    """Train a tokenizer on corpus files, save it to `out` (atomically) and return its report,
-    measured on the first `report_docs` documents of the corpus, with ``"out"`` added."""
-    tokenizer = train_tokenizer(inputs, kind, vocab_size, special_tokens=special_tokens, lowercase=lowercase,
-                                min_frequency=min_frequency, field=field)
-    tokenizer.save(out)
-    sample = (doc for i, doc in zip(range(report_docs), iter_documents(inputs, field=field)))
-    return {**tokenizer_report(tokenizer, sample), "out": str(out)}
