@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.generate import sampling
+from lmforge.generate.direct_attributes import direct_attributes
 from lmforge.models.encdec import EncoderDecoder
 from lmforge.models.gpt import GPT
-from lmforge.nn.direct_attributes import direct_attributes
 
 BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
 
@@ -320,7 +320,7 @@ class _EncDecSession:
 
 def _eager_attributes(model: nn.Module, session, decode_step) -> contextlib.AbstractContextManager:
     """Eager decoding reads the model's and the cache's submodules, parameters and buffers
-    through plain attributes while it runs (see lmforge.nn.direct_attributes: ~100 slow
+    through plain attributes while it runs (see lmforge.generate.direct_attributes: ~100 slow
     nn.Module lookups per step of a small model); a compiled step is left untouched."""
     return direct_attributes(model, session.cache) if decode_step is None else contextlib.nullcontext()
 

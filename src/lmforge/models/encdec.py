@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from lmforge.models.config import IGNORE_INDEX, ArchConfig
 from lmforge.nn.attention import build_mask, causal_self_mask
 from lmforge.nn.block import BlockSpec, PostNormBlock, PostNormDecoderBlock, PreNormBlock, PreNormDecoderBlock
-from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, SinusoidalPositions
@@ -130,7 +129,7 @@ class _Stack(nn.Module):
     def embed(self, x: Tensor, position_ids: Tensor) -> Tensor:
         """token embeddings (B, T, D) + positions (B or 1, T) -> block input (B, T, D)."""
         x = self.emb_norm(x + self.pos_emb(position_ids + self.offset))
-        return dropout(self.drop if self.training else None, x)
+        return self.drop(x)
 
 
 class Encoder(_Stack):

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from lmforge.models.config import ArchConfig
 from lmforge.nn.attention import causal_self_mask
 from lmforge.nn.block import BlockSpec, PreNormBlock
-from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, RotaryPositions, SinusoidalPositions
@@ -180,7 +179,7 @@ class GPT(nn.Module):
         rope = self.rope(position_ids) if self.rope is not None else None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
-        x = dropout(self.drop if self.training else None, x)
+        x = self.drop(x)
         mask = causal_self_mask(T, attention_mask, cache, cache_pos, x.device)
         # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
         for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):

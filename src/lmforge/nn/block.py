@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lmforge.nn.attention import CrossAttention, SelfAttention
-from lmforge.nn.dropout import dropout
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.mlp import make_mlp
 from lmforge.nn.norm import make_norm
@@ -67,9 +66,8 @@ class PreNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        drop = self.drop if self.training else None
-        x = x + dropout(drop, self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
-        return x + dropout(drop, self.mlp(self.mlp_norm(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class PostNormBlock(nn.Module):
@@ -90,9 +88,8 @@ class PostNormBlock(nn.Module):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        drop = self.drop if self.training else None
-        x = self.attn_norm(x + dropout(drop, self.attn(x, mask, is_causal, rope, cache, cache_pos)))
-        return self.mlp_norm(x + dropout(drop, self.mlp(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, is_causal, rope, cache, cache_pos)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
 class PreNormDecoderBlock(nn.Module):
@@ -118,10 +115,9 @@ class PreNormDecoderBlock(nn.Module):
         cache_pos: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D), memory: (B, S, D) (or its projected memory_kv) -> (B, T, D)."""
-        drop = self.drop if self.training else None
-        x = x + dropout(drop, self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
-        x = x + dropout(drop, self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
-        return x + dropout(drop, self.mlp(self.mlp_norm(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, None, cache, cache_pos))
+        x = x + self.drop(self.cross(self.cross_norm(x), memory, memory_mask, memory_kv))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class PostNormDecoderBlock(PreNormDecoderBlock):
@@ -138,7 +134,6 @@ class PostNormDecoderBlock(PreNormDecoderBlock):
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        drop = self.drop if self.training else None
-        x = self.attn_norm(x + dropout(drop, self.attn(x, mask, is_causal, None, cache, cache_pos)))
-        x = self.cross_norm(x + dropout(drop, self.cross(x, memory, memory_mask, memory_kv)))
-        return self.mlp_norm(x + dropout(drop, self.mlp(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, is_causal, None, cache, cache_pos)))
+        x = self.cross_norm(x + self.drop(self.cross(x, memory, memory_mask, memory_kv)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))

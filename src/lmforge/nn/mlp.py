@@ -11,8 +11,6 @@ import functools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.nn.dropout import dropout
-
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU: BERT, BART
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
@@ -38,7 +36,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(dropout(self.dropout if self.training else None, self.act(self.up(x))))
+        return self.down(self.dropout(self.act(self.up(x))))
 
 
 class SwiGLU(nn.Module):
@@ -52,7 +50,7 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(dropout(self.dropout if self.training else None, F.silu(self.gate(x)) * self.up(x)))
+        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
 
 
 def make_mlp(kind: str, dim: int, hidden_dim: int, act: str, bias: bool, dropout: float = 0.0) -> nn.Module:
