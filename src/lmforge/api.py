@@ -12,47 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lmforge.generate.text import chat_prompt, generate_text, stream_text
-from lmforge.interop.model_dir import load_model_dir, save_model_dir, special_ids
-from lmforge.models import HeadSpec, ModelConfig, family_of
+from lmforge.interop.model_dir import LoadedModel, load_model, save_model_dir
 from lmforge.tokenizer import Tokenizer
 
 
-class LM:
-    """A model with what it needs around it.
-
-    model: the nn.Module (a GPT, Bert or EncoderDecoder, or a task head wrapping one);
-    tokenizer: a Tokenizer, or None when the checkpoint had no tokenizer files;
-    head: the HeadSpec of a task head, or None;
-    special: bos/eos/pad token ids known from the checkpoint (used when there is no tokenizer).
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, head: HeadSpec | None = None,
-                 special: dict[str, int | None] | None = None) -> None:
-        self.model, self.tokenizer, self.head = model, tokenizer, head
-        self.special = dict(special or {})
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.model.backbone if self.head is not None else self.model
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.backbone.config
-
-    @property
-    def family(self) -> str:
-        return family_of(self.config)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def special_ids(self) -> dict[str, int | None]:
-        """bos/eos/pad ids: the tokenizer's when there is one, else the checkpoint's."""
-        return special_ids(self.tokenizer, self.special)
+class LM(LoadedModel):
+    """A model with what it needs around it (lmforge.interop.model_dir.LoadedModel: model,
+    tokenizer, head, special ids, path), and what a user does with it: generate, stream,
+    chat, move, save."""
 
     def _needs_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
@@ -97,10 +66,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None) -> LM:
     """Load an lmforge checkpoint directory or a Hugging Face model directory
     (model_type gpt2, llama, bert or bart) into an LM."""
-    model, head, tokenizer, special = load_model_dir(path)
+    loaded = load_model(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return LM(model.eval(), tokenizer, head, special).to(device, dtype)
+    lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path)
+    return lm.to(device, dtype)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> Path:

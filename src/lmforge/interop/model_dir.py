@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
 from lmforge.interop.hf import read_hf_model, write_hf_model
-from lmforge.models import HeadSpec, attach_head, build, config_from_dict, family_of
+from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.weights import load_weights, save_weights
 from lmforge.plan.arch import check_fits
 from lmforge.tokenizer import Tokenizer
@@ -47,6 +48,57 @@ def special_ids(tokenizer: Tokenizer | None, known: dict[str, int | None] | None
             if value is not None:
                 ids[key] = value
     return ids
+
+
+@dataclass(eq=False)  # identity, as for the module it holds
+class LoadedModel:
+    """A model with what came with it in its directory: what `lmforge.load` gives (the LM
+    facade adds generation and saving) and what a fine-tuning task starts from.
+
+    model: the nn.Module (a GPT, Bert or EncoderDecoder, or a task head wrapping one);
+    tokenizer: a Tokenizer, or None when the directory had no tokenizer files;
+    head: the HeadSpec of a task head, or None;
+    special: bos/eos/pad token ids known from the checkpoint (used when there is no tokenizer);
+    path: where it was loaded from (None for a model built in memory).
+    """
+
+    model: nn.Module
+    tokenizer: Tokenizer | None = None
+    head: HeadSpec | None = None
+    special: dict[str, int | None] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone if self.head is not None else self.model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
+
+    @property
+    def family(self) -> str:
+        return family_of(self.config)
+
+    def special_ids(self) -> dict[str, int | None]:
+        """bos/eos/pad ids: the tokenizer's when there is one, else the checkpoint's."""
+        return special_ids(self.tokenizer, self.special)
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: the tokenizer's pad, else its eos (GPT-2 has no pad; the attention mask
+        hides it), else the checkpoint's, else 0."""
+        tok = self.tokenizer
+        for i in (tok.pad_id if tok else None, tok.eos_id if tok else None, self.special.get("pad_token_id")):
+            if i is not None:
+                return int(i)
+        return 0
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """`load_model_dir`, as a LoadedModel."""
+    model, head, tokenizer, special = load_model_dir(path)
+    return LoadedModel(model, tokenizer, head, dict(special), Path(path))
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,

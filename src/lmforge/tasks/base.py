@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.batching import with_index
-from lmforge.interop.model_dir import load_model_dir
-from lmforge.models import HeadSpec, ModelConfig, attach_head, family_of
+from lmforge.interop.model_dir import LoadedModel, load_model
+from lmforge.models import HeadSpec, attach_head
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import ObjectiveOutput
 
@@ -241,41 +241,14 @@ def warn_rare_labels(path: Path, what: str, counts: dict[str, int], notes: list[
 # ----------------------------------------------------------------------------- the starting model
 
 
-@dataclass
-class Base:
-    """The checkpoint a task starts from (or evaluates): what lmforge.load gives, below the api layer."""
-
-    model: nn.Module
-    tokenizer: Tokenizer
-    head: HeadSpec | None
-    special: dict[str, int | None]
-    path: Path
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.model.backbone if self.head is not None else self.model
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.backbone.config
-
-    @property
-    def family(self) -> str:
-        return family_of(self.config)
-
-    @property
-    def pad_id(self) -> int:
-        """Padding id: the tokenizer's pad, else its eos (GPT-2 has no pad; the attention mask hides it), else 0."""
-        for i in (self.tokenizer.pad_id, self.tokenizer.eos_id, self.special.get("pad_token_id")):
-            if i is not None:
-                return int(i)
-        return 0
+# The checkpoint a task starts from (or evaluates): what lmforge.load gives, below the api layer.
+Base = LoadedModel
 
 
 def load_base(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Base:
     """Load a model directory (lmforge or Hugging Face) and its tokenizer, and check they fit."""
-    path = Path(path)
-    model, head, tok, special = load_model_dir(path)
+    base = load_model(path)
+    path, model, head, tok, special = base.path, base.model, base.head, base.tokenizer, base.special
     if tokenizer is not None:
         tok = Tokenizer.from_pretrained(tokenizer)
     if tok is None:
@@ -285,7 +258,6 @@ def load_base(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
     if tok.vocab_size > vocab:
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}: "
                          "this tokenizer does not belong to this model")
-    special = dict(special)
     if special.get("pad_token_id") is None and tok.pad_id is None and tok.eos_id is not None:
         special["pad_token_id"] = tok.eos_id  # exported GPT-2 classifiers find the last token by it
     return Base(model, tok, head, special, path)
