@@ -192,6 +192,7 @@ def prepare_corpus(tokenizer: Tokenizer | str | Path, inputs: InputSpec, out_dir
             if bar is not None:
                 bar.update(chunk_bytes)
         if bar is not None:
+            bar.update(max(0, bar.total - bar.n))  # file sizes count line breaks and markup the text does not
             bar.close()
         splits = {}
         for split, writer in writers.items():

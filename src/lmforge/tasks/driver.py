@@ -91,6 +91,7 @@ from lmforge.tasks.base import (
     task_options,
 )
 from lmforge.train import checkpoint, loop, rundir
+from lmforge.train.logging import progress_bar
 from lmforge.train.loop import TrainResult, resolve_precision, seed_everything
 from lmforge.train.objectives import ObjectiveOutput
 
@@ -103,7 +104,7 @@ PRETRAINING_HEADS = ("lm_head", "nsp_head")  # a backbone's own heads, unused un
 
 
 def evaluate_task(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor]], device: torch.device,
-                  precision: str) -> dict[str, Any]:
+                  precision: str, progress: bool = False) -> dict[str, Any]:
     """The task's full metrics and its loss over prepared validation batches, from one
     forward pass each (the model in eval mode): `setup.step` gives the summed loss and the
     per-item outputs, which go to `setup.score` keyed by feature position."""
@@ -113,7 +114,7 @@ def evaluate_task(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor
     count = torch.zeros((), dtype=torch.float64, device=device)
     parts: list[tuple[Tensor, Any]] = []
     with torch.no_grad():
-        for batch in batches:
+        for batch in progress_bar(batches, progress, "evaluation"):
             with loop.autocast(precision, device):
                 out, items = setup.step(model, loop.to_device(batch, device))
             loss += out.loss.double()
@@ -339,6 +340,7 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
 def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, out: Path, config: FinetuneConfig,
               env: parallel.DistEnv, run: rundir.RunDir) -> dict[str, Any]:
     """`finetune` inside its run directory."""
+    config = dataclasses.replace(config, progress=config.progress and env.is_main)  # bars on rank 0 only
     seed_everything(config.seed)  # the new head's initialisation
     base = load_base(model, config.tokenizer)
     config = _with_max_length(config, task, base.config.max_seq_len)
@@ -358,14 +360,14 @@ def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, ou
         return setup.step(m, batch)[0]
 
     def evaluate_fn(m: nn.Module) -> dict[str, float]:
-        return scalars(evaluate_task(setup, m, val, env.device, precision), "val_")
+        return scalars(evaluate_task(setup, m, val, env.device, precision, config.progress), "val_")
 
     run_config = _run_config(config, base.family, out, total, every, metric, mode, (str(model), str(train), str(valid)))
     started, cpu_started = time.perf_counter(), time.process_time()
     result = loop.train(setup.model, objective, batches, run_config, evaluate_fn=evaluate_fn)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     best_step = _restore_best(setup.model, result, out) if config.keep_best else result.step
-    metrics = evaluate_task(setup, setup.model, val, env.device, precision)
+    metrics = evaluate_task(setup, setup.model, val, env.device, precision, config.progress)
     metrics["run"] = {"steps": result.step, "best_step": best_step, "stopped": result.stopped,
                       "epochs": round(result.step / steps_per_epoch, 3), "train_samples": batches.items,
                       "train_seconds": seconds, "train_samples_per_s": batches.items / max(seconds, 1e-9),
@@ -395,7 +397,8 @@ def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike
     device = parallel.resolve_device(config.device)
     setup.model.to(device).eval()
     batches = eval_batches(setup.valid, setup.collate, config.batch_size)
-    metrics = evaluate_task(setup, setup.model, batches, device, resolve_precision(config.precision, device))
+    metrics = evaluate_task(setup, setup.model, batches, device, resolve_precision(config.precision, device),
+                            config.progress)
     if out is not None:
         write_outputs(Path(out), f"{task.name}: {_shown(model)} on {Path(data).name}", metrics, setup, {})
     return metrics

@@ -46,6 +46,7 @@ from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options, truncating
+from lmforge.train.logging import progress_bar
 from lmforge.train.objectives import ObjectiveOutput, clm, denoise
 
 log = logging.getLogger("lmforge.tasks")
@@ -194,7 +195,7 @@ def prompts_of(features: list[dict[str, Any]], encdec: bool) -> list[list[int]]:
 
 
 def generate_ids(model: nn.Module, prompts: list[list[int]], config: GenerationConfig, batch_size: int,
-                 encdec: bool) -> list[list[int]]:
+                 encdec: bool, progress: bool = False) -> list[list[int]]:
     """Generated ids per prompt (EOS and what follows it removed), in the prompts' order.
 
     Prompts are batched by length (little padding): right-padded sources for an encoder-decoder,
@@ -203,7 +204,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], config: GenerationC
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
+    for start in progress_bar(range(0, len(order), batch_size), progress, "generation"):
         chunk = order[start:start + batch_size]
         rows = [prompts[i] for i in chunk]
         P = max(len(r) for r in rows)
@@ -225,10 +226,11 @@ def _short(text: str) -> str:
 
 
 def score(model: nn.Module, outputs: Outputs, *, base: Base, features: list[dict[str, Any]], data: Seq2SeqData,
-          config: GenerationConfig, opts: Seq2SeqOptions, batch_size: int, encdec: bool, metric_fn) -> dict[str, Any]:
+          config: GenerationConfig, opts: Seq2SeqOptions, batch_size: int, encdec: bool, metric_fn,
+          progress: bool = False) -> dict[str, Any]:
     """Generate for the first max_eval_samples validation examples and score the text."""
     n = min(len(features), opts.max_eval_samples or len(features))
-    ids = generate_ids(model, prompts_of(features[:n], encdec), config, batch_size, encdec)
+    ids = generate_ids(model, prompts_of(features[:n], encdec), config, batch_size, encdec, progress)
     predictions = [base.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     metrics: dict[str, Any] = dict(metric_fn(predictions, data.targets[:n]))
     metrics["gen_len"] = sum(map(len, ids)) / n
@@ -314,7 +316,7 @@ class Seq2SeqTask:
             step=functools.partial(step, encdec=encdec),
             score=functools.partial(score, base=base, features=valid_features, data=valid_data, config=gen,
                                     opts=opts, batch_size=config.batch_size, encdec=encdec,
-                                    metric_fn=self.metric_fn),
+                                    metric_fn=self.metric_fn, progress=config.progress),
             report=report, notes=notes)
 
 

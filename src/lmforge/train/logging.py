@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,14 @@ def peak_flops(device: torch.device, precision: str, override: float | None = No
         if accelerator is not None:
             return accelerator.peak.get(precision, accelerator.peak["fp32"])
     return None
+
+
+def progress_bar(items: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    """`items` with a progress bar that goes away when done (enabled=False: `items` as they are)."""
+    if not enabled:
+        return items
+    known = [n for n in (total, len(items) if isinstance(items, Sized) else None) if n is not None]
+    return tqdm(items, total=min(known) if known else None, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

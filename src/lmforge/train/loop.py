@@ -39,7 +39,7 @@ from lmforge.data.batching import BatchIterator
 from lmforge.dist import parallel
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
 from lmforge.train import checkpoint, rundir
-from lmforge.train.logging import RunLogger, flops_per_token, peak_flops
+from lmforge.train.logging import RunLogger, flops_per_token, peak_flops, progress_bar
 from lmforge.train.objectives import LossModule, Objective, ObjectiveOutput
 from lmforge.train.optim import build_optimizer, build_scheduler
 
@@ -247,10 +247,12 @@ def _perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(runner: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, *,
-             max_batches: int | None = None, precision: str = "fp32") -> dict[str, float]:
+             max_batches: int | None = None, precision: str = "fp32", progress: bool = False) -> dict[str, float]:
     """Validation loss over (at most max_batches of) `batches`, summed over processes:
     val_loss, val_ppl (of the LM loss: the MLM part for mlm+nsp), and each objective
-    metric averaged (val_mlm_acc, val_nsp_acc, ...). Every process must see equally many batches."""
+    metric averaged (val_mlm_acc, val_nsp_acc, ...). Every process must see equally many batches.
+    progress: a progress bar over the batches (this process's)."""
+    batches = progress_bar(batches, progress, "validation", max_batches)
     was_training = runner.training
     runner.eval()
     loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -612,7 +614,7 @@ def _evaluate_and_log(run: _Run, val_batches: Iterable | None, evaluate_fn: Call
     val = {}
     if val_batches is not None:
         val = evaluate(run.runner, val_batches, run.env.device, max_batches=run.config.eval.steps,
-                       precision=run.precision)
+                       precision=run.precision, progress=run.config.log.progress and run.env.is_main)
     if evaluate_fn is not None:
         val.update(evaluate_fn(run.model))
     run.last_val, run.last_eval_step = val, run.step
