@@ -27,9 +27,9 @@ from lmforge.hardware import ACCELERATORS
 from lmforge.interop.hf import ConversionError, model_type_of
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
+from lmforge.models.arch import check_fits
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
-from lmforge.plan.arch import check_fits
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, rundir
 from lmforge.train.loop import resolve_precision, seed_everything, train

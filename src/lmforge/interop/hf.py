@@ -29,6 +29,7 @@ from lmforge.models import (
     attach_head,
     build,
 )
+from lmforge.models.arch import check_fits
 from lmforge.models.weights import read_safetensors
 
 SUPPORTED = ("gpt2", "llama", "bert", "bart")
@@ -451,7 +452,8 @@ def read_hf_model(directory: str | os.PathLike) -> tuple[nn.Module, HeadSpec | N
     the config dict)."""
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text())
-    config_from_hf(cfg)  # an unsupported model says so before its weights are read
+    # An unsupported model says so, and one too big for memory too, before its weights are read.
+    check_fits(config_from_hf(cfg), where=f"{directory / 'config.json'}: ")
     tensors, source = read_hf_weights(directory)
     model, head, fresh = from_hf(cfg, tensors, source)
     return model, head, fresh, cfg

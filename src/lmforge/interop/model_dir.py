@@ -18,8 +18,8 @@ from torch import nn
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
 from lmforge.interop.hf import read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
+from lmforge.models.arch import check_fits
 from lmforge.models.weights import load_weights, save_weights
-from lmforge.plan.arch import check_fits
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,6 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
         cfg = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    check_fits(path, where=f"{config_file}: ")
     if cfg.get("format") == "lmforge":
         model, head, special = _load_lmforge(path, cfg)
     elif "model_type" in cfg:
@@ -163,6 +162,7 @@ def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, di
         head = HeadSpec(**cfg["head"]) if cfg.get("head") else None
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: invalid model config ({e})") from None
+    check_fits(config, where=f"{path / 'config.json'}: ")
     model = attach_head(build(config), head)
     load_weights(model, path / "model.safetensors")
     return model, head, cfg.get("special") or {}

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.arch import Arch, Stack
 from lmforge.models.bert import MLMHead
 from lmforge.nn.block import PostNormBlock, PostNormDecoderBlock, PreNormBlock, PreNormDecoderBlock
 from lmforge.nn.position import RotaryPositions
-from lmforge.plan.arch import Arch, Stack
 from lmforge.plan.dataflow import Shape
 from lmforge.train.objectives import linear_cross_entropy
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.models import ModelConfig, family_of
+from lmforge.models.arch import check_lora_targets
 from lmforge.plan import estimate as est
-from lmforge.plan.arch import check_lora_targets, describe, resolve_config
+from lmforge.plan.arch import describe, resolve_config
 from lmforge.plan.device import get_device
 from lmforge.train.objectives import CHUNK_ELEMENTS
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.plan.arch import Arch, Linear, Stack
+from lmforge.models.arch import Arch, Linear, Stack
 from lmforge.plan.trace import FP32, INT64, Segment, Sym, Walk
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.hardware import GiB
+from lmforge.models.arch import Arch, lora_params
 from lmforge.models.flops import encdec_flops_per_sequence, flops_per_token
-from lmforge.plan.arch import Arch, lora_params
 from lmforge.plan.calibrate import step_parts
 from lmforge.plan.dataflow import Shape, walk
 from lmforge.plan.device import Device

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.plan.arch import Arch
+from lmforge.models.arch import Arch
 from lmforge.plan.dataflow import Shape
 from lmforge.plan.trace import FP32, INT64, Segment
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX
-from lmforge.plan.arch import Arch
+from lmforge.models.arch import Arch
 from lmforge.plan.dataflow import Shape
 from lmforge.train.objectives import linear_cross_entropy, mlm_nsp
 

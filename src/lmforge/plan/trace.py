@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.plan.arch import Linear
+from lmforge.models.arch import Linear
 
 FP32 = 4
 INT64 = 8
