@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.models.bert import BertConfig
-from lmforge.models.encdec import EncoderDecoderConfig
-from lmforge.models.gpt import GPTConfig
+from lmforge.models import BertConfig, EncoderDecoderConfig, GPTConfig, ModelConfig
 from lmforge.nn.block import BlockSpec
-
-ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig
 
 #: The linear layers LoRA may target, by their module name (the last path component).
 LORA_TARGETS = ("wqkv", "wo", "wq", "wkv", "up", "down", "gate")
