@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
@@ -257,17 +257,8 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
     if not named and not backends:
         raise ValueError("no model to serve")
     limits = limits or Limits()
-    servers: dict[str, _Server] = {}
-    for name, lm in named.items():
-        if not name or name != name.strip() or len(name) > 256:
-            raise ValueError(f"served model name {name!r} must be 1 to 256 characters without surrounding spaces")
-        if getattr(lm, "tokenizer", None) is None:
-            raise ValueError(f"model {name!r} has no tokenizer: serving needs one (tokenizer.json beside the weights)")
-        engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
-        servers[name] = _Server(engine, lm.tokenizer, limits, name)
-    default = next(iter(servers.values()), None)
-    created = protocol.now()
-    arena = _arena(servers, backends, arena_db, study, limits) if arena_db is not None else None
+    served = _Served(_servers(named, limits))
+    arena = _arena(served.servers, backends, arena_db, study, limits) if arena_db is not None else None
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -277,32 +268,75 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
             raise APIError(401, "missing or incorrect API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
 
-    def pick(name: str | None) -> _Server:
-        if name is None and default is not None:
-            return default
-        if name not in servers:
-            served = f"it serves {', '.join(f'`{n}`' for n in servers)}" if servers else "it has no model of its own"
-            raise APIError(404, f"The model `{name}` does not exist on this server ({served})", param="model",
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for srv in served.servers.values():
+            srv.engine.close()  # requests still running get an error; the worker thread ends
+        if arena is not None:
+            arena.store.close()
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine = served.default.engine if served.default else None
+    app.state.engines = {name: srv.engine for name, srv in served.servers.items()}
+    app.state.arena = arena
+    app.include_router(_openai_routes(served, limits, authorize))
+    if arena is not None:
+        app.include_router(arena.router(authorize, lambda: FileResponse(str(STATIC / "arena.html"),
+                                                                        headers=_PAGE_HEADERS), limits.body_timeout_s))
+    _pages_and_errors(app, served, arena is not None)
+    return app
+
+
+def _servers(named: Mapping[str, LM], limits: Limits) -> dict[str, _Server]:
+    """An engine per served model, its name checked."""
+    servers: dict[str, _Server] = {}
+    for name, lm in named.items():
+        if not name or name != name.strip() or len(name) > 256:
+            raise ValueError(f"served model name {name!r} must be 1 to 256 characters without surrounding spaces")
+        if getattr(lm, "tokenizer", None) is None:
+            raise ValueError(f"model {name!r} has no tokenizer: serving needs one (tokenizer.json beside the weights)")
+        engine = Engine(lm.model, lm.tokenizer, max_active=limits.max_active, max_queue=limits.max_queue)
+        servers[name] = _Server(engine, lm.tokenizer, limits, name)
+    return servers
+
+
+class _Served:
+    """The served models by name; the first answers requests that name none."""
+
+    def __init__(self, servers: dict[str, _Server]) -> None:
+        self.servers, self.default, self.created = servers, next(iter(servers.values()), None), protocol.now()
+
+    def pick(self, name: str | None) -> _Server:
+        if name is None and self.default is not None:
+            return self.default
+        if name not in self.servers:
+            have = (f"it serves {', '.join(f'`{n}`' for n in self.servers)}" if self.servers
+                    else "it has no model of its own")
+            raise APIError(404, f"The model `{name}` does not exist on this server ({have})", param="model",
                            code="model_not_found")
-        return servers[name]
+        return self.servers[name]
+
+
+def _openai_routes(served: _Served, limits: Limits, authorize: Callable[[Request], Any]) -> APIRouter:
+    """/v1/models, /v1/completions, /v1/chat/completions."""
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     async def body(request: Request) -> dict[str, Any]:
         return await read_json(request, limits.max_body_bytes, limits.body_timeout_s)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-
     @api.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(srv, created) for srv in servers.values()]}
+        return {"object": "list", "data": [_model_card(srv, served.created) for srv in served.servers.values()]}
 
     @api.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        return _model_card(pick(model_id), created)
+        return _model_card(served.pick(model_id), served.created)
 
     @api.post("/completions")
     async def completions(request: Request) -> Any:
         req = validate(CompletionRequest, await body(request))
-        srv = pick(req.model)
+        srv = served.pick(req.model)
         srv.check_choices(req.n, len(req.prompt))
         prompts = [p if isinstance(p, list) else await run_in_threadpool(srv.encode, p, "prompt")
                    for p in req.prompt]
@@ -320,7 +354,7 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = validate(ChatCompletionRequest, await body(request))
-        srv = pick(req.model)
+        srv = served.pick(req.model)
         srv.check_choices(req.n, 1)
         ids = await run_in_threadpool(srv.encode_chat, [{"role": m.role, "content": m.text()} for m in req.messages])
         srv.check_prompt(ids, "messages")
@@ -332,31 +366,20 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
                                                    req.logprobs)
         return await _respond(events, request, req.stream, chunks, answer)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        for srv in servers.values():
-            srv.engine.close()  # requests still running get an error; the worker thread ends
-        if arena is not None:
-            arena.store.close()
+    return api
 
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine = default.engine if default else None
-    app.state.engines = {name: srv.engine for name, srv in servers.items()}
-    app.state.arena = arena
-    app.include_router(api)
-    if arena is not None:
-        app.include_router(arena.router(authorize, lambda: FileResponse(str(STATIC / "arena.html"),
-                                                                        headers=_PAGE_HEADERS), limits.body_timeout_s))
+
+def _pages_and_errors(app: FastAPI, served: _Served, arena: bool) -> None:
+    """/health, the playground, static files, and every error in OpenAI's shape."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok"}
-        if default is not None:
-            out.update(model=default.model_name, **default.engine.load())
-        if len(servers) > 1:
-            out["models"] = {name: srv.engine.load() for name, srv in servers.items()}
-        if arena is not None:
+        if served.default is not None:
+            out.update(model=served.default.model_name, **served.default.engine.load())
+        if len(served.servers) > 1:
+            out["models"] = {name: srv.engine.load() for name, srv in served.servers.items()}
+        if arena:
             out["arena"] = True  # (the playground links to it)
         return out
 
@@ -378,8 +401,6 @@ def create_app(models: LM | Mapping[str, LM], *, api_key: str | None = None, lim
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return APIError(500, "internal server error", type="server_error").response()
-
-    return app
 
 
 # The page loads only its own files: no third-party script can run in it.
