@@ -68,6 +68,26 @@ NOTES = [
 ]
 
 
+def _check_settings(limit: int, *, seq_len: int, target_len: int, batch_size: int, grad_accum: int, devices: int,
+                    precision: str, optimizer: str, strategy: str, lora_rank: int, ce_chunk: int | None,
+                    mlm_fraction: float, mfu: float | None, backend: str | None) -> None:
+    """ValueError naming the first bad setting of `make_plan` (limit: the model's max_seq_len)."""
+    for name, value in (("seq_len", seq_len), ("target_len", target_len), ("batch_size", batch_size),
+                        ("grad_accum", grad_accum), ("devices", devices)):
+        _positive(name, value)
+    _check("seq_len", seq_len, seq_len <= limit, f"at most the model's max_seq_len ({limit})")
+    _check("target_len", target_len, target_len <= limit, f"at most the model's max_seq_len ({limit})")
+    _check("precision", precision, precision in est.PRECISIONS, f"one of {tuple(est.PRECISIONS)}")
+    _check("optimizer", optimizer, optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+    _check("strategy", strategy, strategy in STRATEGIES, f"one of {STRATEGIES}")
+    _check("lora_rank", lora_rank, isinstance(lora_rank, int) and lora_rank >= 0, "a non-negative integer")
+    _check("ce_chunk", ce_chunk, ce_chunk is None or (isinstance(ce_chunk, int) and ce_chunk >= 0),
+           "a non-negative integer or None")
+    _check("mlm_fraction", mlm_fraction, 0.0 < mlm_fraction <= 1.0, "in (0, 1]")
+    _check("mfu", mfu, mfu is None or 0.0 < mfu <= 1.0, "in (0, 1]")
+    _check("backend", backend, backend in (None, "cuda", "cpu"), "'cuda', 'cpu' or None")
+
+
 def make_plan(
     model: str | os.PathLike | ModelConfig,
     *,
@@ -104,21 +124,10 @@ def make_plan(
     arch = describe(config)
     seq_len = seq_len or config.max_seq_len
     target_len = (target_len or seq_len) if arch.family == "encdec" else seq_len
-    for name, value in (("seq_len", seq_len), ("target_len", target_len), ("batch_size", batch_size),
-                        ("grad_accum", grad_accum), ("devices", devices)):
-        _positive(name, value)
-    limit = config.max_seq_len
-    _check("seq_len", seq_len, seq_len <= limit, f"at most the model's max_seq_len ({limit})")
-    _check("target_len", target_len, target_len <= limit, f"at most the model's max_seq_len ({limit})")
-    _check("precision", precision, precision in est.PRECISIONS, f"one of {tuple(est.PRECISIONS)}")
-    _check("optimizer", optimizer, optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
-    _check("strategy", strategy, strategy in STRATEGIES, f"one of {STRATEGIES}")
-    _check("lora_rank", lora_rank, isinstance(lora_rank, int) and lora_rank >= 0, "a non-negative integer")
-    _check("ce_chunk", ce_chunk, ce_chunk is None or (isinstance(ce_chunk, int) and ce_chunk >= 0),
-           "a non-negative integer or None")
-    _check("mlm_fraction", mlm_fraction, 0.0 < mlm_fraction <= 1.0, "in (0, 1]")
-    _check("mfu", mfu, mfu is None or 0.0 < mfu <= 1.0, "in (0, 1]")
-    _check("backend", backend, backend in (None, "cuda", "cpu"), "'cuda', 'cpu' or None")
+    _check_settings(config.max_seq_len, seq_len=seq_len, target_len=target_len, batch_size=batch_size,
+                    grad_accum=grad_accum, devices=devices, precision=precision, optimizer=optimizer,
+                    strategy=strategy, lora_rank=lora_rank, ce_chunk=ce_chunk, mlm_fraction=mlm_fraction, mfu=mfu,
+                    backend=backend)
     if lora_rank:
         check_lora_targets(tuple(lora_targets))
     s = dict(seq_len=seq_len, target_len=target_len, batch_size=batch_size, grad_accum=grad_accum,
