@@ -181,7 +181,9 @@ def _pump(stream, log, prefix: str, echo: bool) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON lines a workload wrote (a torn last line from a killed one is dropped)."""
+    """The JSON lines a workload wrote (a torn last line from a killed one is dropped). As
+    lmforge.train.logging.read_records does: the driver imports the standard library only, so
+    that it runs (and reports what is missing) on a machine without lmforge's dependencies."""
     if not path.is_file():
         return []
     records = []

@@ -168,32 +168,17 @@ async function generate() {
       try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
       throw new Error(message);
     }
-    const reader = res.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data: ")) continue;
-          const data = line.slice(6);
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message);
-          for (const choice of chunk.choices) {
-            for (const tok of chunkTokens(choice)) addToken(tok);
-            if (choice.finish_reason) finish = choice.finish_reason;
-          }
-          const secs = (performance.now() - started) / 1000;
-          setStatus(`${state.tokens.length} tokens, ${(state.tokens.length / secs).toFixed(1)} tokens/s`);
-        }
+    await readEvents(res, (data) => {
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const choice of chunk.choices) {
+        for (const tok of chunkTokens(choice)) addToken(tok);
+        if (choice.finish_reason) finish = choice.finish_reason;
       }
-    }
+      const secs = (performance.now() - started) / 1000;
+      setStatus(`${state.tokens.length} tokens, ${(state.tokens.length / secs).toFixed(1)} tokens/s`);
+    });
     const secs = (performance.now() - started) / 1000;
     setStatus(`${state.tokens.length} tokens in ${secs.toFixed(2)} s` + (finish ? ` — finished: ${finish}` : ""));
   } catch (err) {

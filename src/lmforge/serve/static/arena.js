@@ -130,20 +130,7 @@ async function nextBattle() {
       if (err.code === "study_complete") { await loadInfo(); $("battle").hidden = true; }
       throw new Error(err.message);
     }
-    const reader = res.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const line = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        if (line.startsWith("data: ")) handleEvent(JSON.parse(line.slice(6)));
-      }
-    }
+    await readEvents(res, (data) => handleEvent(JSON.parse(data)));
     if (!state.ready) setStatus("An answer failed: this battle cannot be rated. Try the next one.");
     if (!state.ready) $("next").hidden = false;
   } catch (err) {
