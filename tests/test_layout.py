@@ -15,7 +15,7 @@ ROOT = Path(lmforge.__file__).parent
 
 # Lowest first; the README's "Layout" section draws the same picture.
 LAYERS: list[set[str]] = [
-    {"files", "hardware", "dist"},
+    {"files", "hardware", "hub", "dist"},
     {"config"},
     {"nn"},
     {"models"},

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge import hub
 from lmforge.config import RunConfig
 from lmforge.data.pretraining import DataBuilder, prepared_data, prepares_into_run, synthetic_data
 from lmforge.dist import parallel
@@ -25,11 +26,12 @@ from lmforge.dist.parallel import DistEnv
 from lmforge.files import check_writable
 from lmforge.hardware import ACCELERATORS
 from lmforge.interop.hf import ConversionError, model_type_of
-from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
+from lmforge.interop.model_dir import MODEL_DIR, load_model, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.arch import check_fits
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
+from lmforge.plan.arch import resolve_config
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, rundir
 from lmforge.train.loop import resolve_precision, seed_everything, train
@@ -38,24 +40,42 @@ from lmforge.train.objectives import FAMILY_OF_OBJECTIVE, get_objective
 # ----------------------------------------------------------------------------- model
 
 
+def _init_from_model(spec) -> bool:
+    """Is model.init_from a model (a directory with config.json, or a Hub id) rather than a
+    training checkpoint? Then the architecture is the model's own."""
+    if spec.init_from is None:
+        return False
+    path = Path(spec.init_from)
+    return (path / "config.json").is_file() or (not path.exists() and hub.is_hub_id(spec.init_from))
+
+
 def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
-    """The architecture: preset (or the family's defaults), then the data's fields
-    (vocab_size, special ids), then model.overrides. The family must suit the objective."""
+    """The architecture: preset (or the family's defaults; or, when model.init_from names a
+    model, that model's own), then the data's fields (vocab_size, special ids), then
+    model.overrides. The family must suit the objective."""
     spec, objective = config.model, config.train.objective
-    base = preset(spec.preset) if spec.preset else FAMILIES[spec.family][0]()
-    family = family_of(base)
+    starts = _init_from_model(spec)
+    base = resolve_config(spec.init_from) if starts else preset(spec.preset) if spec.preset else \
+        FAMILIES[spec.family][0]()
+    family, named = family_of(base), spec.init_from if starts else spec.preset
     if spec.family is not None and spec.family != family:
-        raise ValueError(f"model.family is {spec.family!r} but preset {spec.preset!r} is a {family} model")
+        raise ValueError(f"model.family is {spec.family!r} but {named!r} is a {family} model")
     if FAMILY_OF_OBJECTIVE[objective] != family:
         raise ValueError(f"train.objective {objective!r} trains a {FAMILY_OF_OBJECTIVE[objective]} model, "
-                         f"but model.preset {spec.preset!r} is a {family} model")
+                         f"but {named!r} is a {family} model")
     known = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(spec.overrides) - known)
     if unknown:
         raise ValueError(f"model.overrides: unknown {family} model field(s) {unknown}; known: {sorted(known)}")
     # The data's fields (vocab_size, special ids) apply where the family has them.
     fields = {**{k: v for k, v in data_overrides.items() if k in known}, **spec.overrides}
-    cfg = preset(spec.preset, **fields) if spec.preset else type(base).from_dict(fields)
+    if starts:
+        if fields.get("vocab_size", base.vocab_size) != base.vocab_size:
+            raise ValueError(f"data.tokenizer has {fields['vocab_size']} tokens but model.init_from {named!r} has "
+                             f"{base.vocab_size}: continue pretraining with the model's own tokenizer")
+        cfg = type(base).from_dict({**base.to_dict(), **fields})
+    else:
+        cfg = preset(spec.preset, **fields) if spec.preset else type(base).from_dict(fields)
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len ({config.data.seq_len}) is longer than the model's max_seq_len "
                          f"({cfg.max_seq_len})")
@@ -63,12 +83,18 @@ def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
 
 
 def init_weights(model: nn.Module, path: str | Path) -> None:
-    """Start from the weights of a training checkpoint (verified first) or of an lmforge
-    model directory: model.safetensors, matched strictly by name and shape."""
+    """Start from the weights of a training checkpoint (verified first), an lmforge or
+    Hugging Face model directory, or a Hub id: matched strictly by name and shape."""
     path = Path(path)
     if (path / checkpoint.MANIFEST).is_file():
         checkpoint.verify(path)
-    load_weights(model, path / "model.safetensors")
+        load_weights(model, path / "model.safetensors")
+        return
+    loaded = load_model(path)  # any format lmforge reads, its names mapped to lmforge's
+    try:
+        model.load_state_dict(loaded.backbone.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the configured model ({str(e).splitlines()[0]})") from None
 
 
 # ----------------------------------------------------------------------------- pretrain

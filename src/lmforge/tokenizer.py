@@ -25,6 +25,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge import hub
 from lmforge.files import atomic_write_text
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
@@ -42,6 +43,12 @@ _DEFAULT_SPECIALS: dict[str, dict[str, str]] = {
     "unigram": {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "mask": "<mask>"},
 }
 _NO_MAX_LENGTH = 10**12  # transformers writes a huge number (1e30) for "no limit"
+
+
+# tokenizer_config.json fields a loaded tokenizer keeps for its next save (transformers reads them).
+PASSTHROUGH = ("tokenizer_class", "model_input_names", "add_bos_token", "add_eos_token", "add_prefix_space",
+               "padding_side", "truncation_side", "do_lower_case", "clean_up_tokenization_spaces", "legacy",
+               "extra_special_tokens")
 
 
 class _Special:
@@ -72,8 +79,12 @@ class Tokenizer:
     mask_id, cls_id, sep_id = _Special(), _Special(), _Special()
 
     def __init__(self, backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str | None] | None = None,
-                 chat_template: str | None = None, model_max_length: int | None = None) -> None:
+                 chat_template: str | None = None, model_max_length: int | None = None,
+                 hf_config: Mapping[str, Any] | None = None) -> None:
         self.backend = backend
+        # tokenizer_config.json fields transformers reads that lmforge keeps as it found them
+        # (tokenizer_class, model_input_names, add_bos_token, ...), written back on save.
+        self.hf_config = {k: v for k, v in (hf_config or {}).items() if k in PASSTHROUGH}
         self.special_tokens: dict[str, str] = {}
         for role, token in (special_tokens or {}).items():
             if role not in SPECIAL_ROLES:
@@ -85,6 +96,16 @@ class Tokenizer:
             self.special_tokens[role] = token
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """What transformers' tokenizer returns: token_type_ids too when the tokenizer marks a
+        second segment (BERT's sentence pairs), as lmforge's own tasks feed them."""
+        if "model_input_names" in self.hf_config:
+            return list(self.hf_config["model_input_names"])
+        processor = type(self.backend.post_processor).__name__
+        marks = processor in ("TemplateProcessing", "BertProcessing") and any(self.backend.encode("a", "b").type_ids)
+        return ["input_ids", *(["token_type_ids"] if marks else []), "attention_mask"]
 
     # ---- encoding and decoding -------------------------------------------------------------------------------
     def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> list[int]:
@@ -162,14 +183,20 @@ class Tokenizer:
 
     # ---- loading and saving ----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+    def from_pretrained(cls, path: str | Path, *, padding_from_file: bool = False) -> Tokenizer:
         """Load from a directory (or a file in it) holding tokenizer.json, vocab.json + merges.txt
-        (GPT-2 byte-level BPE) or vocab.txt (BERT WordPiece). Special tokens, chat template and
-        model_max_length come from tokenizer_config.json / special_tokens_map.json when present.
+        (GPT-2 byte-level BPE) or vocab.txt (BERT WordPiece), or from a Hugging Face Hub id.
+        Special tokens, chat template and model_max_length come from tokenizer_config.json /
+        special_tokens_map.json when present.
+
+        Padding and truncation stored in tokenizer.json (a sentence-transformers model's "pad to
+        128, truncate at 128") are ignored, as transformers ignores them, unless padding_from_file.
         """
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+            if not hub.is_hub_id(str(path)):
+                raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+            path = hub.resolve(path, files=hub.TOKENIZER_FILES)
         directory = path.parent if path.is_file() else path
         config = _read_config(directory)
         specials = {r: config[f"{r}_token"] for r in SPECIAL_ROLES if config.get(f"{r}_token")}
@@ -197,9 +224,13 @@ class Tokenizer:
             specials = _guess_roles(backend, added + list(_KNOWN_ROLES))
         specials = {r: t for r, t in specials.items() if backend.token_to_id(t) is not None}
         backend.add_special_tokens(sorted(set(specials.values())))  # no-op when already registered as special
+        if not padding_from_file:
+            backend.no_padding()
+            backend.no_truncation()
         max_len = config.get("model_max_length")
         max_len = int(max_len) if isinstance(max_len, int | float) and max_len < _NO_MAX_LENGTH else None
-        return cls(backend, specials, chat_template=config.get("chat_template"), model_max_length=max_len)
+        return cls(backend, specials, chat_template=config.get("chat_template"), model_max_length=max_len,
+                   hf_config=config)
 
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, atomically.
@@ -209,7 +240,8 @@ class Tokenizer:
         """
         specials = {f"{role}_token": tok for role, tok in self.special_tokens.items()}
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-                                  "clean_up_tokenization_spaces": False}
+                                  "clean_up_tokenization_spaces": False,
+                                  "model_input_names": self.model_input_names, **self.hf_config}
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lmforge import hub
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
 from lmforge.interop.hf import read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
@@ -95,10 +96,18 @@ class LoadedModel:
         return 0
 
 
+def local_dir(path: str | os.PathLike) -> Path:
+    """The directory itself, or the cached snapshot of a Hub id (lmforge.hub.resolve) when no
+    such directory exists."""
+    path = Path(path)
+    return hub.resolve(path) if not path.exists() and hub.is_hub_id(str(path)) else path
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """`load_model_dir`, as a LoadedModel."""
-    model, head, tokenizer, special = load_model_dir(path)
-    return LoadedModel(model, tokenizer, head, dict(special), Path(path))
+    """`load_model_dir` (a directory or a Hub id), as a LoadedModel."""
+    local = local_dir(path)
+    model, head, tokenizer, special = load_model_dir(local)
+    return LoadedModel(model, tokenizer, head, dict(special), local)
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
@@ -128,8 +137,9 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
 def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
     """Read an lmforge or Hugging Face model directory -> (model, head, tokenizer or None,
     special ids). Hugging Face tensors missing from the checkpoint (e.g. the heads of a
-    plain BertModel) are logged as freshly initialised."""
-    path = Path(path)
+    plain BertModel) are logged as freshly initialised. `path` may be a Hugging Face Hub id
+    ("gpt2", "Qwen/Qwen2.5-0.5B@main": lmforge.hub)."""
+    path = local_dir(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from lmforge import hub
 from lmforge.interop.hf import config_from_hf
 from lmforge.models import PRESETS, ModelConfig, config_from_dict, family_of, preset
 from lmforge.models.arch import Arch, arch_of
@@ -23,9 +24,12 @@ def resolve_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
         return preset(str(model))
     path = Path(model)
     if not path.exists():
-        if isinstance(model, str) and os.sep not in model and not model.endswith(".json"):
-            return preset(model)  # not a path: report the unknown preset with the list of presets
-        raise FileNotFoundError(f"{path}: no such model directory or config file")
+        if not (isinstance(model, str) and hub.is_hub_id(model)):
+            raise FileNotFoundError(f"{path}: no such model directory or config file")
+        try:
+            path = hub.resolve(model, files=hub.CONFIG_FILES)
+        except hub.HubError as e:
+            raise ValueError(f"unknown preset {model!r} (presets: {', '.join(sorted(PRESETS))}), and {e}") from None
     file = path / "config.json" if path.is_dir() else path
     try:
         cfg = json.loads(file.read_text())
