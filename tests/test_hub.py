@@ -154,5 +154,5 @@ def test_continued_pretraining_and_finetuning_start_from_a_hub_id(tiny_gpt, offl
     ref, again = lmforge.load(tiny_gpt), lmforge.load(out / "model")
     ids = torch.tensor([ref.tokenizer.encode("a stitch in time")])
     with torch.no_grad():
-        assert_close(again.model(ids), ref.model(ids), atol=1e-5, rtol=1e-5)  # the Hub model's weights, one tiny step on
+        assert_close(again.model(ids), ref.model(ids), atol=1e-5, rtol=1e-5)  # the Hub weights, a tiny step on
     assert load_base("someone/tiny-gpt").family == "gpt"
