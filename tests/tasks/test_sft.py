@@ -160,3 +160,27 @@ def test_bad_input_raises_clear_errors(chat_model, make_model, tmp_path):
         tmp_path / "bart", format="hf")
     with pytest.raises(ValueError, match="this is a model of the encdec family"):
         finetune(SFT, tmp_path / "bart", bad, bad, tmp_path / "run")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_pad_is_eos_with_no_spare_row_trains_and_stops(tmp_path, fast, pad):
+    """A SmolLM2-class instruct model: pad = eos = <|im_end|> (or no pad at all) and a
+    vocabulary of exactly 384 rows (no spare padded row). It trains (the masks keep padding
+    out), learns to end its turns, and the tokenizer and vocabulary are left as they were."""
+    specials = ["<|im_start|>", "eos=<|im_end|>"] + (["pad=<|im_end|>"] if pad == "eos" else [])
+    tok = train_tokenizer(texts=_texts(), kind="bpe", vocab_size=384, special_tokens=specials)
+    assert tok.vocab_size == 384 and (tok.pad_id == tok.eos_id if pad == "eos" else tok.pad_id is None)
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    model = build(GPTConfig(vocab_size=384, max_seq_len=128, dim=64, n_layers=2, n_heads=2))
+    base = LM(model, tok).save(tmp_path / "base", format="hf")
+    data = _write(tmp_path / "chat.jsonl", _records()[:10])
+    metrics = finetune(SFT, base, data, data, tmp_path / "run", epochs=60, lr=5e-3, batch_size=4, warmup=0.05,
+                       eval_every=1000, **fast)
+    assert metrics["loss"] < 0.2 and [s["stopped"] for s in metrics["samples"]] == [True] * 3
+    out, _, out_tok, _ = load_model_dir(tmp_path / "run" / "model")
+    assert out.config.vocab_size == 384 and out_tok.vocab_size == 384 and out_tok.eos_token == "<|im_end|>"

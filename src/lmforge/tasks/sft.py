@@ -17,12 +17,12 @@
                     each assistant turn (the model learns to stop); system, user, template
                     text and padding are -100. A template whose assistant turns do not end
                     in the EOS token is refused
-    pad token       a pad distinct from EOS. A tokenizer without one (or whose pad is its EOS)
-                    gets PAD_TOKEN added; its id is the next free one. The model's vocab_size
-                    grows by one when the id falls past it, which needs no new tensor: the
-                    embedding (and LM head) already have padded_vocab_size rows (a multiple
-                    of 128); the new row starts at the mean embedding. With no spare row the
-                    task refuses (add a pad token to the tokenizer yourself)
+    pad token       the tokenizer's own, even when it is its EOS (pad = eos: the attention
+                    mask and the -100 labels keep padding out of the loss). A tokenizer with
+                    none gets PAD_TOKEN, its id the next free one; the model's vocab_size grows
+                    by one when the id falls past it, which needs no new tensor: the embedding
+                    (and LM head) already have padded_vocab_size rows (a multiple of 128); the
+                    new row starts at the mean embedding. With no spare row, EOS pads
     metrics         validation loss, perplexity = exp(loss) and token_accuracy (argmax hits),
                     all on assistant tokens; report.md shows greedy replies to the first
                     validation conversations (stopped: whether the model emitted EOS)
@@ -84,17 +84,20 @@ def ensure_chat_template(base: Base, notes: list[str]) -> None:
 
 
 def ensure_pad_token(base: Base, notes: list[str]) -> None:
-    """Give the tokenizer a pad token distinct from EOS, growing the model's vocab_size into its
-    spare (padded) embedding rows when needed (see the module docstring)."""
+    """A pad token for batches (see the module docstring): the tokenizer's own, even when it is
+    its EOS (padding is masked by the attention mask and the labels, so pad = eos trains and
+    generates correctly, as SmolLM2-class instruct models are trained); a tokenizer with none
+    gets PAD_TOKEN in a spare (padded) embedding row, or, with no spare row, pads with EOS."""
     tok, config = base.tokenizer, base.config
-    if tok.pad_id is not None and tok.pad_id != tok.eos_id:
+    if tok.pad_id is not None:
         return
     existing = tok.token_to_id(PAD_TOKEN)
     new_id = existing if existing is not None else tok.vocab_size
     if new_id >= config.padded_vocab_size:
-        raise ValueError(f"{base.path}: the tokenizer has no pad token distinct from EOS, and the model has no spare "
-                         f"embedding row for one (vocab_size {config.vocab_size} = padded_vocab_size); add a pad "
-                         "token to the tokenizer and resize the model's embeddings")
+        base.special["pad_token_id"] = tok.eos_id
+        notes.append(f"padding with the EOS token {tok.eos_token!r}: the tokenizer has no pad token and the model "
+                     f"no spare embedding row (the attention mask and the labels keep padding out)")
+        return
     if existing is None:
         tok.backend.add_special_tokens([PAD_TOKEN])
     tok.special_tokens["pad"] = PAD_TOKEN
