@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.generate.text import chat_prompt, generate_text, stream_text
+from lmforge.generate.chat import chat_prompt
+from lmforge.generate.text import generate_text, stream_text
 from lmforge.interop.model_dir import LoadedModel, load_model, save_model_dir
 from lmforge.tokenizer import Tokenizer
 

@@ -5,6 +5,7 @@
     text.py      strings in, strings out: tokenize, generate, decode, stop strings, streaming, chat
 """
 
+from lmforge.generate.chat import chat_prompt
 from lmforge.generate.decode import (
     CompiledDecodeStep,
     GenerationConfig,
@@ -17,7 +18,7 @@ from lmforge.generate.decode import (
     gpt_decode_step,
     iter_generate,
 )
-from lmforge.generate.text import chat_prompt, detokenize_stream, generate_text, stream_text
+from lmforge.generate.text import detokenize_stream, generate_text, stream_text
 
 __all__ = [
     "CompiledDecodeStep", "GenerationConfig", "GenerationOutput", "Step", "beam_search", "chat_prompt",

@@ -3,8 +3,7 @@
 `generate_text` tokenizes prompts (left-padded for a GPT, right-padded sources for an
 EncoderDecoder), generates, and decodes only the new tokens, cut at EOS and at the
 first stop string. `stream_text` yields the text of one prompt piece by piece as it is
-produced. `chat_prompt` renders a list of chat messages with the tokenizer's chat
-template (jinja2, as Hugging Face tokenizers do).
+produced. (Chat templates: lmforge.generate.chat.)
 
 The tokenizer needs: encode(text, add_special_tokens=True) -> list[int],
 decode(ids, skip_special_tokens=True) -> str, and the ids eos_id, pad_id, bos_id
@@ -13,36 +12,15 @@ decode(ids, skip_special_tokens=True) -> str, and the ids eos_id, pad_id, bos_id
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import jinja2
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from torch import Tensor, nn
 
 from lmforge.generate.decode import GenerationConfig, generate, iter_generate
 from lmforge.generate.detokenize import Detokenizer, TokenInfo, find_stop
 from lmforge.models.gpt import GPT
-
-# Used when the tokenizer has no chat template of its own (a tokenizer trained from scratch).
-# lmforge's chat format for tokenizers without one: "<|role|>\ncontent" per message, the
-# EOS token closing each assistant turn (so a chat-tuned model learns to stop), and
-# "<|assistant|>\n" as the generation prompt. `lmforge finetune sft` installs it.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-# A character split across tokens decodes to U+FFFD until its last byte arrives.
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -220,110 +198,3 @@ def detokenize_stream(tokenizer: Any, token_ids: Iterable[int], *, eos_id: int |
     piece = rows.finish("length")
     if piece.text:
         yield piece.text
-
-
-def _token_text(tokenizer: Any, name: str) -> str:
-    token_id = getattr(tokenizer, f"{name}_id", None)
-    return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _raise_exception(message: str) -> None:
-    raise ValueError(f"chat_template: {message}")
-
-
-# A chat template comes with a model directory, which may come from anyone: it renders in
-# jinja2's sandbox (no attribute escapes), and within these bounds (no endless loops, no
-# giant strings).
-TEMPLATE_SECONDS = 2.0
-TEMPLATE_CHARS = 4_000_000
-
-
-class _ChatSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, with `*` and `**` bounded so that no expression builds a giant value."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
-            raise jinja2.exceptions.SecurityError("chat_template: exponent too large")
-        if operator == "*":
-            size = next((len(x) * y for x, y in ((left, right), (right, left))
-                         if isinstance(x, str | list | tuple) and isinstance(y, int)), 0)
-            if size > TEMPLATE_CHARS:
-                raise jinja2.exceptions.SecurityError("chat_template: a repeated value would be too large")
-        return super().call_binop(context, operator, left, right)
-
-
-class _OutOfTime(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise _OutOfTime inside any Python code this thread runs past `seconds` (a trace
-    function: a template's loops are Python lines, each one checked)."""
-    deadline = time.monotonic() + seconds
-    previous = sys.gettrace()
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise _OutOfTime
-        return trace
-
-    sys.settrace(trace)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_template(source: str) -> jinja2.Template:
-    """A chat template compiled once (sft renders every conversation prefix through it)."""
-    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat_template line {e.lineno}: {e.message}") from e
-
-
-def render_template(template: jinja2.Template, **context: Any) -> str:
-    """Render within TEMPLATE_SECONDS and TEMPLATE_CHARS; any failure of the template (its own
-    raise_exception, a type error, a bound) is a ValueError saying so in one line."""
-    parts, size = [], 0
-    try:
-        with _time_limit(TEMPLATE_SECONDS):
-            for part in template.generate(**context):
-                parts.append(part)
-                size += len(part)
-                if size > TEMPLATE_CHARS:
-                    raise ValueError(f"chat_template: the rendered prompt exceeds {TEMPLATE_CHARS:,} characters")
-    except _OutOfTime:
-        raise ValueError(f"chat_template: rendering took longer than {TEMPLATE_SECONDS:g} s (a runaway loop?)") \
-            from None
-    except ValueError as e:
-        raise ValueError(str(e) if str(e).startswith("chat_template") else f"chat_template: {e}") from None
-    except Exception as e:  # noqa: BLE001 (a template can raise anything; each means "this template failed")
-        message = str(e).removeprefix("chat_template: ")
-        raise ValueError(f"chat_template: rendering failed ({type(e).__name__}: {message})") from None
-    return "".join(parts)
-
-
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Render chat messages [{"role": ..., "content": ...}, ...] into one prompt string
-    with the tokenizer's jinja2 chat template (or DEFAULT_CHAT_TEMPLATE when it has none).
-
-    The template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and
-    `raise_exception`, like Hugging Face chat templates, and runs sandboxed, bounded in
-    time and size (see render_template).
-    """
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("chat_prompt: messages must be a non-empty list of {'role', 'content'} dicts")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"chat_prompt: messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
-
-    template = _compiled_template(getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
-    return render_template(template, messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))

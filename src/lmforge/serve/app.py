@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.api import LM
 from lmforge.eval.arena_store import ArenaStore
-from lmforge.generate.text import chat_prompt
+from lmforge.generate.chat import chat_prompt
 from lmforge.serve import protocol
 from lmforge.serve.arena import Arena, Study
 from lmforge.serve.backends import Backend

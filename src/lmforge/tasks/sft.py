@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from lmforge.data.batching import IGNORE_INDEX, collate_lm
 from lmforge.data.readers import ChatData, read_chat
 from lmforge.eval.metrics import perplexity
+from lmforge.generate.chat import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from lmforge.generate.decode import GenerationConfig
-from lmforge.generate.text import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options
 from lmforge.tasks.perplexity import row_token_stats
 from lmforge.tasks.seq2seq import generate_ids
