@@ -220,8 +220,10 @@ class _SlotMask:
     (N, 1, 1, length) attention mask: its one query is the newest slot, which sees every
     earlier slot that is not padding. That is a narrowed view: nothing is built per step."""
 
-    def __init__(self, N: int, max_len: int, device: torch.device, static: bool, prompt: Tensor | None = None):
+    def __init__(self, N: int, max_len: int, device: torch.device, static: bool, prompt: Tensor | None = None,
+                 window: int | None = None):
         self.slots = torch.zeros(N, max_len, dtype=torch.bool, device=device)  # (N, S_max)
+        self.window = window  # sliding-window attention: slots older than the window leave the mask for good
         self._as_attention = self.slots[:, None, None, :]  # (N, 1, 1, S_max), a view
         self.static = static
         self.length = 0  # slots written so far, known on the host (no sync)
@@ -233,6 +235,8 @@ class _SlotMask:
         """Mark slot (1,) as written (the next one, in order); return the step's mask."""
         self.slots.index_fill_(1, slot, True)
         self.length += 1
+        if self.window is not None and self.length > self.window:
+            self.slots[:, : self.length - self.window] = False  # queries only move on: what left stays out
         return self.slots if self.static else self._as_attention.narrow(-1, 0, self.length)
 
 
@@ -258,7 +262,8 @@ class _GPTSession:
                              f"max_seq_len ({model.config.max_seq_len})")
         self.model, self.ids, self.step_fn = model, ids, decode_step or gpt_decode_step
         self.cache = _new_cache(model, decode_step, N, P + max_new, ids.device)
-        self.slot_mask = _SlotMask(N, self.cache[0].max_len, ids.device, static=decode_step is not None, prompt=mask)
+        self.slot_mask = _SlotMask(N, self.cache[0].max_len, ids.device, static=decode_step is not None, prompt=mask,
+                                   window=model.config.sliding_window)
         self.position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P): real tokens count from 0
         self.next_pos = self.position_ids[:, -1:] + 1  # (N, 1)
         self.slot = torch.tensor([P], device=ids.device)  # (1,) next cache slot

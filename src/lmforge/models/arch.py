@@ -51,7 +51,9 @@ class Stack:
     def linears(self) -> list[Linear]:
         s = self.spec
         qkv = (s.n_heads + 2 * s.n_kv_heads) * s.head_dim
-        out = [Linear("wqkv", s.dim, qkv, s.bias, "attn"), Linear("wo", s.n_heads * s.head_dim, s.dim, s.bias, "attn")]
+        qkv_bias = s.bias if s.qkv_bias is None else s.qkv_bias
+        out = [Linear("wqkv", s.dim, qkv, qkv_bias, "attn"),
+               Linear("wo", s.n_heads * s.head_dim, s.dim, s.bias, "attn")]
         if self.cross:  # CrossAttention: head_dim = dim // n_heads, so its width is dim
             out += [Linear("wq", s.dim, s.dim, s.bias, "cross"), Linear("wkv", s.dim, 2 * s.dim, s.bias, "cross"),
                     Linear("wo", s.dim, s.dim, s.bias, "cross")]
@@ -68,8 +70,9 @@ class Stack:
         return norm_params(self.spec.norm, self.spec.dim, self.spec.bias)
 
     def block_params(self) -> int:
-        """Parameters of one block."""
-        return sum(lin.params for lin in self.linears()) + self.n_norms * self.norm_params()
+        """Parameters of one block (QK-norm: a gain per head dimension for queries and keys)."""
+        qk_norm = 2 * self.spec.head_dim if self.spec.qk_norm else 0
+        return sum(lin.params for lin in self.linears()) + self.n_norms * self.norm_params() + qk_norm
 
 
 def norm_params(kind: str, dim: int, bias: bool = True) -> int:

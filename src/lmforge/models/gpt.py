@@ -45,6 +45,9 @@ class GPTConfig(ArchConfig):
         mlp: "mlp" (GELU MLP) or "swiglu" (Llama).
         act: activation of the plain MLP ("gelu_tanh" is GPT-2's).
         bias: biases in linear layers and LayerNorms.
+        qkv_bias: biases on the query/key/value projections only (Qwen2); None: as `bias`.
+        qk_norm: RMS-normalise each head's queries and keys before RoPE (Qwen3).
+        sliding_window: each token attends to this many newest tokens at most (Mistral); None: all.
         tie_embeddings: share the token embedding with the LM head.
         dropout: dropout on embeddings and residual branches.
         vocab_multiple: pad embedding rows to a multiple of this.
@@ -66,6 +69,9 @@ class GPTConfig(ArchConfig):
     mlp: str = "mlp"
     act: str = "gelu_tanh"
     bias: bool = True
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
+    sliding_window: int | None = None
     tie_embeddings: bool = True
     dropout: float = 0.0
     vocab_multiple: int = 128
@@ -84,10 +90,13 @@ class GPTConfig(ArchConfig):
             raise ValueError(f"GPTConfig.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig.head_dim ({self.head_dim}) must be even for rope")
+        if self.sliding_window is not None:
+            self._check_positive("sliding_window")
 
     def block_spec(self) -> BlockSpec:
         return BlockSpec(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim,
-                         self.norm, self.norm_eps, self.mlp, self.act, self.bias, self.dropout)
+                         self.norm, self.norm_eps, self.mlp, self.act, self.bias, self.dropout,
+                         qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
 
 
 # Presets: the config fields each one sets; derived fields (head_dim, ...) follow overrides.
@@ -180,7 +189,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         x = self.drop(x)
-        mask = causal_self_mask(T, attention_mask, cache, cache_pos, x.device)
+        mask = causal_self_mask(T, attention_mask, cache, cache_pos, x.device, self.config.sliding_window)
         # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
         for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):
             x = block(x, mask, mask is None, rope, layer_cache, cache_pos)

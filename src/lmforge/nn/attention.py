@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.norm import RMSNorm
 from lmforge.nn.position import apply_rope
 
 
@@ -100,6 +101,7 @@ def build_mask(
     key_padding: Tensor | None = None,
     query_pos: Tensor | None = None,
     device: torch.device | None = None,
+    window: int | None = None,
 ) -> Tensor | None:
     """Build the boolean mask for one attention call, or None when none is needed.
 
@@ -107,6 +109,8 @@ def build_mask(
     query_pos: (T,) index of each query among the S keys (decoding with a KV cache,
         where the queries are the newest tokens); default: the last T keys.
     Returns (B or 1, 1, T, S) bool, or None for an unmasked bidirectional call.
+    window: causal sliding-window attention (Mistral): a query sees the `window` newest keys
+        up to its own position, not the older ones.
     Every query may always attend to its own position, so that a row made only of
     padding never becomes all -inf (whose softmax is NaN and would leak into real
     positions through later layers).
@@ -118,6 +122,8 @@ def build_mask(
     keys = torch.arange(S, device=query_pos.device)
     own = keys[None, :] == query_pos[:, None]  # (T, S)
     mask = keys[None, :] <= query_pos[:, None] if causal else torch.ones_like(own)
+    if window is not None:
+        mask = mask & (keys[None, :] > query_pos[:, None] - window)  # (T, S)
     if key_padding is not None:
         mask = mask & (key_padding.bool()[:, None, None, :] | own)  # (B, 1, T, S)
     else:
@@ -126,7 +132,7 @@ def build_mask(
 
 
 def causal_self_mask(T: int, attention_mask: Tensor | None, cache: Sequence[KVCache] | None,
-                     cache_pos: Tensor | None, device: torch.device) -> Tensor | None:
+                     cache_pos: Tensor | None, device: torch.device, window: int | None = None) -> Tensor | None:
     """The causal self-attention mask of a decoder's forward pass, or None when SDPA's
     is_causal does the job (no padding, no cache). One place for what a GPT and an
     encoder-decoder's decoder both need.
@@ -135,10 +141,11 @@ def causal_self_mask(T: int, attention_mask: Tensor | None, cache: Sequence[KVCa
         the first S_cache slots (all that attention then reads); or a ready bool mask
         (B or 1, 1, T, S), used as is (a decoding loop that knows its query is the newest slot).
     cache: the layers' KVCaches (their max_len bounds S); cache_pos: (T,) the queries' slots.
+    window: sliding-window attention (see build_mask); a mask is needed once T exceeds it.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
-    if cache is None and attention_mask is None:
+    if cache is None and attention_mask is None and (window is None or T <= window):
         return None
     S = T
     if cache is not None:
@@ -146,7 +153,8 @@ def causal_self_mask(T: int, attention_mask: Tensor | None, cache: Sequence[KVCa
         S = max_len if attention_mask is None else attention_mask.size(-1)
         if S > max_len:
             raise ValueError(f"the attention mask covers {S} cache slots, more than the cache's {max_len}")
-    return build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=device)
+    return build_mask(T, S, causal=True, key_padding=attention_mask, query_pos=cache_pos, device=device,
+                      window=window)
 
 
 class _Heads(nn.Module):
@@ -191,10 +199,12 @@ class SelfAttention(_Heads):
         head_dim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
+        qkv_bias: bool | None = None,
     ) -> None:
         super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout)
         qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.wqkv = nn.Linear(dim, qkv_dim, bias=bias)
+        # qkv_bias: biases on the query/key/value projections only (Qwen2); None: as `bias`.
+        self.wqkv = nn.Linear(dim, qkv_dim, bias=bias if qkv_bias is None else qkv_bias)
 
     def forward(
         self,
@@ -222,6 +232,7 @@ class SelfAttention(_Heads):
         # is Tensor.split without its Python wrapper.
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)  # (B, H + 2*Hkv, T, Dh)
         q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh), (B, Hkv, T, Dh)
+        q, k = self.normalize(q, k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -229,6 +240,25 @@ class SelfAttention(_Heads):
         y = self._attend(q, k, v, mask, is_causal)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
         return self.wo(y)
+
+    def normalize(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys as they enter the scores: as projected (QKNormSelfAttention normalises them)."""
+        return q, k
+
+
+class QKNormSelfAttention(SelfAttention):
+    """Self-attention whose queries and keys are RMS-normalised per head before RoPE (Qwen3,
+    OLMo 2, modded-nanogpt): q <- RMSNorm(q), k <- RMSNorm(k), each over its Dh dimensions
+    with a learned gain. Bounded q.k keeps the attention logits from growing with the
+    weights, so training tolerates higher learning rates."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 bias: bool = True, dropout: float = 0.0, qkv_bias: bool | None = None, eps: float = 1e-6) -> None:
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout, qkv_bias)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps), RMSNorm(self.head_dim, eps)
+
+    def normalize(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q_norm(q), self.k_norm(k)  # (B, H, T, Dh), (B, Hkv, T, Dh)
 
 class CrossAttention(_Heads):
     """Decoder-to-encoder attention: queries from the decoder, keys and values from

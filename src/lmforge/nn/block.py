@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lmforge.nn.attention import CrossAttention, SelfAttention
+from lmforge.nn.attention import CrossAttention, QKNormSelfAttention, SelfAttention
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.mlp import make_mlp
 from lmforge.nn.norm import make_norm
@@ -37,12 +37,18 @@ class BlockSpec:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     act_dropout: float = 0.0
+    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: as `bias`
+    qk_norm: bool = False  # RMS-normalised queries and keys (Qwen3): QKNormSelfAttention
 
     def norm_layer(self) -> nn.Module:
         return make_norm(self.norm, self.dim, self.norm_eps, self.bias)
 
     def self_attention(self) -> SelfAttention:
-        return SelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias, self.attn_dropout)
+        if self.qk_norm:
+            return QKNormSelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias,
+                                       self.attn_dropout, self.qkv_bias, self.norm_eps)
+        return SelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias, self.attn_dropout,
+                             self.qkv_bias)
 
     def mlp_layer(self) -> nn.Module:
         return make_mlp(self.mlp, self.dim, self.hidden_dim, self.act, self.bias, self.act_dropout)
