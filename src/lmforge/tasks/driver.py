@@ -77,6 +77,7 @@ from lmforge.files import atomic_write_text, check_writable
 from lmforge.interop.hf import ConversionError
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.models import HeadSpec, count_params
+from lmforge.models.provenance import mark_trainable_as_trained
 from lmforge.nn.lora import apply_lora, merge_lora
 from lmforge.tasks.base import ExampleBatches, FinetuneConfig, Outputs, Setup, Task, eval_batches, get_task, load_base
 from lmforge.train import checkpoint, loop, rundir
@@ -176,6 +177,7 @@ def apply_training_scope(model: nn.Module, head: HeadSpec | None, config: Finetu
         for name, p in backbone.named_parameters():
             p.requires_grad_(p.requires_grad and _last_layers_trainable(name, k, n_blocks))
         what = f"the last {k} layers and the head"
+    mark_trainable_as_trained(model, backbone)  # what trains is no longer its initialisation (exports)
     trainable = count_params(model, trainable_only=True)
     line = f"training {trainable:,} of {count_params(model):,} parameters: {what}"
     log.info(line)
