@@ -16,7 +16,9 @@ from torch import nn
 
 from lmforge.generate.text import chat_prompt, generate_text, stream_text
 from lmforge.interop.model_dir import load_model_dir, save_model_dir, special_ids
+from lmforge.interop.peft import load_adapter
 from lmforge.models import HeadSpec, ModelConfig, family_of
+from lmforge.nn.lora import merge_lora
 from lmforge.tokenizer import Tokenizer
 
 
@@ -94,10 +96,15 @@ class LM:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None) -> LM:
+         dtype: torch.dtype | str | None = None, adapter: str | os.PathLike | None = None) -> LM:
     """Load an lmforge checkpoint directory or a Hugging Face model directory
-    (model_type gpt2, llama, bert or bart) into an LM."""
+    (model_type gpt2, llama, bert or bart) into an LM. adapter: a PEFT LoRA adapter directory
+    (adapter_config.json + adapter_model.safetensors, from peft or lmforge finetune) for this
+    base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart)."""
     model, head, tokenizer, special = load_model_dir(path)
+    if adapter is not None:
+        model, head = load_adapter(model, head, adapter)
+        merge_lora(model)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return LM(model.eval(), tokenizer, head, special).to(device, dtype)

@@ -75,10 +75,12 @@ def _convert(a: Namespace) -> None:
     print(f"wrote {out} ({a.to} format)")
 
 
-def _model_args(p: ArgumentParser) -> None:
+def _model_args(p: ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    if adapter:
+        p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for this model (merged on load)")
 
 
 def _load(a: Namespace):
@@ -87,7 +89,7 @@ def _load(a: Namespace):
     from lmforge.api import load
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(a.model, device=device, dtype=a.dtype)
+    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter)
 
 
 def _pretrain_args(p: ArgumentParser) -> None:
@@ -209,7 +211,7 @@ def _inspect_positions(a: Namespace) -> None:
 
 
 def _serve_args(p: ArgumentParser) -> None:
-    _model_args(p)
+    _model_args(p, adapter=False)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")

@@ -356,6 +356,11 @@ def export_architecture(kind: str, head: HeadSpec | None, missing: frozenset[str
     return ARCHITECTURES[(kind, None)]
 
 
+def export_prefix(kind: str, arch: str) -> str:
+    """The prefix of the backbone's tensors in class `arch` ("" for the backbone-only classes)."""
+    return "" if arch == BASE_ARCHITECTURES[kind] else PREFIXES[kind][0]
+
+
 def _tied_duplicates(config: ModelConfig, prefix: str) -> set[str]:
     """Checkpoint tensors that are copies of tied ones and carry nothing new."""
     names = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
@@ -414,7 +419,7 @@ def to_hf(model: nn.Module, head: HeadSpec | None = None,
         if head.multi_label:
             cfg["problem_type"] = "multi_label_classification"
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    rules = _rules(config, head, arch, "" if arch == BASE_ARCHITECTURES[kind] else PREFIXES[kind][0])
+    rules = _rules(config, head, arch, export_prefix(kind, arch))
     # Export writes every tensor the class has, except pretraining heads that hold no learned
     # values (BART's logits bias of a BartModel checkpoint): transformers then says they are new.
     prefix = "backbone." if head is not None else ""

@@ -85,6 +85,8 @@ class FinetuneConfig:
         lora_alpha: LoRA scale numerator (the update is scaled by alpha / rank).
         lora_dropout: dropout on the adapters' input.
         lora_targets: module names to adapt (wqkv, wo, wq, wkv, up, down, gate).
+        merge_lora: LoRA runs write the adapter to out/adapter (PEFT's format) and, with this, the
+            model with the adapter merged into its weights to out/model; False: out/adapter only.
         eval_every: evaluate every this many optimizer steps; 0: once per epoch.
         early_stopping_metric: validation metric for early stopping and the best model (e.g.
             accuracy, macro_f1, f1, exact_match, loss); None: the task's main metric.
@@ -134,6 +136,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo"])
+    merge_lora: bool = True
     eval_every: int = 0
     early_stopping_metric: str | None = None
     patience: int | None = None
