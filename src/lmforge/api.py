@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.generate.text import chat_prompt, generate_text, stream_text
+from lmforge.interop.gguf import write_gguf
 from lmforge.interop.model_dir import load_model_dir, save_model_dir, special_ids
 from lmforge.interop.peft import load_adapter
 from lmforge.models import HeadSpec, ModelConfig, family_of
@@ -110,6 +111,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     return LM(model.eval(), tokenizer, head, special).to(device, dtype)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> Path:
-    """Re-save a model directory in the other format: to="hf" or to="lmforge" (dst as in LM.save)."""
-    return load(src).save(dst, format=to, overwrite=overwrite)
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False,
+            dtype: str | None = None, adapter: str | os.PathLike | None = None) -> Path:
+    """Re-save a model directory in another format: to="hf" or to="lmforge" (dst as in LM.save),
+    or to="gguf" (dst: a .gguf file for llama.cpp; dtype f32, f16 (default) or q8_0). adapter: a
+    PEFT adapter merged in first."""
+    lm = load(src, adapter=adapter)
+    if to == "gguf":
+        return write_gguf(lm.model, lm.tokenizer, dst, dtype or "f16", overwrite=overwrite)
+    if dtype is not None:
+        raise ValueError("dtype applies to --to gguf only")
+    return lm.save(dst, format=to, overwrite=overwrite)
