@@ -66,6 +66,9 @@ class FinetuneConfig:
         text_column: text column (name, or 0-based index for a header-less CSV/TSV).
         text_pair_column: second text of a pair (NLI premise/hypothesis), or None.
         label_column: label column (name or index).
+        columns: rename the data's columns first, OLD=NEW separated by commas (e.g.
+            sentence=text,coarse_label=label; words=tokens,tags=ner_tags for ner): for Parquet
+            files, datasets save_to_disk directories and Hub ids (ID:SPLIT), and CSV/JSONL columns.
         labels: the label set (classify: the classes; ner: the entity types), names separated by
             commas or "@FILE" with one per line. A label outside it anywhere in the data is an error
             naming the file and line; None: the labels the training data has (a label seen there
@@ -125,6 +128,7 @@ class FinetuneConfig:
     text_column: str | int = "text"
     text_pair_column: str | int | None = None
     label_column: str | int = "label"
+    columns: str | None = None
     labels: str | list[str] | None = None
     multi_label: bool = False
     label_sep: str = ","
