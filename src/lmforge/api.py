@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from lmforge.generate.text import chat_prompt, generate_text, stream_text
-from lmforge.interop.gguf import write_gguf
 from lmforge.interop.model_dir import load_model_dir, save_model_dir, special_ids
 from lmforge.interop.peft import load_adapter
 from lmforge.models import HeadSpec, ModelConfig, family_of
@@ -118,6 +117,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: 
     PEFT adapter merged in first."""
     lm = load(src, adapter=adapter)
     if to == "gguf":
+        from lmforge.interop.gguf import write_gguf  # the gguf package is read only for this export
+
         return write_gguf(lm.model, lm.tokenizer, dst, dtype or "f16", overwrite=overwrite)
     if dtype is not None:
         raise ValueError("dtype applies to --to gguf only")

@@ -289,11 +289,18 @@ def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: 
 def export_adapter(model: nn.Module, setup: Setup, base, path: Path) -> bool:
     """adapter/: the LoRA adapters (and the task head) as a PEFT adapter of the starting model,
     with its tokenizer; False (and a log line) when transformers has no class for the model."""
+    if not hf_exportable(setup.head, base.family):
+        log.info("no PEFT adapter written: transformers' class for this head pools differently (pooling %s)",
+                 setup.head.pooling)
+        return False
     try:
         save_adapter(model, setup.head, path, base_model=str(base.path), tokenizer=base.tokenizer)
     except ConversionError as e:
         log.info("no PEFT adapter written: %s", e)
         return False
+    if json.loads((base.path / "config.json").read_text()).get("format") == "lmforge":
+        log.info("%s: a PEFT adapter of %s, a model in lmforge's format: peft needs it in Hugging Face's "
+                 "(lmforge convert %s BASE_HF --to hf)", path, base.path, base.path)
     rundir.record(path.parent, path.name)
     return True
 
