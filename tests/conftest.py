@@ -110,3 +110,31 @@ def run_config(tmp_path):
                 "data.seq_len": 16, "train.resume": "none"}
         return load_config(None, {**base, **{k.replace("__", "."): v for k, v in overrides.items()}})
     return make
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """hub_cache("owner/name", {split: datasets.Dataset}) lays the splits out as `datasets`
+    caches a Hub dataset (a packaged Parquet builder prepares them under the dataset's name, in
+    the folder `datasets` names after a namespaced repository, owner___name) and makes
+    `datasets` offline with that cache, so load_dataset("owner/name", split=...) resolves here."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def make(repo_id: str, splits: dict) -> Path:
+        owner, name = repo_id.split("/")
+        files = {}
+        for split, ds in splits.items():
+            files[split] = str(tmp_path / f"{name}-{split}.parquet")
+            ds.to_parquet(files[split])
+        Parquet(cache_dir=str(cache), dataset_name=name, hash="0", config_id="default",
+                data_files=files).download_and_prepare()
+        os.rename(cache / name, cache / f"{owner}___{name}")
+        return cache
+    return make

@@ -96,7 +96,9 @@ PARSED = {name: _sections_or_empty(path) for name, path in GUIDES.items()}
 EXAMPLES_DIR = ROOT / "docs" / "examples"
 EXAMPLES = {f"examples/{p.stem}": p for p in sorted(EXAMPLES_DIR.glob("*.md")) if p.name != "README.md"}
 PARSED_EXAMPLES = {name: parse_guide(path) for name, path in EXAMPLES.items()}
-DOCS = {**GUIDES, **EXAMPLES}  # every document whose shell lines must parse
+EXAMPLES_INDEX = {"examples/README": EXAMPLES_DIR / "README.md"}  # its data commands and Hub-id runs
+PARSED_EXAMPLES_INDEX = {name: parse_guide(path) for name, path in EXAMPLES_INDEX.items()}
+DOCS = {**GUIDES, **EXAMPLES, **EXAMPLES_INDEX}  # every document whose shell lines must parse
 SECTION_CASES = [pytest.param(name, s.number, id=f"{name}-s{s.number:02d}")
                  for name, sections in PARSED.items() for s in sections
                  if any(b.lang == "python" and "no-run" not in b.flags for b in s.blocks)]
@@ -265,7 +267,7 @@ def shell_commands(code: str) -> list[tuple[int, list[str]]]:
 
 def _command_lines() -> list:
     cases = []
-    for doc, sections in {**PARSED, **PARSED_EXAMPLES}.items():
+    for doc, sections in {**PARSED, **PARSED_EXAMPLES, **PARSED_EXAMPLES_INDEX}.items():
         for s in sections:
             for b in s.blocks:
                 if b.lang not in SHELL:
@@ -306,6 +308,19 @@ def test_guides_show_commands():
 
 EXAMPLE_PATH = re.compile(r"(?<![\w/.-])((?:src/lmforge|configs|tests|bench|docs|scripts)/[\w./-]*\w)", re.ASCII)
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:tmp|home|root|work|Users|mnt|opt|var)/")
+# The datasets folder kept beside this repository on its developers' machines: a reader has
+# only lmforge and a network, so examples download their data (docs/examples/README.md).
+SHARED_DATA_PATH = re.compile(r"\.\./shared|shared/data")
+
+
+def test_examples_index_downloads_every_file_the_examples_read():
+    index = EXAMPLES_INDEX["examples/README"].read_text(encoding="utf-8")
+    assert not SHARED_DATA_PATH.search(index) and not MACHINE_PATH.search(index)
+    read = {m for p in EXAMPLES.values() for m in re.findall(r"data/raw/[\w./$-]+", p.read_text(encoding="utf-8"))}
+    written = set(re.findall(r"(?:-o |> )(data/raw/[\w./$-]+)", index)) | set(re.findall(
+        r"cp .* (data/raw/\w+)/\n", index))
+    for path in read:
+        assert any(path == w or path.startswith(w.split("$")[0]) for w in written), f"nothing downloads {path}"
 
 
 def test_examples_exist_and_are_indexed():
@@ -325,6 +340,8 @@ def test_example_shows_commands_paths_and_code_that_hold(example):
     assert not missing, f"{example}: paths that do not exist: {missing}"
     machine = sorted({m.group(0) for m in MACHINE_PATH.finditer(text)})
     assert not machine, f"{example}: names absolute paths of one machine: {machine}"
+    assert not SHARED_DATA_PATH.search(text), f"{example}: reads the developers' shared data folder"
+    assert "README.md#get-the-data" in text or "data/raw" not in text, f"{example}: says not where data/raw comes from"
     for s in PARSED_EXAMPLES[example]:
         for b in s.blocks:
             if b.lang == "python":

@@ -16,6 +16,8 @@ import torch
 from lmforge.generate.chat import chat_prompt
 from lmforge.generate.text import generate_text, stream_text
 from lmforge.interop.model_dir import LoadedModel, load_model, save_model_dir
+from lmforge.interop.peft import load_adapter
+from lmforge.nn.lora import merge_lora
 from lmforge.tokenizer import Tokenizer
 
 
@@ -64,16 +66,31 @@ class LM(LoadedModel):
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None) -> LM:
+         dtype: torch.dtype | str | None = None, adapter: str | os.PathLike | None = None) -> LM:
     """Load an lmforge checkpoint directory or a Hugging Face model directory
-    (model_type gpt2, llama, bert or bart) into an LM."""
+    (model_type gpt2, llama, bert or bart, or a Hub id) into an LM. adapter: a PEFT LoRA adapter
+    directory (adapter_config.json + adapter_model.safetensors, from peft or lmforge finetune) for
+    this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart)."""
     loaded = load_model(path)
+    if adapter is not None:
+        loaded.model, loaded.head = load_adapter(loaded.model, loaded.head, adapter)
+        merge_lora(loaded.model)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path)
     return lm.to(device, dtype)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> Path:
-    """Re-save a model directory in the other format: to="hf" or to="lmforge" (dst as in LM.save)."""
-    return load(src).save(dst, format=to, overwrite=overwrite)
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False,
+            dtype: str | None = None, adapter: str | os.PathLike | None = None) -> Path:
+    """Re-save a model directory in another format: to="hf" or to="lmforge" (dst as in LM.save),
+    or to="gguf" (dst: a .gguf file for llama.cpp; dtype f32, f16 (default) or q8_0). adapter: a
+    PEFT adapter merged in first."""
+    lm = load(src, adapter=adapter)
+    if to == "gguf":
+        from lmforge.interop.gguf import write_gguf  # the gguf package is read only for this export
+
+        return write_gguf(lm.model, lm.tokenizer, dst, dtype or "f16", overwrite=overwrite)
+    if dtype is not None:
+        raise ValueError("dtype applies to --to gguf only")
+    return lm.save(dst, format=to, overwrite=overwrite)

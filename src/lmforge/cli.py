@@ -61,8 +61,11 @@ def _quickstart(a: Namespace) -> None:
 
 def _convert_args(p: ArgumentParser) -> None:
     p.add_argument("src", help="model directory (lmforge or Hugging Face)")
-    p.add_argument("dst", help="output directory")
-    p.add_argument("--to", choices=["hf", "lmforge"], required=True, help="output format")
+    p.add_argument("dst", help="output directory (hf, lmforge) or .gguf file (gguf)")
+    p.add_argument("--to", choices=["hf", "lmforge", "gguf"], required=True,
+                   help="output format; gguf: one file for llama.cpp / Ollama (decoder-only models)")
+    p.add_argument("--dtype", choices=[None, "f32", "f16", "q8_0"], default=None, help="gguf: tensor type (f16)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory merged into the model first")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty directory that is not a model directory (same-named files are "
                         "replaced, nothing is deleted)")
@@ -71,14 +74,16 @@ def _convert_args(p: ArgumentParser) -> None:
 def _convert(a: Namespace) -> None:
     from lmforge.api import convert
 
-    out = convert(a.src, a.dst, a.to, overwrite=a.overwrite)
-    print(f"wrote {out} ({a.to} format)")
+    out = convert(a.src, a.dst, a.to, overwrite=a.overwrite, dtype=a.dtype, adapter=a.adapter)
+    print(f"wrote {out} ({a.to} format{f', {a.dtype}' if a.dtype else ''})")
 
 
-def _model_args(p: ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face)")
+def _model_args(p: ArgumentParser, adapter: bool = True) -> None:
+    p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face) or Hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    if adapter:
+        p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for this model (merged on load)")
 
 
 def _load(a: Namespace):
@@ -87,7 +92,7 @@ def _load(a: Namespace):
     from lmforge.api import load
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(a.model, device=device, dtype=a.dtype)
+    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter)
 
 
 def _pretrain_args(p: ArgumentParser) -> None:
@@ -459,7 +464,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                        _inspect_next_token_args, _inspect_next_token),
         "positions": ("pictures of the model's position encodings", _inspect_positions_args, _inspect_positions),
     },
-    "convert": ("convert a model directory between lmforge and Hugging Face formats", _convert_args, _convert),
+    "convert": ("convert a model directory between lmforge and Hugging Face formats, or to GGUF for llama.cpp",
+                _convert_args, _convert),
 }
 
 

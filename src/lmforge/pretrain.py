@@ -29,6 +29,7 @@ from lmforge.interop.hf import ConversionError, model_type_of
 from lmforge.interop.model_dir import MODEL_DIR, load_model, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.arch import check_fits
+from lmforge.models.provenance import set_untrained
 from lmforge.models.weights import load_weights
 from lmforge.plan import make_plan
 from lmforge.plan.arch import resolve_config
@@ -129,6 +130,11 @@ def plan_summary(mcfg: ModelConfig, config: RunConfig, env: DistEnv) -> str:
     return "\n".join(lines)
 
 
+# Tensors an objective never updates from scratch: exported without them (mlm: BertForMaskedLM,
+# not a BertForPreTraining with a random NSP head).
+UNTRAINED_BY_OBJECTIVE = {"mlm": ("pooler.weight", "pooler.bias", "nsp_head.weight", "nsp_head.bias")}
+
+
 def export(model: nn.Module, tokenizer: Tokenizer | None, path: Path) -> Path:
     """Save the trained model for `lmforge.load` and transformers: Hugging Face format where
     transformers has the architecture, else lmforge's (e.g. the original Transformer)."""
@@ -174,6 +180,8 @@ def _pretrain(config: RunConfig, data: DataBuilder | None, env: DistEnv) -> dict
     model = build(mcfg)
     if config.model.init_from:
         init_weights(model, config.model.init_from)
+    else:
+        set_untrained(model, UNTRAINED_BY_OBJECTIVE.get(config.train.objective, ()))
     n_params = count_params(model)
     if env.is_main:
         t = config.train

@@ -97,7 +97,7 @@ def test_classification_file_level_errors(tmp_path):
         read_classification(write(tmp_path, "only_header.csv", "text,label\n"))
     with pytest.raises(ValueError, match=r"no valid records \(1 malformed skipped\)"):
         read_classification(write(tmp_path, "allbad.csv", "text,label\n,a\n"), skip_bad=True)
-    with pytest.raises(ValueError, match="fmt="):
+    with pytest.raises(ValueError, match="cannot tell the format from the name: expected .csv, .tsv, .jsonl"):
         read_classification(write(tmp_path, "data.txt", "text,label\na,b\n"))
     with pytest.raises(ValueError, match="column index 5 out of range"):
         read_classification(write(tmp_path, "n.csv", "a,b\n"), text_col=5, label_col=0)

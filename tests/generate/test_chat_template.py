@@ -63,7 +63,8 @@ def test_generate_chat_with_a_raising_template_is_one_line_exit_2(tmp_path):
 # a dated header style, an alternation-checking [INST] style, one with {% generation %} and
 # loop controls): lmforge must render each exactly as transformers' apply_chat_template does.
 CHATML_TOOLS = """{%- if tools %}
-{{- '<|im_start|>system\\n' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are helpful.{% endif %}
+{{- '<|im_start|>system\\n' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}
+{%- else %}You are helpful.{% endif %}
 {{- '\\n\\n# Tools\\n<tools>' }}
 {%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}
 {{- '\\n</tools><|im_end|>\\n' }}
@@ -86,7 +87,8 @@ DATED = """{{- bos_token }}
 {%- endfor %}
 {%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"""
 
-INST = """{%- if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set rest = messages[1:] %}
+INST = """{%- if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}
+{%- set rest = messages[1:] %}
 {%- else %}{% set system = '' %}{% set rest = messages %}{% endif %}
 {{- bos_token }}
 {%- for message in rest %}
@@ -113,8 +115,9 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "4"}, {"role": "user", "content": "Times 3?"}],
     [{"role": "user", "content": "a"}, {"role": "tool", "content": "ignored"}, {"role": "assistant", "content": "b"}],
 ]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter in Zürich",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+WEATHER = {"name": "get_weather", "description": "Wetter in Zürich",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+TOOLS = [{"type": "function", "function": WEATHER}]
 
 
 @pytest.fixture(scope="module")

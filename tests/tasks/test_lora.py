@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
+import lmforge
 from lmforge.interop.model_dir import load_model_dir
 from lmforge.models import BertConfig, GPTConfig, build
 from lmforge.nn.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
@@ -94,10 +95,31 @@ def test_finetune_trains_only_adapters_and_head_and_exports_merged(ag_news, make
     theirs = hf.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     ids = torch.tensor([tok.encode("Shares of the company rose after the report.")])
     with torch.no_grad():
-        assert_close(ours.eval()(ids), theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        want = ours.eval()(ids)
+        assert_close(want, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    # out/adapter: the same model as a PEFT adapter (LoRA tensors + the head) of the starting model.
+    peft = pytest.importorskip("peft")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 4
+    assert (out / "adapter" / "tokenizer.json").is_file()
+    start_model = hf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(config["id2label"]))
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(start_model, out / "adapter").eval()(input_ids=ids).logits
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_bert_lora_on_mlp(make_model):
     torch.manual_seed(0)
     model = build(BertConfig(vocab_size=64, max_seq_len=16, dim=32, n_layers=2, n_heads=2))
     assert apply_lora(model, ["up"], rank=2, alpha=2) == ["blocks.0.mlp.up", "blocks.1.mlp.up"]
+
+
+def test_merge_lora_false_writes_only_the_adapter(ag_news, make_model, fast, tmp_path):
+    base = make_model(tmp_path / "base", ag_news["texts"])
+    out = tmp_path / "run"
+    metrics = finetune("classify", base, ag_news["train"], ag_news["valid"], out, epochs=1, lr=5e-3, max_length=32,
+                       lora_rank=2, merge_lora=False, **fast)
+    assert metrics["run"]["model_format"] == "adapter"
+    assert not (out / "model").exists() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    lm = lmforge.load(base, adapter=out / "adapter")  # the head comes with the adapter
+    assert lm.head.kind == "sequence-classification" and len(lm.head.labels) == 4

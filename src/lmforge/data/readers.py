@@ -2,6 +2,11 @@
 extractive QA (SQuAD v1.1/v2.0), seq2seq (JSONL/TSV or line-aligned parallel files) and
 chat / instruction data (JSONL).
 
+Each reader also takes the dataset sources of lmforge.data.datasets_io (Parquet files,
+`datasets` save_to_disk directories, Hub id:split), whose records are named by row:
+"fancyzhx/ag_news:train[12]: empty 'text'"; `columns` renames their columns (and the
+CSV/JSONL columns of classification and seq2seq files) first.
+
 Readers validate while they read. With skip_bad=False (the default) the first malformed
 record raises ValueError "file:line: what is wrong" (SQuAD: "file: question id ...: ...");
 with skip_bad=True malformed records are skipped and counted in the result's `skipped`.
@@ -20,7 +25,10 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.datasets_io import is_dataset_source, iter_rows, open_table, parse_columns
+
 Column = str | int
+Columns = str | dict[str, str] | None  # OLD=NEW renames (see datasets_io.parse_columns)
 ROLES = ("system", "user", "assistant")
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 
@@ -35,10 +43,12 @@ class _Tally:
     def __init__(self, path: Path, skip_bad: bool) -> None:
         self.path, self.skip_bad, self.skipped = path, skip_bad, 0
 
-    def bad(self, line: int | None, msg: str) -> None:
-        """Raise "file:line: msg" (or "file: msg" where lines mean nothing), or count when skipping."""
+    def bad(self, line: int | str | None, msg: str) -> None:
+        """Raise "file:line: msg" ("source[row]: msg" for a dataset row, "file: msg" where lines
+        mean nothing), or count when skipping."""
         if not self.skip_bad:
-            raise ValueError(f"{self.path}:{line}: {msg}" if line is not None else f"{self.path}: {msg}")
+            where = f"{self.path}:{line}" if isinstance(line, int) else f"{self.path}{line or ''}"
+            raise ValueError(f"{where}: {msg}")
         self.skipped += 1
 
     def check_nonempty(self, n_records: int) -> None:
@@ -65,7 +75,8 @@ def _format(path: Path, fmt: str | None) -> str:
     fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(
         path.suffix.lower())
     if fmt not in ("csv", "tsv", "jsonl"):
-        raise ValueError(f"{path}: cannot tell the format from the name; pass fmt='csv', 'tsv' or 'jsonl'")
+        raise ValueError(f"{path}: cannot tell the format from the name: expected .csv, .tsv, .jsonl or .parquet, "
+                         "a datasets save_to_disk directory or a Hub dataset id:split")
     return fmt
 
 
@@ -86,13 +97,20 @@ def _jsonl(path: Path, tally: _Tally) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _rows(path: Path, fmt: str | None, columns: Sequence[Column], header: bool | None,
-          tally: _Tally) -> Iterator[tuple[int, list[Any]]]:
-    """(line, [value of each requested column]) from CSV, TSV or JSONL.
+          tally: _Tally, rename: dict[str, str] | None = None) -> Iterator[tuple[int | str, list[Any]]]:
+    """(line, [value of each requested column]) from CSV, TSV or JSONL, or ("[row]", values)
+    from a dataset source.
 
     Columns are header names or 0-based indices; header=None means "has a header unless every
     column is an index". TSV is read without quoting (quotes are text, as in GLUE-style files).
     A row with another column count than the header (or the first row) is a bad record.
+    rename: {old: new} column names; the requested columns are the new names.
     """
+    if is_dataset_source(path):
+        yield from iter_rows(open_table(path), columns, rename)
+        return
+    original = {new: old for old, new in (rename or {}).items()}
+    columns = [original.get(c, c) if isinstance(c, str) else c for c in columns]
     fmt = _format(path, fmt)
     if fmt == "jsonl":
         for no, obj in _jsonl(path, tally):
@@ -216,6 +234,7 @@ def read_classification(
     multi_label: bool = False,
     label_sep: str = ",",
     skip_bad: bool = False,
+    columns: Columns = None,
 ) -> ClassificationData:
     """Read a text (or text-pair) classification file: CSV, TSV or JSONL (fmt from the suffix).
 
@@ -231,7 +250,7 @@ def read_classification(
     cols = [text_col, label_col] + ([text_pair_col] if text_pair_col is not None else [])
     fixed = {n: i for i, n in enumerate(label_names)} if label_names is not None else None
     texts, pairs, raw = [], [], []
-    for no, values in _rows(path, fmt, cols, header, tally):
+    for no, values in _rows(path, fmt, cols, header, tally, parse_columns(columns)):
         try:
             text = _text(values[0], text_col)
             pair = _text(values[2], text_pair_col) if text_pair_col is not None else None
@@ -287,6 +306,63 @@ def _to_iob2(tags: list[str]) -> tuple[list[str], int]:
     return out, changed
 
 
+def _tag_problem(tag: Any, known: set[str] | None) -> str | None:
+    """What is wrong with one NER tag, or None."""
+    if not isinstance(tag, str) or not _TAG.match(tag):
+        return f"bad tag {tag!r} (expected O, B-TYPE or I-TYPE)"
+    if known is not None and tag not in known:
+        return f"tag {tag!r} is not among the known labels"
+    return None
+
+
+def _conll_sentences(path: Path, token_col: int, tag_col: int, known: set[str] | None,
+                     tally: _Tally) -> Iterator[tuple[list[str], list[str]]]:
+    """(tokens, tags) of each well-formed sentence of a CoNLL file."""
+    toks: list[str] = []
+    tags: list[str] = []
+    width, broken = None, False
+    for no, line in _lines(path):
+        line = line.strip().strip("\ufeff")
+        cols = line.split("\t") if "\t" in line else line.split()
+        if not line or cols[0] == "-DOCSTART-":
+            if toks and not broken:
+                yield toks, tags
+            toks, tags, broken = [], [], False
+            continue
+        width = width or len(cols)
+        if len(cols) != width:
+            msg = f"expected {width} columns, found {len(cols)}"
+        else:
+            msg = _tag_problem(cols[tag_col].strip(), known)
+        if msg is None:
+            toks.append(cols[token_col])
+            tags.append(cols[tag_col].strip())
+            continue
+        tally.bad(no, msg)
+        broken = True
+    if toks and not broken:
+        yield toks, tags
+
+
+def _dataset_sentences(path: Path, rename: dict[str, str], known: set[str] | None,
+                       tally: _Tally) -> Iterator[tuple[list[str], list[str]]]:
+    """(tokens, tags) of each well-formed row of a dataset with `tokens` and `ner_tags` columns
+    (the Hub's convention, e.g. WNUT-17, CoNLL-2003; ClassLabel tags come back as names)."""
+    for where, (toks, tags) in iter_rows(open_table(path), ["tokens", "ner_tags"], rename):
+        if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags):
+            tally.bad(where, "tokens and ner_tags must be lists of the same length")
+        elif not toks:
+            continue
+        elif not all(isinstance(t, str) and t.strip() for t in toks):
+            tally.bad(where, "every token must be a non-empty string")
+        else:
+            msg = next((m for m in (_tag_problem(t, known) for t in tags) if m), None)
+            if msg is None:
+                yield toks, tags
+            else:
+                tally.bad(where, msg)
+
+
 def read_conll(
     path: str | Path,
     *,
@@ -295,8 +371,10 @@ def read_conll(
     scheme: str = "iob2",
     label_names: Sequence[str] | None = None,
     skip_bad: bool = False,
+    columns: Columns = None,
 ) -> NerData:
-    """Read CoNLL-style NER columns (tab- or space-separated; tag in the last column by default).
+    """Read CoNLL-style NER columns (tab- or space-separated; tag in the last column by default),
+    or a dataset source with `tokens` and `ner_tags` columns (renamed there by `columns`).
 
     Blank lines end sentences, -DOCSTART- lines are skipped; scheme "iob2" (BIO) or "iob1"
     (converted to IOB2). Every line must have as many columns as the first one and a tag
@@ -308,43 +386,13 @@ def read_conll(
     path = Path(path)
     tally = _Tally(path, skip_bad)
     known = set(label_names) if label_names is not None else None
-    sentences: list[tuple[list[str], list[str]]] = []
-    toks: list[str] = []
-    tags: list[str] = []
-    width, broken, repaired = None, False, 0
-
-    def flush() -> None:
-        nonlocal toks, tags, broken, repaired
-        if toks and not broken:
-            fixed, n = _to_iob2(tags)
-            repaired += n if scheme == "iob2" else 0
-            sentences.append((toks, fixed))
-        toks, tags, broken = [], [], False
-
-    for no, line in _lines(path):
-        line = line.strip().strip("\ufeff")
-        if not line:
-            flush()
-            continue
-        cols = line.split("\t") if "\t" in line else line.split()
-        if cols[0] == "-DOCSTART-":
-            flush()
-            continue
-        width = width or len(cols)
-        tag = cols[tag_col].strip() if len(cols) == width else ""
-        if len(cols) != width:
-            msg = f"expected {width} columns, found {len(cols)}"
-        elif not _TAG.match(tag):
-            msg = f"bad tag {tag!r} (expected O, B-TYPE or I-TYPE)"
-        elif known is not None and tag not in known:
-            msg = f"tag {tag!r} is not among the known labels"
-        else:
-            toks.append(cols[token_col])
-            tags.append(tag)
-            continue
-        tally.bad(no, msg)
-        broken = True
-    flush()
+    rows = (_dataset_sentences(path, parse_columns(columns), known, tally) if is_dataset_source(path)
+            else _conll_sentences(path, token_col, tag_col, known, tally))
+    sentences, repaired = [], 0
+    for toks, tags in rows:
+        fixed, n = _to_iob2(tags)
+        repaired += n if scheme == "iob2" else 0
+        sentences.append((toks, fixed))
     tally.check_nonempty(len(sentences))
     if label_names is None:
         types = sorted({t[2:] for _, ts in sentences for t in ts if t != "O"})
@@ -410,14 +458,47 @@ def _qa_example(qa: Any, context: str, title: str, v2: bool) -> QAExample:
     return QAExample(qid, question, context, answers, impossible, title)
 
 
-def read_squad(path: str | Path, *, skip_bad: bool = False) -> QAData:
-    """Read SQuAD v1.1 / v2.0 JSON (version from the "version" field, else from is_impossible).
+def _squad_dataset(path: Path, rename: dict[str, str], tally: _Tally) -> QAData:
+    """SQuAD-format rows (id, title, context, question, answers {text: [...], answer_start:
+    [...]}, as the Hub's squad and squad_v2): version 2.0 when some question has no answer."""
+    table = open_table(path)
+    has_title = "title" in [rename.get(c, c) for c in table.column_names]
+    wanted = ["id", "question", "context", "answers"] + (["title"] if has_title else [])
+    rows = list(iter_rows(table, wanted, rename))
+    v2 = any(isinstance(r[3], dict) and not r[3].get("text") for _, r in rows)
+    examples, seen = [], set()
+    for where, (qid, question, context, answers, *title) in rows:
+        try:
+            texts, starts = (answers.get("text"), answers.get("answer_start")) if isinstance(answers, dict) else (0, 0)
+            if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+                raise _BadRecord("answers must be {text: [...], answer_start: [...]} of the same length")
+            if not isinstance(context, str):
+                raise _BadRecord("context must be a string")
+            qa = {"id": qid, "question": question, "is_impossible": not texts,
+                  "answers": [{"text": t, "answer_start": a} for t, a in zip(texts, starts)]}
+            ex = _qa_example(qa, context, str(title[0]) if title else "", v2)
+            if ex.id in seen:
+                raise _BadRecord(f"question id {ex.id!r}: duplicate id")
+        except _BadRecord as e:
+            tally.bad(where, str(e))
+            continue
+        seen.add(ex.id)
+        examples.append(ex)
+    tally.check_nonempty(len(examples))
+    return QAData(examples, "2.0" if v2 else "1.1", tally.skipped)
+
+
+def read_squad(path: str | Path, *, skip_bad: bool = False, columns: Columns = None) -> QAData:
+    """Read SQuAD v1.1 / v2.0 JSON (version from the "version" field, else from is_impossible),
+    or a dataset source in the Hub's SQuAD columns (renamed there by `columns`).
 
     Each answer must satisfy context[answer_start : answer_start + len(text)] == text; v2 no-answer
     questions (is_impossible) have no answers. Errors name the file and the question id.
     """
     path = Path(path)
     tally = _Tally(path, skip_bad)
+    if is_dataset_source(path):
+        return _squad_dataset(path, parse_columns(columns), tally)
     text = "".join(line for _, line in _lines(path))
     if not text.strip():
         raise ValueError(f"{path}: empty file (no records)")
@@ -481,13 +562,14 @@ def read_seq2seq(
     fmt: str | None = None,
     header: bool | None = None,
     skip_bad: bool = False,
+    columns: Columns = None,
 ) -> Seq2SeqData:
     """Read source/target pairs from JSONL or TSV/CSV (DialogSum: source_field="dialogue",
     target_field="summary"; its test split has "summary1".."summary3")."""
     path = Path(path)
     tally = _Tally(path, skip_bad)
     sources, targets = [], []
-    for no, (src, tgt) in _rows(path, fmt, [source_field, target_field], header, tally):
+    for no, (src, tgt) in _rows(path, fmt, [source_field, target_field], header, tally, parse_columns(columns)):
         try:
             src, tgt = _text(src, source_field), _text(tgt, target_field)
         except _BadRecord as e:
@@ -571,15 +653,17 @@ def _validate_messages(messages: list[Any]) -> list[dict[str, str]]:
     return out
 
 
-def read_chat(path: str | Path, *, skip_bad: bool = False) -> ChatData:
+def read_chat(path: str | Path, *, skip_bad: bool = False, columns: Columns = None) -> ChatData:
     """Read chat / instruction JSONL: {"messages": [...]}, {"prompt", "response"} or
-    {"instruction", "input", "output"} (an optional "system" string in the last two). Each
-    conversation is checked: known roles, system only first, non-empty contents, at least one
-    assistant turn."""
+    {"instruction", "input", "output"} (an optional "system" string in the last two), or a
+    dataset source with such columns (renamed there by `columns`). Each conversation is
+    checked: known roles, system only first, non-empty contents, at least one assistant turn."""
     path = Path(path)
     tally = _Tally(path, skip_bad)
     out = ChatData()
-    for no, obj in _jsonl(path, tally):
+    records = iter_rows(open_table(path), None, parse_columns(columns)) if is_dataset_source(path) \
+        else _jsonl(path, tally)
+    for no, obj in records:
         try:
             out.conversations.append(_validate_messages(_as_messages(obj)))
         except _BadRecord as e:

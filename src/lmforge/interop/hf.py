@@ -30,7 +30,8 @@ from lmforge.models import (
     build,
 )
 from lmforge.models.arch import check_fits
-from lmforge.models.weights import read_safetensors
+from lmforge.models.provenance import set_untrained, untrained
+from lmforge.models.weights import read_safetensors, unique_state_dict
 
 SUPPORTED = ("gpt2", "llama", "bert", "bart")
 
@@ -289,8 +290,10 @@ ARCHITECTURES = {
     ("bart", None): "BartForConditionalGeneration",
 }
 HEAD_OF_ARCH = {arch: head for (_, head), arch in ARCHITECTURES.items()}
-HEAD_OF_ARCH.update({"GPT2Model": None, "LlamaModel": None, "BertModel": None, "BertForMaskedLM": None,
-                     "BartModel": None})
+# The backbone-only classes (and BERT with its MLM head only): read, and written when the
+# heads of the full class were never loaded nor trained (see lmforge.models.provenance).
+BASE_ARCHITECTURES = {"gpt2": "GPT2Model", "llama": "LlamaModel", "bert": "BertModel", "bart": "BartModel"}
+HEAD_OF_ARCH.update({arch: None for arch in (*BASE_ARCHITECTURES.values(), "BertForMaskedLM")})
 # The name of each head's final linear layer in transformers.
 HEAD_TENSOR = {"GPT2ForSequenceClassification": "score", "LlamaForSequenceClassification": "score",
                "GPT2ForTokenClassification": "classifier", "BertForSequenceClassification": "classifier",
@@ -319,21 +322,44 @@ def _rules(config: ModelConfig, head: HeadSpec | None, arch: str, prefix: str) -
     """Every rule of one architecture, with the lmforge names as seen from the (wrapped) model."""
     kind = model_type_of(config)
     rules = backbone_rules(config, prefix)
+    if arch == BASE_ARCHITECTURES[kind]:  # a backbone-only class has no LM head of its own
+        rules = [Rule(r.ours, r.theirs, r.transpose, r.vocab, optional=True) if r.ours == "lm_head.weight" else r
+                 for r in rules]
     has_pooler = arch in ("BertForPreTraining", "BertModel", "BertForSequenceClassification")
     if kind == "bert":
         if not has_pooler:
             rules = [r for r in rules if not r.ours.startswith("pooler.")]
         else:
             rules = [Rule(r.ours, r.theirs, optional=True) if r.ours.startswith("pooler.") else r for r in rules]
-        if head is None:
-            rules += [Rule(r.ours, r.theirs, r.transpose, r.vocab, optional=True)
-                      for r in BERT_HEAD_RULES + BERT_NSP_RULES]
+        if head is None and arch != "BertModel":
+            heads = BERT_HEAD_RULES + (BERT_NSP_RULES if arch == "BertForPreTraining" else [])
+            rules += [Rule(r.ours, r.theirs, r.transpose, r.vocab, optional=True) for r in heads]
     if kind == "bart" and head is None:
         rules.append(Rule("lm_bias", ("final_logits_bias",), vocab=True, optional=True))
     if head is None:
         return rules
     rules = [Rule(f"backbone.{r.ours}", r.theirs, r.transpose, r.vocab, r.split, r.optional) for r in rules]
     return rules + _linear("head", (HEAD_TENSOR[arch],), head.bias)
+
+
+def export_architecture(kind: str, head: HeadSpec | None, missing: frozenset[str] = frozenset()) -> str:
+    """The transformers class to export as: the task head's, else the full pretraining class
+    unless its heads were never loaded nor trained (`missing`, lmforge.models.provenance):
+    then the class without them (BertModel, BertForMaskedLM, GPT2Model, LlamaModel)."""
+    if head is not None:
+        return ARCHITECTURES[(kind, head.kind)]
+    if kind == "bert" and "lm_head.dense.weight" in missing:
+        return "BertModel"
+    if kind == "bert" and "nsp_head.weight" in missing:
+        return "BertForMaskedLM"
+    if kind in ("gpt2", "llama") and "lm_head.weight" in missing:
+        return BASE_ARCHITECTURES[kind]
+    return ARCHITECTURES[(kind, None)]
+
+
+def export_prefix(kind: str, arch: str) -> str:
+    """The prefix of the backbone's tensors in class `arch` ("" for the backbone-only classes)."""
+    return "" if arch == BASE_ARCHITECTURES[kind] else PREFIXES[kind][0]
 
 
 def _tied_duplicates(config: ModelConfig, prefix: str) -> set[str]:
@@ -360,13 +386,17 @@ def from_hf(cfg: dict, tensors: dict[str, Tensor], source: str = "checkpoint") -
     rules = _rules(config, head, arch, prefix)
     if "final_logits_bias" in tensors:
         tensors = {**tensors, "final_logits_bias": tensors["final_logits_bias"].reshape(-1)}
-    state, fresh, used = gather(rules, tensors, model.state_dict(), source, config.vocab_size)
+    state, _, used = gather(rules, tensors, model.state_dict(), source, config.vocab_size)
     ignored = _tied_duplicates(config, prefix)
     unexpected = sorted(n for n in tensors if n not in used and n not in ignored and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
         raise ConversionError(f"{source}: {len(unexpected)} unexpected tensor(s) for {arch}: {shown}")
     model.load_state_dict(state, strict=False)
+    # Untrained: every tensor the checkpoint did not fill (optional heads, and those the class
+    # lacks, e.g. the pooler of a BertForMaskedLM), tied copies aside.
+    fresh = sorted(set(unique_state_dict(model)) - set(state))
+    set_untrained(model.backbone if head is not None else model, (n.removeprefix("backbone.") for n in fresh))
     return model, head, fresh
 
 
@@ -379,7 +409,8 @@ def to_hf(model: nn.Module, head: HeadSpec | None = None,
     kind = model_type_of(config)
     if (kind, head.kind if head else None) not in ARCHITECTURES:
         raise ConversionError(f"transformers has no {kind} class for a {head.kind} head")
-    arch = ARCHITECTURES[(kind, head.kind if head else None)]
+    missing = untrained(backbone)
+    arch = export_architecture(kind, head, missing)
     cfg = config_to_hf(config, special)
     cfg["architectures"] = [arch]
     if head is not None and head.labels:
@@ -389,9 +420,12 @@ def to_hf(model: nn.Module, head: HeadSpec | None = None,
         if head.multi_label:
             cfg["problem_type"] = "multi_label_classification"
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    rules = _rules(config, head, arch, PREFIXES[kind][0])
-    # Export writes every head the class has (BertForPreTraining: MLM and NSP; BART: the logits bias).
-    rules = [Rule(r.ours, r.theirs, r.transpose, r.vocab, r.split) for r in rules]
+    rules = _rules(config, head, arch, export_prefix(kind, arch))
+    # Export writes every tensor the class has, except pretraining heads that hold no learned
+    # values (BART's logits bias of a BartModel checkpoint): transformers then says they are new.
+    prefix = "backbone." if head is not None else ""
+    rules = [Rule(r.ours, r.theirs, r.transpose, r.vocab, r.split) for r in rules
+             if not (head is None and r.ours.removeprefix(prefix) in missing)]
     tensors = scatter(rules, state, config.vocab_size)
     if "final_logits_bias" in tensors:
         tensors["final_logits_bias"] = tensors["final_logits_bias"][None]  # (1, V) in transformers
@@ -460,11 +494,13 @@ def read_hf_model(directory: str | os.PathLike) -> tuple[nn.Module, HeadSpec | N
 
 
 def write_hf_model(model: nn.Module, head: HeadSpec | None, directory: str | os.PathLike,
-                   special: dict[str, int | None] | None = None) -> None:
-    """Write config.json and model.safetensors that transformers' Auto classes load."""
+                   special: dict[str, int | None] | None = None) -> str:
+    """Write config.json and model.safetensors that transformers' Auto classes load; returns
+    the architecture written."""
     directory = Path(directory)
     cfg, tensors = to_hf(model, head, special)
     cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write_json(directory / "config.json", cfg)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    return cfg["architectures"][0]

@@ -20,6 +20,7 @@ from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_d
 from lmforge.interop.hf import read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.arch import check_fits
+from lmforge.models.provenance import set_untrained, untrained
 from lmforge.models.weights import load_weights, save_weights
 from lmforge.tokenizer import Tokenizer
 
@@ -121,13 +122,18 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
     path = Path(path)
     backbone = model.backbone if head is not None else model
     special = special_ids(tokenizer, special)
+    missing = untrained(backbone)
     with owned_dir(path, MODEL_DIR, overwrite=overwrite) as tmp:
         if format == "hf":
-            write_hf_model(model, head, tmp, special)
+            arch = write_hf_model(model, head, tmp, special)
+            if head is None and missing:
+                log.info("%s: written as %s, without the tensors never loaded nor trained: %s", path, arch,
+                         ", ".join(sorted(missing)))
         else:
             atomic_write_json(tmp / "config.json", {
                 "format": "lmforge", "format_version": FORMAT_VERSION, "family": family_of(backbone.config),
-                "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special})
+                "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special,
+                "untrained": sorted(missing)})
             save_weights(model, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -175,4 +181,5 @@ def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, di
     check_fits(config, where=f"{path / 'config.json'}: ")
     model = attach_head(build(config), head)
     load_weights(model, path / "model.safetensors")
+    set_untrained(model.backbone if head is not None else model, cfg.get("untrained") or ())
     return model, head, cfg.get("special") or {}

@@ -96,6 +96,16 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
     return wrapped
 
 
+def wrap_linear(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+    """Wrap the one nn.Linear called `name` (a dotted module name) in place; returns the wrapper."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear) or isinstance(layer, LoRALinear):
+        raise ValueError(f"{name} is not a plain linear layer")
+    wrapped = LoRALinear(layer, rank, alpha, dropout)
+    _replace(model, name, wrapped)
+    return wrapped
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -58,6 +58,9 @@ class FinetuneConfig:
         precision: fp32, bf16, fp16 or auto (bf16 on a GPU that supports it, else fp32).
         device: auto, cpu, cuda or cuda:N.
         tokenizer: tokenizer directory or file; None: the one in the model directory.
+        columns: rename the data's columns first, OLD=NEW separated by commas (e.g.
+            sentence=text,coarse_label=label; words=tokens,tags=ner_tags for ner): for Parquet
+            files, datasets save_to_disk directories and Hub ids (ID:SPLIT), and CSV/JSONL columns.
         freeze_backbone: train only the head.
         train_last_layers: train only the last K Transformer blocks (and what follows them: final
             norm, pooler) plus the head; embeddings and earlier blocks stay frozen.
@@ -65,6 +68,8 @@ class FinetuneConfig:
         lora_alpha: LoRA scale numerator (the update is scaled by alpha / rank).
         lora_dropout: dropout on the adapters' input.
         lora_targets: module names to adapt (wqkv, wo, wq, wkv, up, down, gate).
+        merge_lora: LoRA runs write the adapter to out/adapter (PEFT's format) and, with this, the
+            model with the adapter merged into its weights to out/model; False: out/adapter only.
         eval_every: evaluate every this many optimizer steps; 0: once per epoch.
         early_stopping_metric: validation metric for early stopping and the best model (e.g.
             accuracy, macro_f1, f1, exact_match, loss); None: the task's main metric.
@@ -93,12 +98,14 @@ class FinetuneConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     tokenizer: str | None = None
+    columns: str | None = None
     freeze_backbone: bool = False
     train_last_layers: int | None = None
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo"])
+    merge_lora: bool = True
     eval_every: int = 0
     early_stopping_metric: str | None = None
     patience: int | None = None

@@ -146,7 +146,8 @@ class Classify:
              label_names: list[str] | None = None) -> ClassificationData:
         return read_classification(path, text_col=opts.text_column, label_col=opts.label_column,
                                    text_pair_col=opts.text_pair_column, multi_label=multi_label,
-                                   label_sep=opts.label_sep, label_names=label_names, skip_bad=config.skip_bad)
+                                   label_sep=opts.label_sep, label_names=label_names, skip_bad=config.skip_bad,
+                                   columns=config.columns)
 
 
 def collate(features: list[dict[str, Any]], pad_id: int, n_labels: int, multi_label: bool) -> dict[str, Tensor]:

@@ -18,7 +18,9 @@ What the driver does, for any task:
                            classify, ner, qa, summarize, translate), report.md, task pictures
                            (confusion_matrix.png), and
                            model/: Hugging Face format where transformers has the class (LoRA
-                           merged into the weights), else lmforge's
+                           merged into the weights), else lmforge's;
+                           adapter/ (LoRA runs): the adapter in PEFT's format, for the
+                           starting model (peft.PeftModel.from_pretrained, lmforge.load(adapter=))
 
 Writing a task (see lmforge.tasks.base for the types)
 ------------------------------------------------------
@@ -77,8 +79,10 @@ from lmforge.eval.report import markdown_report, write_metrics_json
 from lmforge.files import atomic_write_text, check_writable
 from lmforge.interop.hf import ConversionError
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
+from lmforge.interop.peft import ADAPTER_DIR, save_adapter
 from lmforge.models import HeadSpec, count_params
-from lmforge.nn.lora import apply_lora, merge_lora
+from lmforge.models.provenance import mark_trainable_as_trained
+from lmforge.nn.lora import apply_lora, lora_layers, merge_lora
 from lmforge.tasks.base import (
     ExampleBatches,
     FinetuneConfig,
@@ -188,6 +192,7 @@ def apply_training_scope(model: nn.Module, head: HeadSpec | None, config: Finetu
         for name, p in backbone.named_parameters():
             p.requires_grad_(p.requires_grad and _last_layers_trainable(name, k, n_blocks))
         what = f"the last {k} layers and the head"
+    mark_trainable_as_trained(model, backbone)  # what trains is no longer its initialisation (exports)
     trainable = count_params(model, trainable_only=True)
     line = f"training {trainable:,} of {count_params(model):,} parameters: {what}"
     log.info(line)
@@ -279,10 +284,16 @@ def hf_exportable(head: HeadSpec | None, family: str) -> bool:
     return (head.pooling, head.bias) in ((("pooler", True),) if family == "bert" else (("last", False),))
 
 
-def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: str) -> str:
-    """Merge LoRA adapters and write model/ (HF format where possible); returns the format used."""
-    merge_lora(model)
+def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: str, merge: bool = True) -> str:
+    """Write model/ (HF format where possible) with any LoRA adapters merged; a LoRA run also
+    writes adapter/ beside it (PEFT's format, lmforge.interop.peft), and only that when not
+    `merge`. Returns the format of model/ ("adapter" when only the adapter was written)."""
     model.cpu()
+    if lora_layers(model):
+        adapter = export_adapter(model, setup, base, path.parent / "adapter")
+        if not merge and adapter:
+            return "adapter"
+    merge_lora(model)
     fmt = save_format
     if fmt == "auto":
         fmt = "hf" if hf_exportable(setup.head, base.family) else "lmforge"
@@ -296,6 +307,25 @@ def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: 
             log.info("saving in lmforge format: %s", e)
     save_model_dir(path, model, head=setup.head, tokenizer=base.tokenizer, format="lmforge", special=base.special)
     return "lmforge"
+
+
+def export_adapter(model: nn.Module, setup: Setup, base, path: Path) -> bool:
+    """adapter/: the LoRA adapters (and the task head) as a PEFT adapter of the starting model,
+    with its tokenizer; False (and a log line) when transformers has no class for the model."""
+    if not hf_exportable(setup.head, base.family):
+        log.info("no PEFT adapter written: transformers' class for this head pools differently (pooling %s)",
+                 setup.head.pooling)
+        return False
+    try:
+        save_adapter(model, setup.head, path, base_model=str(base.path), tokenizer=base.tokenizer)
+    except ConversionError as e:
+        log.info("no PEFT adapter written: %s", e)
+        return False
+    if json.loads((base.path / "config.json").read_text()).get("format") == "lmforge":
+        log.info("%s: a PEFT adapter of %s, a model in lmforge's format: peft needs it in Hugging Face's "
+                 "(lmforge convert %s BASE_HF --to hf)", path, base.path, base.path)
+    rundir.record(path.parent, path.name)
+    return True
 
 
 def _shown(model: str | os.PathLike) -> str:
@@ -334,6 +364,8 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
     env = parallel.init_distributed("ddp", "auto", config.device)
     with rundir.open_run(out, fresh=rundir.starts_fresh(config.resume, out), main=env.is_main) as run:
         check_writable(out / "model", MODEL_DIR)  # before training, not after it
+        if config.lora_rank:
+            check_writable(out / "adapter", ADAPTER_DIR)
         return _finetune(task, model, Path(train), Path(valid), out, config, env, run)
 
 
@@ -375,7 +407,8 @@ def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, ou
                       "trainable": scope}
     if env.is_main:
         run.record("model", "finetune.yaml")
-        metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format)
+        metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format,
+                                                       config.merge_lora)
         resolved = {"task": task.name, "model": str(model), "train": str(train), "valid": str(valid), "out": str(out),
                     **config.to_dict()}
         atomic_write_text(out / "finetune.yaml", yaml.safe_dump(resolved, sort_keys=False))

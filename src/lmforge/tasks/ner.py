@@ -97,7 +97,7 @@ class Ner:
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
         opts: NerOptions = task_options(self, config)
-        read = functools.partial(read_conll, scheme=opts.scheme, skip_bad=config.skip_bad)
+        read = functools.partial(read_conll, scheme=opts.scheme, skip_bad=config.skip_bad, columns=config.columns)
         types = declared_labels(opts.labels)
         tags = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in "BI"] if types is not None else None
         train_data = read(train, label_names=tags) if train is not None else None

@@ -170,7 +170,7 @@ class ExtractiveQA:
     def setup(self, base: Base, config: FinetuneConfig, train: Path | None, valid: Path) -> Setup:
         notes: list[str] = []
         opts: QAOptions = task_options(self, config)
-        read = functools.partial(read_squad, skip_bad=config.skip_bad)
+        read = functools.partial(read_squad, skip_bad=config.skip_bad, columns=config.columns)
         train_data = read(train) if train is not None else None
         if train_data is not None:
             head = HeadSpec(KIND)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX, collate_lm
+from lmforge.data.datasets_io import is_dataset_source
 from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
@@ -110,16 +111,19 @@ class Seq2SeqOptions:
 # ----------------------------------------------------------------------------- data
 
 
-def read_pairs(path: Path, opts: Seq2SeqOptions, skip_bad: bool) -> Seq2SeqData:
-    """Source/target pairs of a data file, or of parallel files PATH.SRC / PATH.TGT (PATH may
-    also name the source file itself: train.de with source_lang de)."""
+def read_pairs(path: Path, opts: Seq2SeqOptions, skip_bad: bool, columns: str | None = None) -> Seq2SeqData:
+    """Source/target pairs of a data file or dataset source (lmforge.data.datasets_io), or of
+    parallel files PATH.SRC / PATH.TGT (PATH may also name the source file itself: train.de
+    with source_lang de)."""
     if opts.source_lang is not None:
         prefix = str(path).removesuffix(f".{opts.source_lang}")
         return read_parallel(f"{prefix}.{opts.source_lang}", f"{prefix}.{opts.target_lang}", skip_bad=skip_bad)
-    if path.suffix.lower() not in DATA_SUFFIXES:
-        raise ValueError(f"{path}: expected a .jsonl, .tsv or .csv file with source and target fields, or "
+    if path.suffix.lower() not in DATA_SUFFIXES and not is_dataset_source(path):
+        raise ValueError(f"{path}: expected a .jsonl, .tsv, .csv or .parquet file (or a datasets directory or Hub "
+                         "id:split) with source and target fields, or "
                          "parallel files PATH.SRC / PATH.TGT with source_lang and target_lang")
-    return read_seq2seq(path, source_field=opts.source_field, target_field=opts.target_field, skip_bad=skip_bad)
+    return read_seq2seq(path, source_field=opts.source_field, target_field=opts.target_field, skip_bad=skip_bad,
+                        columns=columns)
 
 
 def _target_ids(base: Base, targets: list[str], budget: int, special: bool, prefix: str) -> tuple[list[list[int]], int]:
@@ -292,7 +296,7 @@ class Seq2SeqTask:
         notes: list[str] = []
 
         def features(path: Path) -> tuple[Seq2SeqData, list[dict[str, Any]]]:
-            data = read_pairs(path, opts, config.skip_bad)
+            data = read_pairs(path, opts, config.skip_bad, config.columns)
             if data.skipped:
                 notes.append(f"{path}: skipped {data.skipped} malformed records")
             if encdec:

@@ -268,7 +268,7 @@ class Sft:
         datasets = {}
         for path in (train, valid):
             if path is not None:
-                datasets[path] = data = read_chat(path, skip_bad=config.skip_bad)
+                datasets[path] = data = read_chat(path, skip_bad=config.skip_bad, columns=config.columns)
                 if data.skipped:
                     notes.append(f"{path}: skipped {data.skipped} malformed records")
         features = {path: encode(base, data, path, config.max_length, config.skip_bad, notes)
