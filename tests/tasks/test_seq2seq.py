@@ -217,7 +217,7 @@ def test_bad_input_raises_clear_errors(dialogsum, make_model, tmp_path):
     tsv.write_text("src\ttgt\nein Hund\ta dog\n\nzwei Katzen\ttwo cats\n", encoding="utf-8")
     pairs = read_pairs(tsv, Opts(source_field="src", target_field="tgt"), skip_bad=False)
     assert (pairs.sources, pairs.targets) == (["ein Hund", "zwei Katzen"], ["a dog", "two cats"])
-    with pytest.raises(ValueError, match="expected a .jsonl, .tsv or .csv file"):
+    with pytest.raises(ValueError, match="expected a .jsonl, .tsv, .csv or .parquet file"):
         evaluate(TRANSLATE, base, tmp_path / "p")
     with pytest.raises(ValueError, match="unknown option.*num_beam\\b.*known: .*num_beams"):
         evaluate(SUMMARIZE, base, dialogsum["train"], options={**DIALOGSUM, "num_beam": 2})
