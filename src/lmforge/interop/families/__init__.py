@@ -1,0 +1,25 @@
+"""The Hugging Face model types lmforge reads and writes, one `Family` each (see base.py).
+
+    gpt2                           GPT-2
+    llama, mistral, qwen2, qwen3   Llama's layout (RMSNorm, RoPE, SwiGLU, GQA) and its variants
+    bert                           BERT
+    bart                           BART
+
+The first family whose `matches` accepts an lmforge config is the model_type it exports as,
+so the specific variants come before the general ones.
+"""
+
+from __future__ import annotations
+
+from lmforge.interop.convert import ConversionError
+from lmforge.interop.families import bart, bert, gpt2, llama
+from lmforge.interop.families.base import Family
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.GPT2, *llama.FAMILIES, bert.BERT, bart.BART)}
+
+
+def family(model_type: str | None) -> Family:
+    """The Family of a model_type; ConversionError naming the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ConversionError(f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]

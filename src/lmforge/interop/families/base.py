@@ -1,0 +1,87 @@
+"""What a Hugging Face model type is to lmforge (`Family`), and the helpers its rules use.
+
+A family says, for one transformers model_type: how its config.json maps to an lmforge
+config and back, which lmforge configs it exports, which tensor of the checkpoint each
+lmforge tensor is made of (`Rule`s), and which transformers classes hold it (with or
+without a task head). lmforge.interop.hf runs them; these modules are the only place,
+with hf.py, where Hugging Face's names appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lmforge.interop.convert import ConversionError, Rule
+from lmforge.models import HeadSpec, ModelConfig
+
+HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+          "silu": "silu", "swish": "silu"}
+LM_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One transformers model_type.
+
+    read_config / write_config: config.json (a dict) <-> the lmforge config;
+    matches: does this lmforge config export as this model_type (the first family that
+        matches wins, so the specific ones come before the general);
+    rules: (config, prefix) -> the backbone's rules (and its LM / pretraining heads);
+    classes: head kind (None: the language-model / pretraining class) -> transformers class;
+    base_class: the backbone-only class; head_tensors: class -> its head's last linear layer;
+    prefixes: backbone prefixes, tried in order against a checkpoint's names; probe: a tensor
+        every checkpoint of the type has (after the prefix); pooling: how transformers'
+        sequence classifier pools; tied_copies: checkpoint names (with {p} for the prefix)
+        that repeat a tied tensor; class_rules: per-class adjustments of the rules
+        (rules, config, head, class) -> rules; export_class: (head, untrained tensor names)
+        -> the class to write, when a family has more than the plain choice; also_reads:
+        further classes read as backbone + pretraining heads.
+    """
+
+    model_type: str
+    read_config: Callable[[dict], ModelConfig]
+    write_config: Callable[[ModelConfig], dict]
+    matches: Callable[[ModelConfig], bool]
+    rules: Callable[[ModelConfig, str], list[Rule]]
+    classes: dict[str | None, str]
+    base_class: str
+    head_tensors: dict[str, str]
+    prefixes: tuple[str, ...]
+    probe: str
+    pooling: str = "pooler"
+    tied_copies: tuple[str, ...] = ()
+    class_rules: Callable[[list[Rule], ModelConfig, HeadSpec | None, str], list[Rule]] | None = None
+    export_class: Callable[[HeadSpec | None, frozenset[str]], str | None] | None = None
+    also_reads: tuple[str, ...] = field(default=())
+
+
+def hf_arg(cfg: dict, *names: str, default=None):
+    """The first of config keys `names` that is set (not None), else `default`."""
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return default
+
+
+def act(name: str) -> str:
+    """transformers' activation name -> lmforge's."""
+    if name not in HF_ACT:
+        raise ConversionError(f"unsupported activation {name!r}")
+    return HF_ACT[name]
+
+
+def linear(ours: str, theirs: tuple[str, ...], bias: bool, split: tuple[int, ...] | None = None) -> list[Rule]:
+    """A linear layer's weight (and bias) from one or more transformers linears stacked on rows."""
+    rules = [Rule(f"{ours}.weight", tuple(f"{t}.weight" for t in theirs), split=split)]
+    return rules + [Rule(f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), split=split)] if bias else rules
+
+
+def without_lm_head(base_class: str) -> Callable[[HeadSpec | None, frozenset[str]], str | None]:
+    """A decoder's export_class: the backbone-only class when the (untied) LM head was never
+    loaded nor trained."""
+    return lambda head, missing: base_class if head is None and "lm_head.weight" in missing else None
+
+
+def layer_norm(ours: str, theirs: str) -> list[Rule]:
+    return [Rule(f"{ours}.weight", (f"{theirs}.weight",)), Rule(f"{ours}.bias", (f"{theirs}.bias",))]
