@@ -430,6 +430,41 @@ def _task_commands(evaluate: bool) -> dict[str, Command]:
             for name, task in TASKS.items() if evaluate or not task.evaluate_only}
 
 
+def _benchmark_args(p: ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--data", required=True, help="the benchmark's own file, e.g. hellaswag_val.jsonl, wiki.test.raw")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples (wikitext: documents)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each prompt")
+    p.add_argument("--fewshot-data", default=None, help="the file few-shot examples come from (default: --data)")
+    p.add_argument("--fewshot-seed", type=int, default=1234, help="seed of the few-shot draws")
+    p.add_argument("--batch-size", type=int, default=16, help="packed rows per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the model's)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="resamples of bootstrapped stderrs (0: none)")
+    p.add_argument("--out", default=None, help="write results.json and samples_TASK.jsonl here")
+
+
+def _benchmark_run(name: str) -> Callable[[Namespace], None]:
+    def run(a: Namespace) -> None:
+        from lmforge.eval.benchmarks import evaluate_benchmark, summary_line
+
+        lm = _load(a)
+        if lm.head is not None or lm.family != "gpt":
+            raise UserError(f"{a.model}: {name} needs a causal language model (GPT / Llama family, no task head)")
+        result = evaluate_benchmark(lm.model, lm.tokenizer, name, a.data, limit=a.limit, num_fewshot=a.num_fewshot,
+                                    fewshot_data=a.fewshot_data, fewshot_seed=a.fewshot_seed, batch_size=a.batch_size,
+                                    max_length=a.max_length, bootstrap_iters=a.bootstrap_iters, out=a.out,
+                                    progress=True)
+        print(summary_line(result))
+    return run
+
+
+def _benchmark_commands() -> dict[str, Command]:
+    """`evaluate hellaswag`, `evaluate wikitext`, ...: the language-model benchmarks."""
+    from lmforge.eval.benchmarks import BENCHMARKS
+
+    return {name: (b.help, _benchmark_args, _benchmark_run(name)) for name, b in BENCHMARKS.items()}
+
+
 # name -> (help, add arguments, run); a dict of such entries makes a command group.
 Command = tuple[str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
@@ -438,7 +473,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": ("pretrain a model (clm, mlm, mlm+nsp, denoise) from a YAML config and dotted overrides",
                  _pretrain_args, _pretrain),
     "finetune": _task_commands(evaluate=False),
-    "evaluate": _task_commands(evaluate=True),
+    "evaluate": {**_task_commands(evaluate=True), **_benchmark_commands()},
     "generate": ("generate text from a model (greedy, sampling, beam search) or chat with it",
                  _generate_args, _generate),
     "tokenizer": {

@@ -96,6 +96,16 @@ def _jsonl(path: Path, tally: _Tally) -> Iterator[tuple[int, dict[str, Any]]]:
             tally.bad(no, f"expected a JSON object, got {type(obj).__name__}")
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, object) for each non-blank line of a JSONL file. The first line that is not a
+    JSON object raises ValueError "file:line: ...", and so does a file without records."""
+    path = Path(path)
+    tally = _Tally(path, skip_bad=False)
+    records = list(_jsonl(path, tally))
+    tally.check_nonempty(len(records))
+    return records
+
+
 def _rows(path: Path, fmt: str | None, columns: Sequence[Column], header: bool | None,
           tally: _Tally, rename: dict[str, str] | None = None) -> Iterator[tuple[int | str, list[Any]]]:
     """(line, [value of each requested column]) from CSV, TSV or JSONL, or ("[row]", values)

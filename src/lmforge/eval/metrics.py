@@ -366,3 +366,40 @@ def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise ValueError(f"n_bytes must be positive, got {n_bytes}")
     return total_nll_nats / LN2 / n_bytes
+
+
+# ---------------------------------------------------------------- standard errors (lm-evaluation-harness's)
+
+def sample_stddev(values: Sequence[float]) -> float:
+    """Standard deviation with Bessel's correction (n - 1 in the denominator)."""
+    mu = sum(values) / len(values)
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (len(values) - 1))
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of a mean: sample_stddev / sqrt(n); None for fewer than 2 values."""
+    return sample_stddev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def bootstrap_stderr(values: Sequence[float], statistic, iters: int = 100_000) -> float | None:
+    """Bootstrap standard error of `statistic`, reproducing lm-evaluation-harness's draws.
+
+    statistic: (R, n) resamples -> (R,) values, e.g. perplexity ``lambda x: np.exp(-x.mean(1))``.
+    lm-evaluation-harness draws chunks of min(1000, iters) resamples, chunk i with
+    random.Random(i).choices(values, k=n). numpy's RandomState([i]) produces the same
+    Mersenne Twister stream and choices() picks floor(random() * n), so the same resamples
+    come out here, vectorised. None for fewer than 2 values or iters < 1.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n < 2 or iters < 1:
+        return None
+    chunk = min(1000, iters)
+    block = max(1, (1 << 22) // n)  # resamples per draw: ~32 MiB of uniforms at a time
+    stats = []
+    for i in range(iters // chunk):
+        rng = np.random.RandomState([i])
+        for start in range(0, chunk, block):
+            u = rng.random_sample((min(block, chunk - start), n))
+            stats.append(statistic(x[np.floor(u * float(n)).astype(np.int64)]))
+    return float(np.std(np.concatenate(stats), ddof=1))

@@ -35,13 +35,16 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def encode_prompts(model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
-                   add_special_tokens: bool = True) -> tuple[Tensor, Tensor]:
+                   add_special_tokens: bool = True, max_prompt_tokens: int | None = None) -> tuple[Tensor, Tensor]:
     """Tokenize and pad a batch: -> input_ids (B, P), attention_mask (B, P).
 
     Left padding for a GPT (the last prompt tokens line up for decoding), right padding
     for an EncoderDecoder's sources (its encoder counts positions from the first column).
+    max_prompt_tokens: keep only the last that many ids of a longer prompt.
     """
     encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+    if max_prompt_tokens is not None:
+        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
@@ -93,6 +96,7 @@ def generate_text(
     min_new_tokens: int = 0,
     early_stopping: bool | str = False,
     add_special_tokens: bool = True,
+    max_prompt_tokens: int | None = None,
     decode_step: Callable[..., Tensor] | None = None,
 ) -> list[str] | list[list[str]]:
     """Continue each prompt (GPT) or transform each source (EncoderDecoder).
@@ -102,6 +106,7 @@ def generate_text(
     prompt, or per prompt a list of num_return_sequences strings. Only the new text is
     returned, cut at EOS and before the first stop string; with stop strings, greedy
     and sampled generation end as soon as every row has hit one (beam search cuts after).
+    max_prompt_tokens: left-truncate longer prompts to their last that many ids.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -111,7 +116,7 @@ def generate_text(
                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                   no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
                   early_stopping=early_stopping, num_return_sequences=num_return_sequences)
-    input_ids, mask = encode_prompts(model, tokenizer, prompts, device, add_special_tokens)
+    input_ids, mask = encode_prompts(model, tokenizer, prompts, device, add_special_tokens, max_prompt_tokens)
     if stop and num_beams == 1:
         rows = _generate_until_stop(model, tokenizer, input_ids, mask, cfg, stop, _generator(seed, device),
                                     decode_step)

@@ -31,36 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX, attention_mask, pad
 from lmforge.data.sources import iter_documents
+from lmforge.eval.loglikelihood import token_stats
 from lmforge.eval.metrics import bits_per_byte, bits_per_char, perplexity
 from lmforge.eval.perplexity import window_spans
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, task_options
-from lmforge.train.objectives import CHUNK_ELEMENTS, ObjectiveOutput
+from lmforge.train.objectives import ObjectiveOutput
 
 # ----------------------------------------------------------------------------- per-token statistics
-
-
-def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """Per-token NLL and argmax hits of logits = hidden @ weight[:vocab_size].T, computed in
-    chunks of rows so that at most ~CHUNK_ELEMENTS fp32 logits exist at a time.
-
-    hidden (N, D); weight (Vpad, D); labels (N,) all valid ids -> nll (N,) fp32, correct (N,) bool.
-    """
-    weight = weight[:vocab_size]
-    rows = max(64, CHUNK_ELEMENTS // vocab_size)
-    nll, correct = [], []
-    for start in range(0, hidden.size(0), rows):
-        logits = (hidden[start:start + rows] @ weight.t()).float()  # (n, V)
-        y = labels[start:start + rows]
-        nll.append(F.cross_entropy(logits, y, reduction="none"))
-        correct.append(logits.argmax(-1) == y)
-    if not nll:
-        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
-    return torch.cat(nll), torch.cat(correct)
 
 
 def row_token_stats(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
