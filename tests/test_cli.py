@@ -111,3 +111,31 @@ def test_finetune_then_evaluate_classify(tmp_path, capsys):
                          "--train", str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv"),
                          "--out", str(tmp_path / "run2"), "--label-column", "category")
     assert code == 2 and "category" in err and "Traceback" not in err
+    # The run's finetune.yaml runs it again (here into another directory, both flag spellings).
+    written = (tmp_path / "run" / "finetune.yaml").read_text()
+    assert written.startswith("# lmforge finetune classify --config finetune.yaml\n") and "text_column: text" in written
+    code, out, err = run(capsys, "finetune", "classify", "--config", str(tmp_path / "run" / "finetune.yaml"),
+                         "--out", str(tmp_path / "again"), "--batch_size", "16", "--no_progress")
+    assert code == 0, err
+    assert last_json(out)["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert (tmp_path / "again" / "finetune.yaml").read_text() == written.replace(str(tmp_path / "run"),
+                                                                               str(tmp_path / "again"))
+
+
+def _leaf_commands(table, prefix=()):
+    for name, entry in table.items():
+        yield from _leaf_commands(entry, (*prefix, name)) if isinstance(entry, dict) else [(*prefix, name)]
+
+
+def test_every_command_prints_its_config_and_takes_both_spellings(capsys):
+    from lmforge.cli import COMMANDS
+
+    for command in _leaf_commands(COMMANDS):
+        code, out, err = run(capsys, *command, "--print-config")
+        assert code == 0 and out.strip(), (command, err)
+    code, out, _ = run(capsys, "pretrain", "--train.max-steps", "7", "--optim.warmup_steps=3", "--print_config")
+    assert "max_steps: 7" in out and "warmup_steps: 3" in out
+    code, out, _ = run(capsys, "generate", "--model", "m", "--max_new_tokens", "5", "--print-config")
+    assert code == 0 and "max_new_tokens: 5" in out
+    code, _, err = run(capsys, "generate", "--model", "m", "--max_new_tokenz", "5")
+    assert code == 2 and "--max_new_tokenz" in err and len(err.strip().splitlines()) == 1

@@ -98,7 +98,6 @@ def _load(a: Namespace):
 def _pretrain_args(p: ArgumentParser) -> None:
     from lmforge.config import RunConfig
 
-    p.add_argument("--config", action="config", help="YAML file with any of the sections below")
     p.add_class_arguments(RunConfig, fail_untyped=True, sub_configs=True)
 
 
@@ -522,8 +521,29 @@ def _add_commands(parser: ArgumentParser, table: dict) -> None:
             sub.add_subcommand(name, p, help=f"{name} commands: {', '.join(entry)}")
             _add_commands(p, entry)
         else:
+            p.add_argument("--config", action="config",
+                           help="YAML file of this command's options, as --print_config writes them (pretrain: "
+                                "the sections below; finetune: the run's finetune.yaml); later flags override it")
             entry[1](p)
             sub.add_subcommand(name, p, help=entry[0])
+
+
+def _spellings(parser: ArgumentParser, argv: list[str]) -> list[str]:
+    """Both spellings of every flag, `--train.max-steps` and `--train.max_steps`, `--batch_size`
+    and `--batch-size`: a flag the command's parser does not know is rewritten to the other
+    spelling where that one is known (unknown flags stay as they are, for the parser's error)."""
+    out = []
+    for arg in argv:
+        sub = parser._subcommands_action
+        if sub is not None and arg in sub._name_parser_map:
+            parser = sub._name_parser_map[arg]
+        elif arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            known = {o for action in parser._actions for o in action.option_strings}
+            other = [s for s in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")) if s in known]
+            arg = (name if name in known or not other else other[0]) + eq + value
+        out.append(arg)
+    return out
 
 
 def _resolve(table: dict, args: Namespace) -> tuple[Callable[[Namespace], None], Namespace]:
@@ -558,8 +578,8 @@ def _config_files(argv: list[str]) -> list[str]:
         if data is None:
             continue
         if not isinstance(data, dict):
-            raise UserError(f"{path}: a config file is a YAML mapping of sections (model:, data:, optim:, ...), "
-                            f"not a {type(data).__name__}")
+            raise UserError(f"{path}: a config file is a YAML mapping of sections (model:, data:, optim:, ...) "
+                            f"or options (epochs: 3), not a {type(data).__name__}")
         out += ["--config", path]
     return out
 
@@ -600,8 +620,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = _config_files(argv)
-        run, command_args = _resolve(COMMANDS, build_parser().parse_args(argv))
+        parser = build_parser()
+        argv = _config_files(_spellings(parser, argv))
+        run, command_args = _resolve(COMMANDS, parser.parse_args(argv))
         run(command_args)
     except Exception as e:  # noqa: BLE001 (sorted below: the user's mistakes are one line, bugs a traceback)
         line = _one_line(e)

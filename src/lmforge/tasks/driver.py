@@ -409,14 +409,21 @@ def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, ou
         run.record("model", "finetune.yaml")
         metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format,
                                                        config.merge_lora)
-        resolved = {"task": task.name, "model": str(model), "train": str(train), "valid": str(valid), "out": str(out),
-                    **config.to_dict()}
-        atomic_write_text(out / "finetune.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(out / "finetune.yaml", run_yaml(task.name, model, train, valid, out, config))
         write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {train.name}", metrics, setup,
                       {"run": {k: v for k, v in metrics["run"].items()}})
         if not config.keep_checkpoints:
             checkpoint.remove_run_checkpoints(out / "checkpoints", run.run_id)
     return metrics
+
+
+def run_yaml(task: str, model: Path, train: Path, valid: Path, out: Path, config: FinetuneConfig) -> str:
+    """finetune.yaml: what the run was given and resolved, in the flat form of the command's
+    options, so `lmforge finetune TASK --config finetune.yaml` runs it again."""
+    fields = config.to_dict()
+    options = fields.pop("options")
+    resolved = {"model": str(model), "train": str(train), "valid": str(valid), "out": str(out), **fields, **options}
+    return f"# lmforge finetune {task} --config finetune.yaml\n" + yaml.safe_dump(resolved, sort_keys=False)
 
 
 def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike | None = None,
