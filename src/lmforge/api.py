@@ -52,17 +52,19 @@ class LM(LoadedModel):
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False,
+             max_shard_size: int | str = "5GB") -> Path:
         """Write the model (and tokenizer) to a directory, atomically.
 
         format="lmforge": config.json + model.safetensors in lmforge's names;
         format="hf": config.json + model.safetensors that transformers' Auto classes load.
         An existing model directory has its model files replaced and nothing else; any other
         non-empty directory is refused unless overwrite=True (then same-named files are
-        replaced and nothing is deleted).
+        replaced and nothing is deleted). format="hf" writes shards with an index above
+        max_shard_size, as transformers does.
         """
         return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
-                              special=self.special, overwrite=overwrite)
+                              special=self.special, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
@@ -71,12 +73,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     (model_type gpt2, llama, bert or bart, or a Hub id) into an LM. adapter: a PEFT LoRA adapter
     directory (adapter_config.json + adapter_model.safetensors, from peft or lmforge finetune) for
     this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart)."""
-    loaded = load_model(path)
+    loaded = load_model(path, dtype)
     if adapter is not None:
         loaded.model, loaded.head = load_adapter(loaded.model, loaded.head, adapter)
         merge_lora(loaded.model)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path)
     return lm.to(device, dtype)
 

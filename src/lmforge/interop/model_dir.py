@@ -13,15 +13,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lmforge import hub
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
-from lmforge.interop.hf import read_hf_model, write_hf_model
+from lmforge.interop.hf import MAX_SHARD_SIZE, load_dtype, read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained, untrained
-from lmforge.models.weights import load_weights, save_weights
+from lmforge.models.weights import TensorFiles, init_only, load_weights, save_weights
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,19 +105,21 @@ def local_dir(path: str | os.PathLike) -> Path:
     return hub.resolve(path) if not path.exists() and hub.is_hub_id(str(path)) else path
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> LoadedModel:
     """`load_model_dir` (a directory or a Hub id), as a LoadedModel."""
     local = local_dir(path)
-    model, head, tokenizer, special = load_model_dir(local)
+    model, head, tokenizer, special = load_model_dir(local, dtype)
     return LoadedModel(model, tokenizer, head, dict(special), local)
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
                    tokenizer: Tokenizer | None = None, format: str = "lmforge",
-                   special: dict[str, int | None] | None = None, overwrite: bool = False) -> Path:
+                   special: dict[str, int | None] | None = None, overwrite: bool = False,
+                   max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Write a model directory (a crash leaves any previous one intact). Replacing a model
     directory replaces its model files and nothing else; a non-empty directory that is not a
-    model directory is refused (OwnershipError) unless overwrite (see lmforge.files)."""
+    model directory is refused (OwnershipError) unless overwrite (see lmforge.files).
+    format="hf" shards weights above max_shard_size ("5GB", "500MB") as transformers does."""
     if format not in ("lmforge", "hf"):
         raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
     path = Path(path)
@@ -125,7 +128,7 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
     missing = untrained(backbone)
     with owned_dir(path, MODEL_DIR, overwrite=overwrite) as tmp:
         if format == "hf":
-            arch = write_hf_model(model, head, tmp, special)
+            arch = write_hf_model(model, head, tmp, special, max_shard_size)
             if head is None and missing:
                 log.info("%s: written as %s, without the tensors never loaded nor trained: %s", path, arch,
                          ", ".join(sorted(missing)))
@@ -140,11 +143,14 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
     return path
 
 
-def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | str | None = None
+                   ) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
     """Read an lmforge or Hugging Face model directory -> (model, head, tokenizer or None,
     special ids). Hugging Face tensors missing from the checkpoint (e.g. the heads of a
     plain BertModel) are logged as freshly initialised. `path` may be a Hugging Face Hub id
-    ("gpt2", "Qwen/Qwen2.5-0.5B@main": lmforge.hub)."""
+    ("gpt2", "Qwen/Qwen2.5-0.5B@main": lmforge.hub). dtype: None (float32), float32,
+    bfloat16, float16, or "auto" (the checkpoint's own); the weights are read into a model
+    of that dtype one tensor at a time (no second copy of the model is ever held)."""
     path = local_dir(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -156,9 +162,9 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
     if cfg.get("format") == "lmforge":
-        model, head, special = _load_lmforge(path, cfg)
+        model, head, special = _load_lmforge(path, cfg, dtype)
     elif "model_type" in cfg:
-        model, head, fresh, cfg = read_hf_model(path)
+        model, head, fresh, cfg = read_hf_model(path, dtype)
         if fresh:
             log.warning("%s: freshly initialised (not in the checkpoint): %s", path, ", ".join(fresh))
         special = {k: cfg.get(k) for k in SPECIAL_KEYS}
@@ -169,7 +175,7 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
     return model, head, tokenizer, special
 
 
-def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, dict]:
+def _load_lmforge(path: Path, cfg: dict, dtype: torch.dtype | str | None) -> tuple[nn.Module, HeadSpec | None, dict]:
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path / 'config.json'}: format_version {version!r} unsupported (expected {FORMAT_VERSION})")
@@ -179,7 +185,11 @@ def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, di
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: invalid model config ({e})") from None
     check_fits(config, where=f"{path / 'config.json'}: ")
-    model = attach_head(build(config), head)
+    with init_only():  # every value comes from the file
+        model = attach_head(build(config), head)
+    dtype = load_dtype(dtype, {}, TensorFiles.of(path / "model.safetensors"))
+    if dtype is not None:
+        model.to(dtype)
     load_weights(model, path / "model.safetensors")
     set_untrained(model.backbone if head is not None else model, cfg.get("untrained") or ())
     return model, head, cfg.get("special") or {}
