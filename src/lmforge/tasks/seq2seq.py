@@ -46,6 +46,7 @@ from lmforge.data.datasets_io import is_dataset_source
 from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
+from lmforge.models import ENCODER_DECODERS
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options, truncating
 from lmforge.train.logging import progress_bar
 from lmforge.train.objectives import ObjectiveOutput, clm, denoise
@@ -264,7 +265,7 @@ def model_kind(base: Base, task: str) -> bool:
     if base.tokenizer.eos_id is None:
         raise ValueError(f"{base.path}: the tokenizer has no EOS token, so the model could not learn to stop; "
                          "use a tokenizer with an eos_token")
-    encdec = base.family == "encdec"
+    encdec = base.family in ENCODER_DECODERS
     if encdec and not 0 <= base.config.decoder_start_token_id < base.config.vocab_size:
         raise ValueError(f"{base.path}: decoder_start_token_id {base.config.decoder_start_token_id} is not a token "
                          f"id of the model (vocab_size {base.config.vocab_size})")
