@@ -196,7 +196,9 @@ class T5(EncoderDecoderBase):
 
     def init_weights(self, factor: float = 1.0) -> None:
         """Mesh TensorFlow's (and transformers') T5 initialisation, each std times `factor`:
-        embeddings and an untied head N(0, 1); queries N(0, (D Dh)^-1/2), which stands in for
+        embeddings N(0, 1), an untied head N(0, D^-1/2) (T5X's fan-in scaling: unit-variance logits
+        from the unit-RMS decoder output, so the loss starts near ln V; transformers draws it
+        N(0, 1)); queries N(0, (D Dh)^-1/2), which stands in for
         the missing 1/sqrt(d_k); keys, values N(0, D^-1/2); attention outputs N(0, (H Dh)^-1/2);
         MLP inputs N(0, D^-1/2), outputs N(0, F^-1/2); position biases N(0, D^-1/2); norms 1."""
         c = self.config
@@ -204,7 +206,7 @@ class T5(EncoderDecoderBase):
         normal = lambda w, std: nn.init.normal_(w, 0.0, factor * std)  # noqa: E731
         normal(self.tok_emb.weight, 1.0)
         if not c.tie_embeddings:
-            normal(self.lm_head.weight, 1.0)
+            normal(self.lm_head.weight, D**-0.5)
         for stack in (self.encoder, self.decoder):
             normal(stack.pos_bias.weight, D**-0.5)
             for block in stack.blocks:
