@@ -234,3 +234,27 @@ def test_tokenizer_encodes_as_t5_tokenizer_fast(tmp_path):
         assert ids[-1] == ours.eos_id  # T5 appends </s>
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
     assert ours.encode_batch(texts[:2], texts[1:3]) == theirs(texts[:2], texts[1:3]).input_ids
+
+
+def test_fixed_shape_decode_steps_give_the_eager_tokens():
+    """The decode step a CUDA graph replays sees the whole preallocated cache (a (N, S_max) slot
+    mask, the position bias over every slot): greedy and beam search give the eager tokens."""
+    from lmforge.generate.decode import encdec_decode_step, generate
+
+    ours = from_transformers(_theirs("t5-v1.1")).eval()
+    src, mask, _ = _batch()
+    for kw in (dict(), dict(num_beams=3)):
+        eager = generate(ours, src, mask, max_new_tokens=10, **kw)
+        static = generate(ours, src, mask, max_new_tokens=10, decode_step=encdec_decode_step, **kw)
+        assert torch.equal(static.tokens, eager.tokens)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens():
+    from lmforge.generate.decode import CompiledDecodeStep, encdec_decode_step, generate
+
+    ours = from_transformers(_theirs("t5-v1.0")).eval()
+    src, mask, _ = _batch()
+    eager = generate(ours, src, mask, max_new_tokens=8)
+    step = CompiledDecodeStep(encdec_decode_step, mode="default")  # fullgraph: no graph break in T5's step
+    assert torch.equal(generate(ours, src, mask, max_new_tokens=8, decode_step=step).tokens, eager.tokens)
