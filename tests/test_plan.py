@@ -175,6 +175,7 @@ def test_activation_bytes_equal_saved_tensors(kind, precision, ce_chunk):
     ("llama", dict(precision="bf16", activation_checkpointing=True, grad_accum=2, batch_size=2)),
     ("bert", dict(precision="fp32", batch_size=4)),
     ("encdec", dict(precision="bf16", optimizer="sgd", batch_size=2)),
+    ("t5", dict(precision="bf16", optimizer="sgd", batch_size=2)),
 ])
 def test_peak_memory_of_real_steps_within_15_percent(kind, kw):
     plan = cpu_plan(tiny(kind, max_seq_len=128, dim=64, vocab_size=2000), seq_len=128, target_len=64, **kw)
