@@ -95,3 +95,12 @@ def test_no_module_imports_itself_back():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == [], "split these functions: " + ", ".join(long)

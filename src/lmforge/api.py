@@ -35,12 +35,24 @@ class LM(LoadedModel):
         """Continue each prompt (GPT) or transform each source (EncoderDecoder); returns the new
         text per prompt. Options: temperature, top_k, top_p, repetition_penalty,
         no_repeat_ngram_size, num_beams, length_penalty, num_return_sequences, stop, seed, ...
-        (see lmforge.generate.text.generate_text). temperature=0 (the default) is greedy."""
-        return generate_text(self.backbone, self._needs_tokenizer("generate"), prompts, max_new_tokens, **options)
+        (see lmforge.generate.text.generate_text). temperature=0 (the default) is greedy, unless
+        the model's generation_config.json asks for sampling (do_sample, temperature, top_k,
+        top_p, as transformers' generate applies them); options given here win."""
+        return generate_text(self.backbone, self._needs_tokenizer("generate"), prompts, max_new_tokens,
+                             **self._options(options))
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **options) -> Iterator[str]:
         """Yield the new text of one prompt piece by piece as it is generated."""
-        return stream_text(self.backbone, self._needs_tokenizer("stream"), prompt, max_new_tokens, **options)
+        return stream_text(self.backbone, self._needs_tokenizer("stream"), prompt, max_new_tokens,
+                           **self._options(options))
+
+    def _options(self, options: dict) -> dict:
+        """The model's own sampling defaults (generation_config.json) under the caller's options
+        (none of them for beam search or an explicit temperature=0: those are deterministic)."""
+        defaults = sampling_defaults(self.generation)
+        if options.get("num_beams", 1) > 1 or options.get("temperature") == 0:
+            defaults = {k: v for k, v in defaults.items() if k == "repetition_penalty"}
+        return {**defaults, **options}
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **options) -> str:
         """One assistant reply to chat messages [{"role": ..., "content": ...}], rendered with
@@ -52,17 +64,35 @@ class LM(LoadedModel):
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False,
+             max_shard_size: int | str = "5GB") -> Path:
         """Write the model (and tokenizer) to a directory, atomically.
 
         format="lmforge": config.json + model.safetensors in lmforge's names;
         format="hf": config.json + model.safetensors that transformers' Auto classes load.
         An existing model directory has its model files replaced and nothing else; any other
         non-empty directory is refused unless overwrite=True (then same-named files are
-        replaced and nothing is deleted).
+        replaced and nothing is deleted). format="hf" writes shards with an index above
+        max_shard_size, as transformers does.
         """
         return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
-                              special=self.special, overwrite=overwrite)
+                              special=self.special, overwrite=overwrite, max_shard_size=max_shard_size,
+                              generation=self.generation)
+
+
+def sampling_defaults(generation: dict) -> dict:
+    """lmforge's generate options from generation_config.json's settings, with transformers'
+    meaning: do_sample turns sampling on (temperature 1 and top_k 50 unless set there);
+    a repetition penalty applies either way."""
+    out: dict = {}
+    if generation.get("do_sample"):
+        out["temperature"] = float(generation.get("temperature") or 1.0)
+        out["top_k"] = generation.get("top_k", 50) or None
+        if generation.get("top_p") is not None and generation["top_p"] < 1:
+            out["top_p"] = float(generation["top_p"])
+    if generation.get("repetition_penalty") not in (None, 1, 1.0):
+        out["repetition_penalty"] = float(generation["repetition_penalty"])
+    return out
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
@@ -71,13 +101,12 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     (model_type gpt2, llama, bert or bart, or a Hub id) into an LM. adapter: a PEFT LoRA adapter
     directory (adapter_config.json + adapter_model.safetensors, from peft or lmforge finetune) for
     this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart)."""
-    loaded = load_model(path)
+    loaded = load_model(path, dtype)
     if adapter is not None:
         loaded.model, loaded.head = load_adapter(loaded.model, loaded.head, adapter)
         merge_lora(loaded.model)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path)
+    dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path, loaded.generation)
     return lm.to(device, dtype)
 
 

@@ -95,6 +95,7 @@ def pair(request):
     theirs = MODELS[request.param]().eval()
     ours = from_transformers(theirs).eval()
     encdec = request.param in ENCDEC
+    torch.manual_seed(2)  # the batch does not depend on how many numbers building the models drew
     ids, mask = _batch(encdec)
     # An EOS the models really emit: the 4th token of the first prompt's beam search.
     eos = _theirs(theirs, ids, mask, encdec, num_beams=3, eos_token_id=None)[0, 3].item()

@@ -3,7 +3,7 @@ free of any foreign names."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,27 +30,37 @@ class Rule:
     optional: bool = False
 
 
-def gather(rules: list[Rule], tensors: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str,
-           vocab_size: int) -> tuple[dict[str, Tensor], list[str], set[str]]:
-    """Build lmforge tensors from `tensors` (the checkpoint's) by `rules`.
+def present(rules: list[Rule], tensors: Mapping[str, Tensor], source: str) -> tuple[list[Rule], list[str]]:
+    """The rules whose tensors the checkpoint holds, and the lmforge names of optional ones it
+    lacks (freshly initialised); a required tensor missing raises ConversionError naming it."""
+    found: list[Rule] = []
+    fresh: list[str] = []
+    for rule in rules:
+        have = [name in tensors for name in rule.theirs]
+        if all(have):
+            found.append(rule)
+        elif rule.optional and not any(have):
+            fresh.append(rule.ours)
+        else:
+            missing = [n for n, ok in zip(rule.theirs, have) if not ok]
+            raise ConversionError(f"{source}: missing tensor(s) {missing} (needed for lmforge's {rule.ours})")
+    return found, fresh
 
-    target: the lmforge model's state dict (for shapes and padding).
-    Returns (state, fresh: optional tensors not in the checkpoint, used checkpoint names).
+
+def gather(rules: list[Rule], tensors: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str,
+           vocab_size: int) -> Iterator[tuple[str, Tensor]]:
+    """Each lmforge tensor built from `tensors` (the checkpoint's) by `rules`, one at a time
+    (so that a model loads holding one checkpoint tensor beside it, not all of them).
+
+    target: the lmforge model's state dict (for shapes, padding and dtypes).
     Raises ConversionError naming `source` and the tensor on a missing tensor or a shape mismatch.
     """
-    state: dict[str, Tensor] = {}
-    fresh: list[str] = []
-    used: set[str] = set()
     for rule in rules:
-        present = [name in tensors for name in rule.theirs]
-        if not all(present):
-            if rule.optional and not any(present):
-                fresh.append(rule.ours)
-                continue
-            missing = [n for n, ok in zip(rule.theirs, present) if not ok]
-            raise ConversionError(f"{source}: missing tensor(s) {missing} (needed for lmforge's {rule.ours})")
+        if not all(name in tensors for name in rule.theirs):
+            raise ConversionError(f"{source}: missing tensor(s) {list(rule.theirs)} (needed for lmforge's {rule.ours})")
         parts = [tensors[name].t() if rule.transpose else tensors[name] for name in rule.theirs]
         value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        del parts
         want = target[rule.ours]
         if rule.vocab and value.size(0) == vocab_size and want.size(0) > vocab_size:
             pad = value.new_zeros((want.size(0) - vocab_size, *value.shape[1:]))
@@ -58,9 +68,7 @@ def gather(rules: list[Rule], tensors: Mapping[str, Tensor], target: Mapping[str
         if tuple(value.shape) != tuple(want.shape):
             raise ConversionError(f"{source}: tensor {' + '.join(rule.theirs)} has shape {tuple(value.shape)}, "
                                   f"lmforge's {rule.ours} needs {tuple(want.shape)}")
-        state[rule.ours] = value.to(want.dtype).contiguous()
-        used.update(rule.theirs)
-    return state, fresh, used
+        yield rule.ours, value.to(want.dtype)
 
 
 def scatter(rules: list[Rule], state: Mapping[str, Tensor], vocab_size: int) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,13 +21,21 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from lmforge.files import atomic_write_bytes, atomic_write_json
-from lmforge.interop.convert import ConversionError, Rule, gather, scatter
+from lmforge.interop.convert import ConversionError, Rule, gather, present, scatter
 from lmforge.interop.families import FAMILIES, family
 from lmforge.interop.families.base import linear
 from lmforge.models import GPTConfig, HeadSpec, ModelConfig, attach_head, build
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained, untrained
-from lmforge.models.weights import read_safetensors, unique_state_dict
+from lmforge.models.weights import (
+    TensorFiles,
+    checkpoint_dtype,
+    init_only,
+    initialise,
+    parse_size,
+    shard,
+    unique_state_dict,
+)
 
 # Buffers some checkpoints carry that hold no learned state (causal masks, cached
 # position ids, RoPE frequencies): skipped on load.
@@ -139,10 +148,13 @@ def _tied_duplicates(config: ModelConfig, prefix: str) -> set[str]:
     return {name.replace("{p}", prefix) for name in family(model_type_of(config)).tied_copies}
 
 
-def from_hf(cfg: dict, tensors: dict[str, Tensor], source: str = "checkpoint") -> tuple[nn.Module, HeadSpec | None,
-                                                                                      list[str]]:
-    """Hugging Face config dict + state dict -> (lmforge model, its head spec, freshly
-    initialised tensor names). Strict: unknown or missing tensors raise ConversionError."""
+def from_hf(cfg: dict, tensors: Mapping[str, Tensor], source: str = "checkpoint",
+            dtype: torch.dtype | None = None) -> tuple[nn.Module, HeadSpec | None, list[str]]:
+    """Hugging Face config dict + state dict (or a lazy TensorFiles) -> (lmforge model, its
+    head spec, freshly initialised tensor names), in `dtype` (default float32). Strict:
+    unknown or missing tensors raise ConversionError. The model is built without random
+    values where the checkpoint fills it and each tensor is copied in as it is read, so
+    loading holds the model plus one tensor, not two models."""
     config = config_from_hf(cfg)
     head = head_from_hf(cfg)
     kind = cfg["model_type"]
@@ -153,22 +165,46 @@ def from_hf(cfg: dict, tensors: dict[str, Tensor], source: str = "checkpoint") -
         raise ConversionError(f"{source}: no {f.probe} tensor found: not a {kind} checkpoint?")
     if f.from_tensors is not None:
         config = f.from_tensors(config, tensors)
-    model = attach_head(build(config), head)
-    rules = _rules(config, head, arch, prefix)
-    if "final_logits_bias" in tensors:
-        tensors = {**tensors, "final_logits_bias": tensors["final_logits_bias"].reshape(-1)}
-    state, _, used = gather(rules, tensors, model.state_dict(), source, config.vocab_size)
+    rules, _ = present(_rules(config, head, arch, prefix), tensors, source)
+    used = {name for r in rules for name in r.theirs}
     ignored = _tied_duplicates(config, prefix)
     unexpected = sorted(n for n in tensors if n not in used and n not in ignored and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
         raise ConversionError(f"{source}: {len(unexpected)} unexpected tensor(s) for {arch}: {shown}")
-    model.load_state_dict(state, strict=False)
-    # Untrained: every tensor the checkpoint did not fill (optional heads, and those the class
-    # lacks, e.g. the pooler of a BertForMaskedLM), tied copies aside.
-    fresh = sorted(set(unique_state_dict(model)) - set(state))
+    with init_only():
+        model = attach_head(build(config), head)
+    if dtype is not None:
+        model.to(dtype)
+    # Untrained: every tensor the checkpoint does not fill (optional heads, and those the class
+    # lacks, e.g. the pooler of a BertForMaskedLM), tied copies aside; they get the model's own init.
+    fresh = sorted(set(unique_state_dict(model)) - {r.ours for r in rules})
+    initialise(model, fresh)
+    target = model.state_dict()
+    if "final_logits_bias" in tensors:
+        tensors = _Reshaped(tensors, "final_logits_bias", (-1,))
+    with torch.no_grad():
+        for name, value in gather(rules, tensors, target, source, config.vocab_size):
+            target[name].copy_(value)
     set_untrained(model.backbone if head is not None else model, (n.removeprefix("backbone.") for n in fresh))
     return model, head, fresh
+
+
+class _Reshaped(Mapping[str, Tensor]):
+    """A checkpoint mapping with one tensor reshaped on reading (BART's (1, V) logits bias)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> None:
+        self.tensors, self.name, self.shape = tensors, name, shape
+
+    def __getitem__(self, key: str) -> Tensor:
+        value = self.tensors[key]
+        return value.reshape(self.shape) if key == self.name else value
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def to_hf(model: nn.Module, head: HeadSpec | None = None,
@@ -218,33 +254,63 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def read_hf_weights(directory: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
-    """All tensors of a Hugging Face model directory (safetensors preferred; .bin files
-    only through torch.load(weights_only=True), so no pickled code runs). Returns
-    (tensors, the file name for messages)."""
+def read_hf_weights(directory: str | os.PathLike) -> tuple[Mapping[str, Tensor], str]:
+    """The tensors of a Hugging Face model directory, by name: safetensors (one file, or the
+    shards `model.safetensors.index.json` names) read lazily, one tensor at a time, as
+    TensorFiles; .bin files only through torch.load(weights_only=True), so no pickled code
+    runs. Returns (tensors, the file name for messages). A missing shard, or an index naming
+    a tensor its shard does not hold, raises an error naming both."""
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
         if not path.exists():
             continue
-        if name.endswith(".index.json"):
-            try:
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise ConversionError(f"{path}: not a valid weight index ({e})") from None
-            tensors: dict[str, Tensor] = {}
-            for shard in shards:
-                tensors.update(_read_one(directory / shard))
-            return tensors, str(path)
-        return _read_one(path), str(path)
+        if not name.endswith(".index.json"):
+            return (TensorFiles.of(path) if path.suffix == ".safetensors" else _read_bin(path)), str(path)
+        weight_map = _weight_map(path)
+        if name.startswith("model.safetensors"):
+            return _indexed_safetensors(path, weight_map), str(path)
+        parts = {shard_name: _read_bin(_shard_path(path, shard_name)) for shard_name in set(weight_map.values())}
+        _check_index(path, weight_map, parts)
+        return {name: parts[shard_name][name] for name, shard_name in weight_map.items()}, str(path)
     raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _read_one(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
+def _weight_map(index: Path) -> dict[str, str]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index}: not a valid weight index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(f"{index}: weight_map is not a mapping of tensor names to shard files")
+    return weight_map
+
+
+def _shard_path(index: Path, shard_name: str) -> Path:
+    path = index.parent / shard_name
+    if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
+        raise ConversionError(f"{index}: shard {shard_name!r} is not a file name beside the index")
+    if not path.is_file():
+        raise FileNotFoundError(f"{index}: shard {shard_name} is missing")
+    return path
+
+
+def _indexed_safetensors(index: Path, weight_map: dict[str, str]) -> TensorFiles:
+    parts = {shard_name: TensorFiles.of(_shard_path(index, shard_name)) for shard_name in set(weight_map.values())}
+    _check_index(index, weight_map, parts)
+    return TensorFiles({name: index.parent / shard_name for name, shard_name in weight_map.items()})
+
+
+def _check_index(index: Path, weight_map: dict[str, str], parts: dict[str, Mapping[str, Tensor]]) -> None:
+    """Every tensor the index names is in the shard it names (parts: shard name -> its tensors)."""
+    for name, shard_name in weight_map.items():
+        if name not in parts[shard_name]:
+            raise ConversionError(f"{index}: names tensor {name} in {shard_name}, which does not hold it")
+
+
+def _read_bin(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise ConversionError(f"{path}: cannot be read as a weights-only PyTorch file ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -252,26 +318,59 @@ def _read_one(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def read_hf_model(directory: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None, list[str], dict]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_dtype(dtype: torch.dtype | str | None, cfg: dict, tensors: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The dtype to load in: None (float32, lmforge's default), a dtype or its name, or "auto":
+    the checkpoint's own (config.json's dtype / torch_dtype, else what its tensors hold)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        named = cfg.get("dtype") or cfg.get("torch_dtype")
+        return DTYPES.get(named) if named in DTYPES else checkpoint_dtype(tensors)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def read_hf_model(directory: str | os.PathLike, dtype: torch.dtype | str | None = None
+                  ) -> tuple[nn.Module, HeadSpec | None, list[str], dict]:
     """Load a Hugging Face model directory -> (model, head, freshly initialised tensor names,
-    the config dict)."""
+    the config dict); dtype as `load_dtype`."""
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text())
     # An unsupported model says so, and one too big for memory too, before its weights are read.
     check_fits(config_from_hf(cfg), where=f"{directory / 'config.json'}: ")
     tensors, source = read_hf_weights(directory)
-    model, head, fresh = from_hf(cfg, tensors, source)
+    model, head, fresh = from_hf(cfg, tensors, source, load_dtype(dtype, cfg, tensors))
     return model, head, fresh, cfg
 
 
+MAX_SHARD_SIZE = "5GB"
+
+
 def write_hf_model(model: nn.Module, head: HeadSpec | None, directory: str | os.PathLike,
-                   special: dict[str, int | None] | None = None) -> str:
-    """Write config.json and model.safetensors that transformers' Auto classes load; returns
-    the architecture written."""
+                   special: dict[str, int | None] | None = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> str:
+    """Write config.json and the weights that transformers' Auto classes load: one
+    model.safetensors, or above max_shard_size (transformers' spelling: "5GB", "500MB")
+    shards model-00001-of-0000N.safetensors with model.safetensors.index.json. Returns the
+    architecture written."""
     directory = Path(directory)
     cfg, tensors = to_hf(model, head, special)
     cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write_json(directory / "config.json", cfg)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    shards = shard(tensors, parse_size(max_shard_size))
+    if len(shards) == 1:
+        atomic_write_bytes(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        return cfg["architectures"][0]
+    weight_map = {}
+    for i, part in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write_bytes(directory / name, save(part, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    atomic_write_json(directory / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
     return cfg["architectures"][0]

@@ -12,16 +12,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from lmforge import hub
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
-from lmforge.interop.hf import read_hf_model, write_hf_model
+from lmforge.interop.hf import MAX_SHARD_SIZE, load_dtype, read_hf_model, write_hf_model
 from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained, untrained
-from lmforge.models.weights import load_weights, save_weights
+from lmforge.models.weights import TensorFiles, init_only, load_weights, save_weights
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,9 @@ class LoadedModel:
     tokenizer: a Tokenizer, or None when the directory had no tokenizer files;
     head: the HeadSpec of a task head, or None;
     special: bos/eos/pad token ids known from the checkpoint (used when there is no tokenizer);
-    path: where it was loaded from (None for a model built in memory).
+    path: where it was loaded from (None for a model built in memory);
+    generation: the settings of its generation_config.json (GENERATION_KEYS; Hugging Face's
+        names): several eos ids, default sampling. Written back on save.
     """
 
     model: nn.Module
@@ -69,6 +73,7 @@ class LoadedModel:
     head: HeadSpec | None = None
     special: dict[str, int | None] = field(default_factory=dict)
     path: Path | None = None
+    generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json's settings
 
     @property
     def backbone(self) -> nn.Module:
@@ -104,19 +109,66 @@ def local_dir(path: str | os.PathLike) -> Path:
     return hub.resolve(path) if not path.exists() and hub.is_hub_id(str(path)) else path
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> LoadedModel:
     """`load_model_dir` (a directory or a Hub id), as a LoadedModel."""
     local = local_dir(path)
-    model, head, tokenizer, special = load_model_dir(local)
-    return LoadedModel(model, tokenizer, head, dict(special), local)
+    model, head, tokenizer, special = load_model_dir(local, dtype)
+    generation = read_generation_config(local)
+    eos = generation.get("eos_token_id", special.get("eos_token_id"))
+    if tokenizer is not None and isinstance(eos, list):  # e.g. end of text and end of turn
+        tokenizer.end_ids = [int(i) for i in eos]
+    return LoadedModel(model, tokenizer, head, dict(special), local, generation)
+
+
+GENERATION_FILE = "generation_config.json"
+# The settings of generation_config.json lmforge reads, keeps and writes back.
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                   "forced_eos_token_id", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                   "no_repeat_ngram_size", "max_new_tokens")
+
+
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    """generation_config.json's settings (GENERATION_KEYS), {} when there is none."""
+    file = directory / GENERATION_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    eos = data.get("eos_token_id")
+    if not (eos is None or isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(i, int) for i in eos))):
+        raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return {k: data[k] for k in GENERATION_KEYS if k in data}
+
+
+def generation_file(model: nn.Module, tokenizer: Tokenizer | None, special: dict[str, int | None],
+                    generation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What generation_config.json says for a model that generates (None for an encoder):
+    the settings it came with, its special ids, every end id of its tokenizer."""
+    config = getattr(model, "backbone", model).config
+    if family_of(config) == "bert":
+        return None
+    out = {**(generation or {}), **{k: v for k, v in special.items() if v is not None}}
+    if tokenizer is not None and len(tokenizer.eos_ids) > 1:
+        out["eos_token_id"] = tokenizer.eos_ids
+    if family_of(config) == "encdec":
+        out.setdefault("decoder_start_token_id", config.decoder_start_token_id)
+    return out
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
                    tokenizer: Tokenizer | None = None, format: str = "lmforge",
-                   special: dict[str, int | None] | None = None, overwrite: bool = False) -> Path:
+                   special: dict[str, int | None] | None = None, overwrite: bool = False,
+                   max_shard_size: int | str = MAX_SHARD_SIZE, generation: dict[str, Any] | None = None) -> Path:
     """Write a model directory (a crash leaves any previous one intact). Replacing a model
     directory replaces its model files and nothing else; a non-empty directory that is not a
-    model directory is refused (OwnershipError) unless overwrite (see lmforge.files)."""
+    model directory is refused (OwnershipError) unless overwrite (see lmforge.files).
+    format="hf" shards weights above max_shard_size ("5GB", "500MB") as transformers does.
+    A model that generates gets generation_config.json (its `generation` settings, special
+    ids and every end id of the tokenizer), which transformers' generate reads."""
     if format not in ("lmforge", "hf"):
         raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
     path = Path(path)
@@ -125,7 +177,7 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
     missing = untrained(backbone)
     with owned_dir(path, MODEL_DIR, overwrite=overwrite) as tmp:
         if format == "hf":
-            arch = write_hf_model(model, head, tmp, special)
+            arch = write_hf_model(model, head, tmp, special, max_shard_size)
             if head is None and missing:
                 log.info("%s: written as %s, without the tensors never loaded nor trained: %s", path, arch,
                          ", ".join(sorted(missing)))
@@ -135,16 +187,22 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
                 "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special,
                 "untrained": sorted(missing)})
             save_weights(model, tmp / "model.safetensors")
+        gen = generation_file(model if head is None else backbone, tokenizer, special, generation)
+        if gen is not None:
+            atomic_write_json(tmp / GENERATION_FILE, gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return path
 
 
-def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | str | None = None
+                   ) -> tuple[nn.Module, HeadSpec | None, Tokenizer | None, dict]:
     """Read an lmforge or Hugging Face model directory -> (model, head, tokenizer or None,
     special ids). Hugging Face tensors missing from the checkpoint (e.g. the heads of a
     plain BertModel) are logged as freshly initialised. `path` may be a Hugging Face Hub id
-    ("gpt2", "Qwen/Qwen2.5-0.5B@main": lmforge.hub)."""
+    ("gpt2", "Qwen/Qwen2.5-0.5B@main": lmforge.hub). dtype: None (float32), float32,
+    bfloat16, float16, or "auto" (the checkpoint's own); the weights are read into a model
+    of that dtype one tensor at a time (no second copy of the model is ever held)."""
     path = local_dir(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -156,9 +214,9 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
     if cfg.get("format") == "lmforge":
-        model, head, special = _load_lmforge(path, cfg)
+        model, head, special = _load_lmforge(path, cfg, dtype)
     elif "model_type" in cfg:
-        model, head, fresh, cfg = read_hf_model(path)
+        model, head, fresh, cfg = read_hf_model(path, dtype)
         if fresh:
             log.warning("%s: freshly initialised (not in the checkpoint): %s", path, ", ".join(fresh))
         special = {k: cfg.get(k) for k in SPECIAL_KEYS}
@@ -169,7 +227,7 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, HeadSpec | None,
     return model, head, tokenizer, special
 
 
-def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, dict]:
+def _load_lmforge(path: Path, cfg: dict, dtype: torch.dtype | str | None) -> tuple[nn.Module, HeadSpec | None, dict]:
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path / 'config.json'}: format_version {version!r} unsupported (expected {FORMAT_VERSION})")
@@ -179,7 +237,11 @@ def _load_lmforge(path: Path, cfg: dict) -> tuple[nn.Module, HeadSpec | None, di
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: invalid model config ({e})") from None
     check_fits(config, where=f"{path / 'config.json'}: ")
-    model = attach_head(build(config), head)
+    with init_only():  # every value comes from the file
+        model = attach_head(build(config), head)
+    dtype = load_dtype(dtype, {}, TensorFiles.of(path / "model.safetensors"))
+    if dtype is not None:
+        model.to(dtype)
     load_weights(model, path / "model.safetensors")
     set_untrained(model.backbone if head is not None else model, cfg.get("untrained") or ())
     return model, head, cfg.get("special") or {}

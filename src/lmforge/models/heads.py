@@ -30,6 +30,12 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return T - 1 - attention_mask.flip(1).long().argmax(dim=1)
 
 
+def _init_linear(layer: nn.Linear) -> None:
+    nn.init.normal_(layer.weight, 0.0, 0.02)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class SequenceClassifier(nn.Module):
     """backbone -> pooled vector -> dropout -> linear: (B, T) -> logits (B, n_labels).
 
@@ -48,9 +54,11 @@ class SequenceClassifier(nn.Module):
         self.backbone, self.pooling = backbone, pooling
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.dim, n_labels, bias=bias)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)
-        if bias:
-            nn.init.zeros_(self.head.bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The head: N(0, 0.02) weights, zero bias (the backbone initialises itself)."""
+        _init_linear(self.head)
 
     def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """(B, T, D) -> (B, D)."""
@@ -80,8 +88,10 @@ class TokenClassifier(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.dim, n_labels)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)
-        nn.init.zeros_(self.head.bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        _init_linear(self.head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
@@ -95,8 +105,10 @@ class SpanExtractor(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.dim, 2)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)
-        nn.init.zeros_(self.head.bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        _init_linear(self.head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
