@@ -133,9 +133,9 @@ def test_corrupt_and_truncated_weights_are_named(tmp_path, bpe, wordpiece):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         api.load(tmp_path / "nothing")
     (tmp_path / "odd").mkdir()
-    (tmp_path / "odd" / "config.json").write_text('{"model_type": "t5"}')
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "gptj"}')
     (tmp_path / "odd" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="t5"):
+    with pytest.raises(ValueError, match="gptj"):
         api.load(tmp_path / "odd")
 
 

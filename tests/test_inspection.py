@@ -24,8 +24,8 @@ from lmforge.inspection import (
     position_pictures,
     rope_dot_by_distance,
 )
-from lmforge.models import GPT, Bert, BertConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig
-from lmforge.nn.position import RotaryPositions, sinusoidal_table
+from lmforge.models import GPT, T5, Bert, BertConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig, T5Config
+from lmforge.nn.position import RotaryPositions, relative_position_bucket, sinusoidal_table
 
 V = 40
 
@@ -65,6 +65,11 @@ def bert() -> Bert:
 def encdec(**kw) -> EncoderDecoder:
     return EncoderDecoder(EncoderDecoderConfig(vocab_size=V, max_seq_len=16, dim=32, n_layers=2, n_heads=4,
                                                dropout=0.0, vocab_multiple=8, **kw)).eval()
+
+
+def t5(**kw) -> T5:
+    return T5(T5Config(vocab_size=V, max_seq_len=16, dim=32, n_layers=2, n_heads=4, head_dim=8, hidden_dim=64,
+                       relative_buckets=8, relative_max_distance=12, dropout=0.0, vocab_multiple=8, **kw)).eval()
 
 
 def hand_attention(q, k, allowed):
@@ -147,6 +152,35 @@ def test_encdec_encoder_decoder_and_cross_maps():
         attention_maps(m, src, part="cross")
     with pytest.raises(ValueError, match="only self-attention"):
         attention_maps(gpt(), src, part="cross")
+
+
+def test_t5_maps_equal_hand_computation_with_the_position_bias():
+    """T5's encoder layer 0 by hand: softmax(Q K^T + bias[bucket(key - query)]), no 1/sqrt(d_k);
+    the decoder's maps are causal, the cross maps skip padded sources."""
+    m = t5()
+    src, src_mask = torch.randint(3, V, (6,)), torch.tensor([1, 1, 1, 1, 0, 0])
+    dec = torch.randint(3, V, (5,))
+    enc = attention_maps(m, src, src_mask)
+    x = m.encoder.blocks[0].attn_norm(m.tok_emb(src))
+    q, k, _ = split_heads(m.encoder.blocks[0].attn.wqkv(x), 12).split(4)  # (H, T, Dh) each
+    rel = torch.arange(6)[None] - torch.arange(6)[:, None]
+    bias = m.encoder.pos_bias.weight[relative_position_bucket(rel, True, 8, 12)].permute(2, 0, 1)  # (H, T, S)
+    allowed = src_mask.bool()[None, None].expand(1, 6, 6) | torch.eye(6, dtype=torch.bool)
+    want = (q @ k.transpose(-2, -1) + bias).masked_fill(~allowed, float("-inf")).softmax(-1)
+    with torch.no_grad():
+        assert_close(enc[0], want, atol=1e-5, rtol=1e-5)
+    self_maps = attention_maps(m, src, src_mask, decoder_input_ids=dec, part="decoder")
+    cross = attention_maps(m, src, src_mask, decoder_input_ids=dec, part="cross")
+    assert is_causal_map(self_maps) and not is_causal_map(enc)
+    assert cross.shape == (2, 4, 5, 6) and cross[..., 4:].abs().max() == 0
+
+
+def test_t5_relative_bias_pictures(tmp_path):
+    paths = position_pictures(t5(), tmp_path / "pos")
+    assert [p.name for p in paths] == ["pos_encoder_relative_bias.png", "pos_decoder_relative_bias.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    paths = inspect_attention(t5(), WordTokenizer(), "w1 w2 w3", tmp_path / "a", target="w4 w5")
+    assert len(paths) == 6
 
 
 def test_switches_and_training_mode_restored_also_on_error():

@@ -39,6 +39,9 @@ def tiny(kind: str, **over):
         return preset("gpt-tiny", **{**TINY[kind], **over})
     if kind == "bert":
         return preset("bert-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4, **over})
+    if kind == "t5":  # T5 v1.1's layout: gated GELU, untied head; heads narrower than dim / n_heads
+        return preset("t5-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4, "head_dim": 6,
+                                    "hidden_dim": 48, "relative_buckets": 8, **over})
     return preset("bart-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4, **over})
 
 
@@ -81,7 +84,7 @@ def _counted_flops(model: nn.Module, arch, shape: Shape, ce_chunk: int) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5"])
 @pytest.mark.parametrize("ce_chunk", [0, 16])
 def test_matmul_flops_equal_flop_counter(kind, ce_chunk):
     """With the reference attention (explicit matmuls) every FLOP is a counted GEMM, and
@@ -150,7 +153,7 @@ def _saved_bytes(model: nn.Module, arch, shape: Shape, lowp: bool, ce_chunk: int
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5"])
 @pytest.mark.parametrize("precision,ce_chunk", [("fp32", 0), ("bf16", 0), ("fp32", 16), ("bf16", 16)])
 def test_activation_bytes_equal_saved_tensors(kind, precision, ce_chunk):
     """Every tensor autograd keeps for backward, by storage: predicted equals measured up
@@ -172,6 +175,7 @@ def test_activation_bytes_equal_saved_tensors(kind, precision, ce_chunk):
     ("llama", dict(precision="bf16", activation_checkpointing=True, grad_accum=2, batch_size=2)),
     ("bert", dict(precision="fp32", batch_size=4)),
     ("encdec", dict(precision="bf16", optimizer="sgd", batch_size=2)),
+    ("t5", dict(precision="bf16", optimizer="sgd", batch_size=2)),
 ])
 def test_peak_memory_of_real_steps_within_15_percent(kind, kw):
     plan = cpu_plan(tiny(kind, max_seq_len=128, dim=64, vocab_size=2000), seq_len=128, target_len=64, **kw)
@@ -287,15 +291,15 @@ def test_activation_checkpointing_trades_memory_for_recompute():
     assert ac.max_micro_batch > plain.max_micro_batch
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "encdec"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "encdec", "t5"])
 def test_kv_cache_equals_the_models_cache(kind):
     config = tiny(kind)
     model = build(config)
     plan = cpu_plan(config, seq_len=32, target_len=16, batch_size=3, precision="bf16")
-    max_len = 32 if kind != "encdec" else 16
+    max_len = 32 if kind not in ("encdec", "t5") else 16
     cache = model.make_cache(3, max_len, torch.bfloat16)
     expected = sum(b.nbytes for b in cache.buffers())
-    if kind == "encdec":  # cross-attention keys/values of a 32-token source, per decoder layer, in bf16
+    if kind in ("encdec", "t5"):  # cross-attention keys/values of a 32-token source, per decoder layer, in bf16
         memory_kv = model.project_memory(torch.zeros(3, 32, config.dim))
         expected += sum(k.numel() + v.numel() for k, v in memory_kv) * 2
     assert plan.generation["kv_cache"] == expected

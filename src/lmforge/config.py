@@ -46,14 +46,14 @@ class ModelSpec:
     Args:
         preset: name of an architecture preset (gpt2-124m, gpt-tiny, bert-base, bart-base, ...); None:
             the default architecture of `family`.
-        family: gpt, bert or encdec; None: the preset's family.
+        family: gpt, bert, encdec or t5; None: the preset's family.
         overrides: architecture fields that replace the preset's, e.g. {dim: 256, n_layers: 4}. The
             vocabulary size is taken from the tokenizer unless given here.
         init_from: a checkpoint directory whose weights start the run (continued pretraining); None: random init.
     """
 
     preset: str | None = "gpt-tiny"
-    family: Literal["gpt", "bert", "encdec"] | None = None
+    family: Literal["gpt", "bert", "encdec", "t5"] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
 

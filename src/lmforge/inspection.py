@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from lmforge.eval.report import save_figure, write_text
 from lmforge.models.bert import Bert
-from lmforge.models.encdec import EncoderDecoder
+from lmforge.models.encdec import EncoderDecoder, EncoderDecoderBase
 from lmforge.models.gpt import GPT
-from lmforge.nn.position import RotaryPositions, SinusoidalPositions, apply_rope
+from lmforge.models.t5 import T5
+from lmforge.nn.position import RelativePositionBias, RotaryPositions, SinusoidalPositions, apply_rope
 
 LN2 = math.log(2.0)
 
@@ -45,7 +46,7 @@ LN2 = math.log(2.0)
 def _unwrap(model: nn.Module) -> nn.Module:
     """A task head (SequenceClassifier, ...) wraps its language model as `backbone`."""
     backbone = getattr(model, "backbone", None)
-    return backbone if isinstance(backbone, (GPT, Bert, EncoderDecoder)) else model
+    return backbone if isinstance(backbone, (GPT, Bert, EncoderDecoderBase)) else model
 
 
 def _attention_layers(model: nn.Module, part: str | None) -> list[nn.Module]:
@@ -53,14 +54,14 @@ def _attention_layers(model: nn.Module, part: str | None) -> list[nn.Module]:
         if part not in (None, "self"):
             raise ValueError(f"part={part!r}: a {type(model).__name__} has only self-attention (part=None)")
         return [block.attn for block in model.blocks]
-    if isinstance(model, EncoderDecoder):
+    if isinstance(model, EncoderDecoderBase):
         layers = {"encoder": [b.attn for b in model.encoder.blocks],
                   "decoder": [b.attn for b in model.decoder.blocks],
                   "cross": [b.cross for b in model.decoder.blocks]}
         if (part or "encoder") not in layers:
-            raise ValueError(f"part must be 'encoder', 'decoder' or 'cross' for an EncoderDecoder, got {part!r}")
+            raise ValueError(f"part must be 'encoder', 'decoder' or 'cross' for an encoder-decoder, got {part!r}")
         return layers[part or "encoder"]
-    raise TypeError(f"expected a GPT, Bert or EncoderDecoder model, got {type(model).__name__}")
+    raise TypeError(f"expected a GPT, Bert or encoder-decoder model, got {type(model).__name__}")
 
 
 @contextmanager
@@ -118,7 +119,7 @@ def attention_maps(
     model.eval()
     try:
         with reference_attention(model):
-            if isinstance(model, EncoderDecoder):
+            if isinstance(model, EncoderDecoderBase):
                 memory = model.encode(ids, mask)
                 if part in ("decoder", "cross"):
                     dec = _one_sequence(decoder_input_ids, "decoder_input_ids").to(device)
@@ -424,6 +425,26 @@ def _rope_pictures(rope: RotaryPositions, n: int, prefix: str) -> list[Path]:
     return [cos_path, save_figure(fig, Path(f"{prefix}_rope_distance.png"))]
 
 
+def relative_bias_by_distance(bias: RelativePositionBias, n: int) -> Tensor:
+    """What a relative position bias adds to the scores of each head at distances key - query
+    = -n..n (a causal stack's positive distances are masked anyway): (H, 2n + 1)."""
+    keys = torch.arange(2 * n + 1, device=bias.weight.device)
+    return bias(keys[n:n + 1], keys)[0, :, 0].detach()  # query at n: (1, H, 1, 2n + 1) -> (H, 2n + 1)
+
+
+def _relative_bias_pictures(model: T5, n: int | None, prefix: str) -> list[Path]:
+    paths = []
+    for side in ("encoder", "decoder"):
+        bias = getattr(model, side).pos_bias
+        k = n or bias.max_distance
+        m = relative_bias_by_distance(bias, k).float().cpu()
+        path = _heatmap(m, Path(f"{prefix}_{side}_relative_bias.png"),
+                        f"{side}: relative position bias per head (columns: key - query = -{k}..{k})",
+                        f"distance + {k}", "head", symmetric=True)
+        paths.append(path)
+    return paths
+
+
 def position_pictures(model: nn.Module, path_prefix: str | os.PathLike, *,
                       max_positions: int | None = None) -> list[Path]:
     """Pictures of how `model` encodes position, written as `{path_prefix}_*.png`.
@@ -433,10 +454,15 @@ def position_pictures(model: nn.Module, path_prefix: str | os.PathLike, *,
         nearby positions get similar vectors);
     sinusoidal: the fixed table and its similarity (a Toeplitz matrix: it depends only on
         the distance between positions);
-    rope: the cos table (positions x feature pairs) and q.k against distance.
-    max_positions: draw only the first positions (default: all). Returns the paths written.
+    rope: the cos table (positions x feature pairs) and q.k against distance;
+    relative bias (T5): each stack's bias per head against distance key - query (the
+        decoder's is flat for keys after the query, which it never sees).
+    max_positions: draw only the first positions (default: all; T5: distances up to
+        relative_max_distance). Returns the paths written.
     """
     model, prefix = _unwrap(model), str(path_prefix)
+    if isinstance(model, T5):
+        return _relative_bias_pictures(model, max_positions, prefix)
     if isinstance(model, GPT):
         if model.rope is not None:
             n = min(model.rope.cos.size(0), max_positions or model.rope.cos.size(0))
@@ -450,7 +476,7 @@ def position_pictures(model: nn.Module, path_prefix: str | os.PathLike, *,
         else:
             tables = {"encoder_learned": model.encoder.pos_emb, "decoder_learned": model.decoder.pos_emb}
     else:
-        raise TypeError(f"expected a GPT, Bert or EncoderDecoder model, got {type(model).__name__}")
+        raise TypeError(f"expected a GPT, Bert, EncoderDecoder or T5 model, got {type(model).__name__}")
     offset = model.encoder.offset if isinstance(model, EncoderDecoder) else 0  # BART's 2 reserved rows
     paths = []
     for name, module in tables.items():
@@ -482,7 +508,7 @@ def inspect_attention(model: nn.Module, tokenizer, text: str, out_dir: str | os.
     if not ids:
         raise ValueError("text encodes to no tokens")
     toks = _labels(tokenizer, ids)
-    if not isinstance(model, EncoderDecoder):
+    if not isinstance(model, EncoderDecoderBase):
         return _write_maps(attention_maps(model, ids), toks, toks, out / "attention",
                            f"{type(model).__name__} self-attention")
     paths = _write_maps(attention_maps(model, ids), toks, toks, out / "attention_encoder", "encoder self-attention")

@@ -61,9 +61,9 @@ def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
     family, named = family_of(base), spec.init_from if starts else spec.preset
     if spec.family is not None and spec.family != family:
         raise ValueError(f"model.family is {spec.family!r} but {named!r} is a {family} model")
-    if FAMILY_OF_OBJECTIVE[objective] != family:
-        raise ValueError(f"train.objective {objective!r} trains a {FAMILY_OF_OBJECTIVE[objective]} model, "
-                         f"but {named!r} is a {family} model")
+    if family not in FAMILY_OF_OBJECTIVE[objective]:
+        raise ValueError(f"train.objective {objective!r} trains a {' or '.join(FAMILY_OF_OBJECTIVE[objective])} "
+                         f"model, but {named!r} is a {family} model")
     known = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(spec.overrides) - known)
     if unknown:

@@ -1,7 +1,8 @@
 """lmforge generation against `transformers.generate` on the same random weights (fp32, CPU):
 greedy and beam search must produce identical tokens for GPT-2, Llama with grouped-query
-attention and BART, including left-padded batches, EOS, length penalties, the three
-early-stopping rules, n-gram and repetition penalties, and BART's forced BOS/EOS."""
+attention, BART and T5 (v1.0, and the untied, gated v1.1 of Flan-T5), including left-padded
+batches, EOS, length penalties, the three early-stopping rules, n-gram and repetition penalties,
+and BART's forced BOS/EOS."""
 
 import pytest
 import torch
@@ -52,7 +53,21 @@ def _bart():
     return model
 
 
-MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "bart": _bart}
+def _t5(v11: bool):
+    """T5's decoder starts from its padding token."""
+    cfg = hf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20, pad_token_id=PAD,
+                      decoder_start_token_id=PAD, feed_forward_proj="gated-gelu" if v11 else "relu",
+                      tie_word_embeddings=not v11)
+    model = hf.T5ForConditionalGeneration(cfg)
+    if v11:  # transformers 5 ties a fresh model's head whatever the config says
+        torch.manual_seed(3)  # a head whose picked EOS ends most hypotheses (test_eos_really_ends_hypotheses)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32))
+    return model
+
+
+MODELS = {"gpt2": _gpt2, "llama-gqa": _llama, "bart": _bart, "t5": lambda: _t5(False), "flan-t5": lambda: _t5(True)}
+ENCDEC = ("bart", "t5", "flan-t5")
 
 
 def _batch(encdec):
@@ -79,7 +94,8 @@ def pair(request):
     torch.manual_seed(0)
     theirs = MODELS[request.param]().eval()
     ours = from_transformers(theirs).eval()
-    encdec = request.param == "bart"
+    encdec = request.param in ENCDEC
+    torch.manual_seed(2)  # the batch does not depend on how many numbers building the models drew
     ids, mask = _batch(encdec)
     # An EOS the models really emit: the 4th token of the first prompt's beam search.
     eos = _theirs(theirs, ids, mask, encdec, num_beams=3, eos_token_id=None)[0, 3].item()

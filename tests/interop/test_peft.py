@@ -46,6 +46,14 @@ def _bart():
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None))
 
 
+def _t5():
+    model = hf.T5ForConditionalGeneration(hf.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, tie_word_embeddings=False))
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32) * 0.2)  # transformers 5 ties a fresh head
+    return model
+
+
 def _save_base(model, path):
     torch.manual_seed(0)
     model.eval().save_pretrained(path)
@@ -77,6 +85,7 @@ CASES = {  # name: (transformers model, lmforge targets, peft Auto class, kind)
     "gpt2": (_gpt2, ["wqkv", "wo", "up", "down"], "AutoModelForCausalLM", "lm"),
     "llama": (_llama, ["wqkv", "wo", "gate", "up", "down"], "AutoModelForCausalLM", "lm"),
     "bart": (_bart, ["wqkv", "wo", "wq", "wkv"], "AutoModelForSeq2SeqLM", "seq2seq"),
+    "t5": (_t5, ["wqkv", "wo", "wq", "wkv", "gate", "up", "down"], "AutoModelForSeq2SeqLM", "seq2seq"),
 }
 
 
@@ -123,6 +132,7 @@ PEFT_CASES = {  # name: (transformers model, peft LoraConfig options)
     "gpt2-rslora": (_gpt2, dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_rslora=True,
                                 target_modules=["c_attn", "c_proj"], rank_pattern={"h.1.attn.c_attn": 2})),
     "bart-qkv": (_bart, dict(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q_proj", "k_proj", "v_proj", "fc1"])),
+    "t5-qv-wi": (_t5, dict(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q", "v", "wi_0", "wo"])),
 }
 
 
@@ -134,7 +144,7 @@ def test_peft_adapter_loads_in_lmforge_with_peft_outputs(name, tmp_path):
     torch.manual_seed(5)
     theirs = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **options)).eval()
     theirs.save_pretrained(tmp_path / "adapter")
-    kind = "seq2seq" if name.startswith("bart") else "lm"
+    kind = "seq2seq" if name.startswith(("bart", "t5")) else "lm"
     lm = lmforge.load(base, adapter=tmp_path / "adapter")
     assert_close(_outputs(lm.model, kind)[..., :V], _theirs(theirs, kind), atol=1e-4, rtol=1e-4)
     unmerged, _ = load_adapter(lmforge.load(base).model, None, tmp_path / "adapter")  # kept apart: same outputs

@@ -156,7 +156,9 @@ def test_bad_checkpoints_raise_naming_the_tensor():
     theirs = _gpt2()
     cfg = {**theirs.config.to_dict(), "architectures": ["GPT2LMHeadModel"]}
     state = dict(theirs.state_dict())
-    with pytest.raises(ConversionError, match="unsupported model_type 't5'"):
+    with pytest.raises(ConversionError, match="unsupported model_type 'gptj'"):
+        from_hf({**cfg, "model_type": "gptj"}, state)
+    with pytest.raises(ConversionError, match="t5 config: the field 'd_model' is missing"):
         from_hf({**cfg, "model_type": "t5"}, state)
     with pytest.raises(ConversionError, match=r"missing tensor.*h\.1\.mlp\.c_fc\.weight"):
         from_hf(cfg, {k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.weight"}, "model.safetensors")

@@ -261,7 +261,7 @@ def test_a_failing_request_fails_alone(lm):
 
 
 def test_rejects_what_it_cannot_run(lm):
-    with pytest.raises(ValueError, match="GPT or EncoderDecoder"):
+    with pytest.raises(ValueError, match="GPT or an encoder-decoder"):
         Engine(build(preset("bert-tiny", vocab_size=320)), lm.tokenizer)
     eng = Engine(lm.model, lm.tokenizer)
     try:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.generate import sampling
 from lmforge.generate.direct_attributes import direct_attributes
-from lmforge.models.encdec import EncoderDecoder
+from lmforge.models.encdec import EncoderDecoderBase
 from lmforge.models.gpt import GPT
 
 BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
@@ -172,7 +172,7 @@ def gpt_decode_step(model: GPT, cache: nn.ModuleList, tokens: Tensor, cache_pos:
     return model.lm_head(hidden[:, -1])[:, : model.config.vocab_size].float()
 
 
-def encdec_decode_step(model: EncoderDecoder, cache: nn.ModuleList, tokens: Tensor, cache_pos: Tensor,
+def encdec_decode_step(model: EncoderDecoderBase, cache: nn.ModuleList, tokens: Tensor, cache_pos: Tensor,
                        cache_mask: Tensor, memory_kv: list[tuple[Tensor, Tensor]],
                        memory_mask: Tensor | None) -> Tensor:
     """One decoder token per row, attending to precomputed cross-attention keys/values.
@@ -219,7 +219,7 @@ class CompiledDecodeStep:
 
 def compile_decode_step(model: nn.Module, mode: str = "reduce-overhead") -> CompiledDecodeStep:
     """The family's decode step compiled (CUDA graphs with the default mode)."""
-    return CompiledDecodeStep(encdec_decode_step if isinstance(model, EncoderDecoder) else gpt_decode_step, mode)
+    return CompiledDecodeStep(encdec_decode_step if isinstance(model, EncoderDecoderBase) else gpt_decode_step, mode)
 
 
 # ---- per-family sessions: cache, masks and positions of one generation ------------------------
@@ -306,7 +306,7 @@ class _GPTSession:
 class _EncDecSession:
     """Source ids (B, S_src) encoded once; the decoder starts from decoder_start_token_id."""
 
-    def __init__(self, model: EncoderDecoder, input_ids: Tensor, attention_mask: Tensor, n_rep: int,
+    def __init__(self, model: EncoderDecoderBase, input_ids: Tensor, attention_mask: Tensor, n_rep: int,
                  max_new: int, decode_step, start_id: int) -> None:
         if max_new > model.config.max_seq_len:
             raise ValueError(f"max_new_tokens ({max_new}) exceeds the model's max_seq_len ({model.config.max_seq_len})")
@@ -362,11 +362,11 @@ def _session(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
         if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # host sync (once): padding after a token
             raise ValueError("GPT prompts must be left-padded: attention_mask has padding after a token")
         return _GPTSession(model, input_ids, mask, n_rep, cfg.max_new_tokens, decode_step)
-    if isinstance(model, EncoderDecoder):
+    if isinstance(model, EncoderDecoderBase):
         start = cfg.decoder_start_token_id
         start = model.config.decoder_start_token_id if start is None else start
         return _EncDecSession(model, input_ids, mask, n_rep, cfg.max_new_tokens, decode_step, start)
-    raise TypeError(f"generate needs a GPT or EncoderDecoder model, got {type(model).__name__}")
+    raise TypeError(f"generate needs a GPT or an encoder-decoder (EncoderDecoder, T5), got {type(model).__name__}")
 
 
 # ---- logits processing shared by the loops ----------------------------------------------------

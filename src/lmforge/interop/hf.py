@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out: config maps and state-dict maps.
 
 Each supported model_type is a `Family` (lmforge.interop.families: gpt2, the Llama
-variants, bert, bart): a config translation both ways and a list of `Rule`s pairing an
+variants, bert, bart, t5): a config translation both ways and a list of `Rule`s pairing an
 lmforge tensor with the Hugging Face tensor(s) it is made of; this module runs them.
 Hugging Face's names appear only here and in the families. Conversion is strict:
 every tensor of the checkpoint must be used and every tensor of the model filled
@@ -39,7 +39,9 @@ from lmforge.models.weights import (
 
 # Buffers some checkpoints carry that hold no learned state (causal masks, cached
 # position ids, RoPE frequencies): skipped on load.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq",
+                    # and a parameter early T5 checkpoints carry that no T5 uses (cross-attention has no bias)
+                    "EncDecAttention.relative_attention_bias.weight")
 
 SUPPORTED = tuple(FAMILIES)
 # (model_type, head kind) -> the transformers class that holds that model; the head's last
@@ -57,7 +59,11 @@ HEAD_OF_ARCH.update({arch: None for f in FAMILIES.values() for arch in (f.base_c
 
 def config_from_hf(cfg: dict) -> ModelConfig:
     """A Hugging Face config.json (as a dict) -> the lmforge architecture config."""
-    return family(cfg.get("model_type")).read_config(cfg)
+    f = family(cfg.get("model_type"))
+    try:
+        return f.read_config(cfg)
+    except KeyError as e:
+        raise ConversionError(f"{f.model_type} config: the field {e.args[0]!r} is missing") from None
 
 
 def model_type_of(config: ModelConfig) -> str:
@@ -157,6 +163,8 @@ def from_hf(cfg: dict, tensors: Mapping[str, Tensor], source: str = "checkpoint"
     prefix = next((p for p in f.prefixes if f"{p}{f.probe}" in tensors), None)
     if prefix is None:
         raise ConversionError(f"{source}: no {f.probe} tensor found: not a {kind} checkpoint?")
+    if f.from_tensors is not None:
+        config = f.from_tensors(config, tensors)
     rules, _ = present(_rules(config, head, arch, prefix), tensors, source)
     used = {name for r in rules for name in r.theirs}
     ignored = _tied_duplicates(config, prefix)

@@ -20,7 +20,7 @@ from torch import nn
 from lmforge import hub
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
 from lmforge.interop.hf import MAX_SHARD_SIZE, load_dtype, read_hf_model, write_hf_model
-from lmforge.models import HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
+from lmforge.models import ENCODER_DECODERS, HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained, untrained
 from lmforge.models.weights import TensorFiles, init_only, load_weights, save_weights
@@ -154,7 +154,7 @@ def generation_file(model: nn.Module, tokenizer: Tokenizer | None, special: dict
     out = {**(generation or {}), **{k: v for k, v in special.items() if v is not None}}
     if tokenizer is not None and len(tokenizer.eos_ids) > 1:
         out["eos_token_id"] = tokenizer.eos_ids
-    if family_of(config) == "encdec":
+    if family_of(config) in ENCODER_DECODERS:
         out.setdefault("decoder_start_token_id", config.decoder_start_token_id)
     return out
 

@@ -56,7 +56,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 TASK_TYPES = {"sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "span": "QUESTION_ANS"}
 HEAD_OF_TASK_TYPE = {task_type: kind for kind, task_type in TASK_TYPES.items()}
-LM_TASK_TYPES = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM", "bert": None}
+LM_TASK_TYPES = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "qwen2": "CAUSAL_LM",
+                 "qwen3": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM", "t5": "SEQ_2_SEQ_LM", "bert": None}
 # adapter_config.json settings that change what an adapter computes and lmforge does not do.
 UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "layer_replication": None,
                "trainable_token_indices": None, "target_parameters": None}

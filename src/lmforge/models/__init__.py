@@ -4,6 +4,10 @@
     gpt       GPTConfig              GPT              gpt2-124m, gpt2-355m, gpt-tiny, llama-small, llama-tiny
     bert      BertConfig             Bert             bert-base, bert-large, bert-tiny, bert-mini
     encdec    EncoderDecoderConfig   EncoderDecoder   bart-base, bart-large, bart-tiny, transformer-base, ...
+    t5        T5Config               T5               t5-small, t5-base, flan-t5-small, flan-t5-base, mt5-small, t5-tiny
+
+EncoderDecoder and T5 are both encoder-decoders (EncoderDecoderBase: what generation and the
+seq2seq tasks call); `ENCODER_DECODERS` names their families.
 """
 
 from __future__ import annotations
@@ -12,25 +16,29 @@ import copy
 
 from torch import nn
 
-from lmforge.models import bert, encdec, gpt
+from lmforge.models import bert, encdec, gpt, t5
 from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.encdec import EncoderDecoder, EncoderDecoderConfig
+from lmforge.models.encdec import EncoderDecoder, EncoderDecoderBase, EncoderDecoderConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.heads import HeadSpec, SequenceClassifier, SpanExtractor, TokenClassifier, attach_head
+from lmforge.models.t5 import T5, T5Config
 
-ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig
+ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig | T5Config
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt": (GPTConfig, GPT),
     "bert": (BertConfig, Bert),
     "encdec": (EncoderDecoderConfig, EncoderDecoder),
+    "t5": (T5Config, T5),
 }
+ENCODER_DECODERS = ("encdec", "t5")  # the families whose models are EncoderDecoderBase
 
 # preset name -> (config class, the fields it sets)
 PRESETS: dict[str, tuple[type, dict]] = {
     **{name: (GPTConfig, kw) for name, kw in gpt.PRESETS.items()},
     **{name: (BertConfig, kw) for name, kw in bert.PRESETS.items()},
     **{name: (EncoderDecoderConfig, kw) for name, kw in encdec.PRESETS.items()},
+    **{name: (T5Config, kw) for name, kw in t5.PRESETS.items()},
 }
 
 
@@ -75,7 +83,8 @@ def count_params(model: nn.Module, *, trainable_only: bool = False, positions: b
 
 
 __all__ = [
-    "Bert", "BertConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "GPT", "GPTConfig",
-    "HeadSpec", "ModelConfig", "PRESETS", "SequenceClassifier", "SpanExtractor", "TokenClassifier", "attach_head",
+    "Bert", "BertConfig", "ENCODER_DECODERS", "EncoderDecoder", "EncoderDecoderBase", "EncoderDecoderConfig",
+    "FAMILIES", "GPT", "GPTConfig", "HeadSpec", "ModelConfig", "PRESETS", "SequenceClassifier", "SpanExtractor",
+    "T5", "T5Config", "TokenClassifier", "attach_head",
     "build", "config_from_dict", "count_params", "family_of", "preset",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.models import BertConfig, EncoderDecoderConfig, GPTConfig, ModelConfig
+from lmforge.models import ENCODER_DECODERS, BertConfig, EncoderDecoderConfig, GPTConfig, ModelConfig, T5Config
 from lmforge.nn.block import BlockSpec
 
 #: The linear layers LoRA may target, by their module name (the last path component).
@@ -38,7 +38,8 @@ class Stack:
     """n_layers identical blocks: a GPT's or Bert's blocks, an encoder's or a decoder's.
 
     order: "pre" (x + f(norm(x))) or "post" (norm(x + f(x))); causal: causal self-
-    attention; cross: cross-attention to the encoder output (decoder blocks).
+    attention; cross: cross-attention to the encoder output (decoder blocks);
+    position_bias: a learned bias added to the self-attention scores, one for the stack (T5).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Stack:
     order: str
     causal: bool
     cross: bool = False
+    position_bias: bool = False
 
     def linears(self) -> list[Linear]:
         s = self.spec
@@ -54,10 +56,11 @@ class Stack:
         qkv_bias = s.bias if s.qkv_bias is None else s.qkv_bias
         out = [Linear("wqkv", s.dim, qkv, qkv_bias, "attn"),
                Linear("wo", s.n_heads * s.head_dim, s.dim, s.bias, "attn")]
-        if self.cross:  # CrossAttention: head_dim = dim // n_heads, so its width is dim
-            out += [Linear("wq", s.dim, s.dim, s.bias, "cross"), Linear("wkv", s.dim, 2 * s.dim, s.bias, "cross"),
-                    Linear("wo", s.dim, s.dim, s.bias, "cross")]
-        if s.mlp == "swiglu":
+        if self.cross:  # CrossAttention: H heads of head_dim (H * head_dim = dim but in T5)
+            inner = s.n_heads * s.head_dim
+            out += [Linear("wq", s.dim, inner, s.bias, "cross"), Linear("wkv", s.dim, 2 * inner, s.bias, "cross"),
+                    Linear("wo", inner, s.dim, s.bias, "cross")]
+        if s.mlp in ("swiglu", "gated"):
             out.append(Linear("gate", s.dim, s.hidden_dim, s.bias, "mlp"))
         out += [Linear("up", s.dim, s.hidden_dim, s.bias, "mlp"), Linear("down", s.hidden_dim, s.dim, s.bias, "mlp")]
         return out
@@ -82,7 +85,7 @@ def norm_params(kind: str, dim: int, bias: bool = True) -> int:
 
 @dataclass(frozen=True)
 class Arch:
-    """Everything the planner needs about a model, for all three families.
+    """Everything the planner needs about a model, for every family.
 
     Parameter groups outside the blocks are listed in `extra` as name -> count, with
     the embedding tables (token, learned positions, segments) named in `embedding_names`.
@@ -120,6 +123,11 @@ class Arch:
     def position_params(self) -> int:
         return sum(self.extra[n] for n in self.position_names)
 
+    @property
+    def encoder_decoder(self) -> bool:
+        """An encoder stack and a decoder stack reading it (EncoderDecoder, T5)."""
+        return self.family in ENCODER_DECODERS
+
     def linears(self) -> list[tuple[Stack, Linear]]:
         """(stack, linear) for one block of each stack."""
         return [(s, lin) for s in self.stacks for lin in s.linears()]
@@ -133,6 +141,8 @@ def arch_of(c: ModelConfig) -> Arch:
         return _bert(c)
     if isinstance(c, EncoderDecoderConfig):
         return _encdec(c)
+    if isinstance(c, T5Config):
+        return _t5(c)
     raise TypeError(f"not a model config: {type(c).__name__}")
 
 
@@ -178,6 +188,22 @@ def _encdec(c: EncoderDecoderConfig) -> Arch:
     stacks = (Stack("encoder", c.n_layers, c.block_spec(), order, causal=False),
               Stack("decoder", c.n_decoder_layers, c.block_spec(), order, causal=True, cross=True))
     return Arch("encdec", c, stacks, D, c.vocab_size, Vp, extra, positions, ("tok_emb", *positions))
+
+
+def _t5(c: T5Config) -> Arch:
+    """T5: no position tables; each stack has a (buckets, H) relative position bias and a final
+    RMS norm; the LM head is its own matrix unless tied."""
+    D, Vp = c.dim, c.padded_vocab_size
+    extra = {"tok_emb": Vp * D}
+    for side in ("encoder", "decoder"):
+        extra[f"{side}.pos_bias"] = c.relative_buckets * c.n_heads
+        extra[f"{side}.norm_f"] = D
+    if not c.tie_embeddings:
+        extra["lm_head"] = Vp * D
+    stacks = (Stack("encoder", c.n_layers, c.block_spec(), "pre", causal=False, position_bias=True),
+              Stack("decoder", c.n_decoder_layers, c.block_spec(), "pre", causal=True, cross=True,
+                    position_bias=True))
+    return Arch("t5", c, stacks, D, c.vocab_size, Vp, extra, (), ("tok_emb",), c.tie_embeddings)
 
 
 def lora_params(arch: Arch, rank: int, targets: tuple[str, ...]) -> int:

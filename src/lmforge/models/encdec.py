@@ -162,35 +162,17 @@ class Decoder(_Stack):
         return self.norm_f(x)
 
 
-class EncoderDecoder(nn.Module):
-    def __init__(self, config: EncoderDecoderConfig) -> None:
-        super().__init__()
-        self.config = c = config
-        pre = c.norm_style == "pre"
-        self.tok_emb = nn.Embedding(c.padded_vocab_size, c.dim)
-        self.encoder = Encoder(c, PreNormBlock if pre else PostNormBlock, c.n_layers)
-        self.decoder = Decoder(c, PreNormDecoderBlock if pre else PostNormDecoderBlock, c.n_decoder_layers)
-        self.lm_head = nn.Linear(c.dim, c.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
-        # A fixed per-token logit offset (BART's final_logits_bias), zero unless loaded.
-        self.register_buffer("lm_bias", torch.zeros(c.padded_vocab_size))
-        self.emb_scale = math.sqrt(c.dim) if c.embed_scale else 1.0
-        self.init_weights()
+class EncoderDecoderBase(nn.Module):
+    """What every encoder-decoder model (EncoderDecoder, T5) offers generation, the seq2seq
+    tasks and the denoising objective: encode a source once, project its cross-attention
+    keys and values once, decode with a preallocated KV cache, score with the LM head.
 
-    def init_weights(self) -> None:
-        """BART: N(0, 0.02). The original Transformer: Xavier-uniform linear layers and
-        N(0, D^-1/2) embeddings (they are scaled back up by sqrt(D))."""
-        xavier = self.config.init == "xavier"
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight) if xavier else nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, self.config.dim**-0.5 if xavier else 0.02)
-        nn.init.normal_(self.tok_emb.weight, 0.0, self.config.dim**-0.5 if xavier else 0.02)
-        with torch.no_grad():
-            self.tok_emb.weight[self.config.pad_token_id].zero_()
+    A subclass builds `tok_emb`, `encoder` (forward(x, mask)), `decoder` (forward as
+    `Decoder`'s), `lm_head` and `lm_bias` (a logits offset or None), and sets `emb_scale`.
+    """
+
+    config: ArchConfig
+    emb_scale: float = 1.0
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """source ids (B, S), mask (B, S) 1 = token -> encoder output ("memory") (B, S, D)."""
@@ -225,7 +207,8 @@ class EncoderDecoder(nn.Module):
         cache: nn.ModuleList | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
-        """Target ids (B, T) attending to memory (B, S, D) -> decoder hidden states (B, T, D).
+        """Target ids (B, T) attending to memory (B, S, D) -> what the LM head reads (B, T, D):
+        the decoder's hidden states.
 
         attention_mask: (B, S) source padding; decoder_attention_mask: (B, T) target
         padding (or (B, S_cache) over the first S_cache cache slots, which are all that
@@ -244,7 +227,8 @@ class EncoderDecoder(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V)."""
-        return (self.lm_head(hidden) + self.lm_bias)[..., : self.config.vocab_size]
+        out = self.lm_head(hidden)
+        return (out if self.lm_bias is None else out + self.lm_bias)[..., : self.config.vocab_size]
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None) -> Tensor:
@@ -256,6 +240,37 @@ class EncoderDecoder(nn.Module):
     def shift_right(self, labels: Tensor) -> Tensor:
         """Teacher forcing: targets (B, T) -> decoder inputs (B, T) (see `shift_right`)."""
         return shift_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+
+class EncoderDecoder(EncoderDecoderBase):
+    def __init__(self, config: EncoderDecoderConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        pre = c.norm_style == "pre"
+        self.tok_emb = nn.Embedding(c.padded_vocab_size, c.dim)
+        self.encoder = Encoder(c, PreNormBlock if pre else PostNormBlock, c.n_layers)
+        self.decoder = Decoder(c, PreNormDecoderBlock if pre else PostNormDecoderBlock, c.n_decoder_layers)
+        self.lm_head = nn.Linear(c.dim, c.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+        # A fixed per-token logit offset (BART's final_logits_bias), zero unless loaded.
+        self.register_buffer("lm_bias", torch.zeros(c.padded_vocab_size))
+        self.emb_scale = math.sqrt(c.dim) if c.embed_scale else 1.0
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """BART: N(0, 0.02). The original Transformer: Xavier-uniform linear layers and
+        N(0, D^-1/2) embeddings (they are scaled back up by sqrt(D))."""
+        xavier = self.config.init == "xavier"
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight) if xavier else nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, self.config.dim**-0.5 if xavier else 0.02)
+        nn.init.normal_(self.tok_emb.weight, 0.0, self.config.dim**-0.5 if xavier else 0.02)
+        with torch.no_grad():
+            self.tok_emb.weight[self.config.pad_token_id].zero_()
 
 
 def shift_right(labels: Tensor, pad_id: int, start_id: int) -> Tensor:

@@ -1,6 +1,10 @@
 """Attention: the formula, the fast path, the masks and the two attention layers.
 
-    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+
+M is the mask: 0 where a query may attend, -inf where it may not; a float mask may also
+carry a learned bias (T5's relative position bias, added to every score). T5 also drops
+the 1/sqrt(d_k) (scale=1): its initialisation puts that factor into the query weights.
 
 `reference_attention` computes exactly that, step by step, and returns the
 attention weights; `sdpa` hands the same computation to
@@ -20,8 +24,8 @@ Glossary of the shape letters used across lmforge:
     F    hidden width of the MLP (`hidden_dim`)
     V    vocabulary size
 
-Masks are boolean and mean "may attend": True keeps a score, False drops it.
-They broadcast to (B, H, T, S).
+Masks are boolean and mean "may attend": True keeps a score, False drops it; or float,
+added to the scores (-inf drops one). They broadcast to (B, H, T, S).
 """
 
 from __future__ import annotations
@@ -52,20 +56,23 @@ def reference_attention(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """softmax(Q K^T / sqrt(d_k)) V written out, for readers, tests and inspection.
+    """softmax(Q K^T / sqrt(d_k) + M) V written out, for readers, tests and inspection.
 
-    q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh); mask: bool, broadcastable to (B, H, T, S).
+    q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh); mask: bool or float (added to the scores),
+    broadcastable to (B, H, T, S); scale: the factor on Q K^T (None: 1/sqrt(Dh)).
     Returns (out (B, H, T, Dh), weights (B, H, T, S)).
     """
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, Dh)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = q @ k.transpose(-2, -1) * scale  # (B, H, T, S)
     if is_causal:
         T, S = scores.shape[-2:]
         scores = scores.masked_fill(~causal_mask(T, S, scores.device), float("-inf"))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
@@ -79,11 +86,12 @@ def sdpa(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> Tensor:
     """The same computation through torch's fused kernels. Shapes as `reference_attention`."""
     gqa = q.size(1) != k.size(1)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=gqa
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
 
 
@@ -159,11 +167,13 @@ def causal_self_mask(T: int, attention_mask: Tensor | None, cache: Sequence[KVCa
 
 class _Heads(nn.Module):
     """What self- and cross-attention share: head bookkeeping, the output mixing
-    `wo`, and the choice between the fused and the reference attention."""
+    `wo`, the scale on Q K^T (None: 1/sqrt(Dh)), and the choice between the fused and
+    the reference attention."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None, head_dim: int | None,
-                 bias: bool, dropout: float) -> None:
+                 bias: bool, dropout: float, scale: float | None = None) -> None:
         super().__init__()
+        self.scale = scale
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or dim // n_heads
@@ -177,10 +187,12 @@ class _Heads(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
         p = self.dropout if self.training else 0.0
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # a float mask (a position bias) in the queries' precision under autocast
         if self.use_reference:
-            y, self.last_weights = reference_attention(q, k, v, mask, is_causal, p)
+            y, self.last_weights = reference_attention(q, k, v, mask, is_causal, p, self.scale)
             return y
-        return sdpa(q, k, v, mask, is_causal, p)
+        return sdpa(q, k, v, mask, is_causal, p, self.scale)
 
 
 class SelfAttention(_Heads):
@@ -200,8 +212,9 @@ class SelfAttention(_Heads):
         bias: bool = True,
         dropout: float = 0.0,
         qkv_bias: bool | None = None,
+        scale: float | None = None,
     ) -> None:
-        super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout)
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout, scale)
         qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         # qkv_bias: biases on the query/key/value projections only (Qwen2); None: as `bias`.
         self.wqkv = nn.Linear(dim, qkv_dim, bias=bias if qkv_bias is None else qkv_bias)
@@ -217,7 +230,8 @@ class SelfAttention(_Heads):
     ) -> Tensor:
         """x: (B, T, D) -> (B, T, D).
 
-        mask: bool (B or 1, 1, T, S); is_causal: use SDPA's built-in causal mask
+        mask: bool (B or 1, 1, T, S), or float (B or 1, H or 1, T, S) added to the scores
+        (T5's position bias, -inf where masked); is_causal: use SDPA's built-in causal mask
         (only without mask and cache); rope: (cos, sin) each (B or 1, T, Dh);
         cache/cache_pos: write this step's keys/values at slots cache_pos (T,) and
         attend over the first S cache slots, S = the mask's width (all of them without
@@ -264,12 +278,15 @@ class CrossAttention(_Heads):
     """Decoder-to-encoder attention: queries from the decoder, keys and values from
     the encoder output ("memory"). Same heads and output mixing as `SelfAttention`,
     but the projection is split: `wq` on x, `wkv` on the memory, so that the
-    memory's keys and values are computed once per generated sequence."""
+    memory's keys and values are computed once per generated sequence. The heads are
+    head_dim wide (None: dim // n_heads; T5 sets its own d_kv)."""
 
-    def __init__(self, dim: int, n_heads: int, bias: bool = True, dropout: float = 0.0) -> None:
-        super().__init__(dim, n_heads, None, None, bias, dropout)
-        self.wq = nn.Linear(dim, dim, bias=bias)
-        self.wkv = nn.Linear(dim, 2 * dim, bias=bias)
+    def __init__(self, dim: int, n_heads: int, bias: bool = True, dropout: float = 0.0,
+                 head_dim: int | None = None, scale: float | None = None) -> None:
+        super().__init__(dim, n_heads, None, head_dim, bias, dropout, scale)
+        inner = self.n_heads * self.head_dim
+        self.wq = nn.Linear(dim, inner, bias=bias)
+        self.wkv = nn.Linear(dim, 2 * inner, bias=bias)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory: (B, S, D) -> keys, values, each (B, H, S, Dh)."""

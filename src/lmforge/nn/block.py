@@ -39,6 +39,7 @@ class BlockSpec:
     act_dropout: float = 0.0
     qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: as `bias`
     qk_norm: bool = False  # RMS-normalised queries and keys (Qwen3): QKNormSelfAttention
+    attn_scale: float | None = None  # the factor on Q K^T; None: 1/sqrt(head_dim) (T5: 1)
 
     def norm_layer(self) -> nn.Module:
         return make_norm(self.norm, self.dim, self.norm_eps, self.bias)
@@ -48,7 +49,10 @@ class BlockSpec:
             return QKNormSelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias,
                                        self.attn_dropout, self.qkv_bias, self.norm_eps)
         return SelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias, self.attn_dropout,
-                             self.qkv_bias)
+                             self.qkv_bias, self.attn_scale)
+
+    def cross_attention(self) -> CrossAttention:
+        return CrossAttention(self.dim, self.n_heads, self.bias, self.attn_dropout, self.head_dim, self.attn_scale)
 
     def mlp_layer(self) -> nn.Module:
         return make_mlp(self.mlp, self.dim, self.hidden_dim, self.act, self.bias, self.act_dropout)
@@ -105,7 +109,7 @@ class PreNormDecoderBlock(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = spec.norm_layer(), spec.self_attention()
         self.cross_norm = spec.norm_layer()
-        self.cross = CrossAttention(spec.dim, spec.n_heads, spec.bias, spec.attn_dropout)
+        self.cross = spec.cross_attention()
         self.mlp_norm, self.mlp = spec.norm_layer(), spec.mlp_layer()
         self.drop = nn.Dropout(spec.dropout)
 

@@ -1,4 +1,5 @@
-"""Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) and SwiGLU.
+"""Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) and the gated ones,
+FFN(x) = W2 (act(W_gate x) * W1 x): SwiGLU (act = SiLU, Llama), GEGLU (GELU, T5 v1.1).
 
 The MLP is where most parameters live (2 * D * F, with F usually 4D); it acts on
 each position independently.
@@ -39,24 +40,41 @@ class MLP(nn.Module):
         return self.down(self.dropout(self.act(self.up(x))))
 
 
-class SwiGLU(nn.Module):
-    """x -> down(silu(gate(x)) * up(x)): a gated MLP (Llama). (B, T, D) -> (B, T, D)."""
+class GatedMLP(nn.Module):
+    """x -> down(dropout(act(gate(x)) * up(x))): a gated MLP. (B, T, D) -> (B, T, D).
 
-    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+    The gate decides, feature by feature, how much of the linear branch passes; with a third
+    matrix, F is usually shrunk (Llama: 8D/3) to keep the parameter count of a plain MLP."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "silu", bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.gate = nn.Linear(dim, hidden_dim, bias=bias)
         self.up = nn.Linear(dim, hidden_dim, bias=bias)
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.act = activation(act)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
+        return self.down(self.dropout(self.act(self.gate(x)) * self.up(x)))
+
+
+class SwiGLU(GatedMLP):
+    """x -> down(silu(gate(x)) * up(x)): the gated MLP of Llama."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__(dim, hidden_dim, "silu", bias, dropout)
+
+
+MLP_KINDS = ("mlp", "swiglu", "gated")
 
 
 def make_mlp(kind: str, dim: int, hidden_dim: int, act: str, bias: bool, dropout: float = 0.0) -> nn.Module:
-    """kind: "mlp" (with activation `act`) or "swiglu"."""
+    """kind: "mlp" (with activation `act`), "swiglu" (SiLU-gated) or "gated" (gated by `act`:
+    "gelu_tanh" is T5 v1.1's gated-gelu)."""
     if kind == "mlp":
         return MLP(dim, hidden_dim, act, bias, dropout)
     if kind == "swiglu":
         return SwiGLU(dim, hidden_dim, bias, dropout)
-    raise ValueError(f"mlp: unknown kind {kind!r} (expected 'mlp' or 'swiglu')")
+    if kind == "gated":
+        return GatedMLP(dim, hidden_dim, act, bias, dropout)
+    raise ValueError(f"mlp: unknown kind {kind!r} (expected one of {MLP_KINDS})")

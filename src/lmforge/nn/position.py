@@ -6,7 +6,9 @@ the same way), so position has to be put in:
 - sinusoidal: the fixed PE(pos, 2i) = sin(pos / 10000^(2i/D)),
   PE(pos, 2i+1) = cos(pos / 10000^(2i/D)) of the original Transformer;
 - rotary (RoPE): rotate each pair of query/key features by an angle proportional to
-  the position, so that q.k depends only on the distance between them (Llama).
+  the position, so that q.k depends only on the distance between them (Llama);
+- relative bias (T5): a learned scalar per head and per bucket of distance (key - query),
+  added to the attention scores; nothing is added to the embeddings.
 """
 
 from __future__ import annotations
@@ -88,3 +90,43 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, Dh)
     return x * cos + rotate_half(x) * sin
+
+
+def relative_position_bucket(relative: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
+    """T5's buckets of distance (Mesh TensorFlow's rule): relative = key - query positions
+    (any shape) -> bucket ids in [0, n_buckets), same shape.
+
+    Bidirectional (an encoder): half the buckets for keys after the query, half for keys
+    before it; causal (a decoder): only keys at or before the query have buckets. Of each
+    half, the first half of the buckets are exact distances 0, 1, 2, ...; the rest grow
+    logarithmically up to max_distance, and everything farther shares the last bucket.
+    """
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        n_buckets //= 2
+        buckets = buckets + (relative > 0).long() * n_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)  # keys after the query (masked anyway) count as distance 0
+    exact = n_buckets // 2
+    # log-spaced buckets for exact <= distance < max_distance (the clamp keeps log(0) out of it)
+    far = exact + (torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (n_buckets - exact)).long()
+    far = far.clamp(max=n_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative position bias: one learned scalar per (bucket, head), looked up by the
+    bucket of key - query. (T,) query and (S,) key positions -> (1, H, T, S), to be added to
+    the attention scores of every layer of a stack (computed once per forward)."""
+
+    def __init__(self, n_buckets: int, max_distance: int, n_heads: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_heads))
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        relative = key_pos[None, :] - query_pos[:, None]  # (T, S)
+        bucket = relative_position_bucket(relative, self.bidirectional, self.n_buckets, self.max_distance)
+        return self.weight[bucket].permute(2, 0, 1)[None]  # (T, S, H) -> (1, H, T, S)

@@ -85,7 +85,7 @@ def _head_time(arch: Arch, shape: Shape, ce_chunk: int, dev: torch.device, autoc
     """The loss head forward and backward, and the token embedding's backward."""
     D, Vp, V, B = arch.dim, arch.padded_vocab, arch.vocab_size, shape.batch
     weight = nn.Parameter(torch.randn(Vp, D, device=dev) * 0.02)
-    ids = torch.randint(0, V, (B, shape.target_len if arch.family == "encdec" else shape.seq_len), device=dev)
+    ids = torch.randint(0, V, (B, shape.target_len if arch.encoder_decoder else shape.seq_len), device=dev)
     if arch.family == "bert":
         head = MLMHead(arch.config, nn.Embedding(Vp, D)).to(dev)
         head.decoder.weight = weight

@@ -123,7 +123,7 @@ def make_plan(
     config = resolve_config(model)
     arch = describe(config)
     seq_len = seq_len or config.max_seq_len
-    target_len = (target_len or seq_len) if arch.family == "encdec" else seq_len
+    target_len = (target_len or seq_len) if arch.encoder_decoder else seq_len
     _check_settings(config.max_seq_len, seq_len=seq_len, target_len=target_len, batch_size=batch_size,
                     grad_accum=grad_accum, devices=devices, precision=precision, optimizer=optimizer,
                     strategy=strategy, lora_rank=lora_rank, ce_chunk=ce_chunk, mlm_fraction=mlm_fraction, mfu=mfu,

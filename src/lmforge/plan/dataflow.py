@@ -33,7 +33,8 @@ def _lin(stack: Stack, name: str, where: str) -> Linear:
 
 
 def self_attention(w: Walk, x: Sym, st: Stack, T: int, rope: Sym | None) -> Sym:
-    """SelfAttention.forward: fused QKV, optional RoPE, SDPA, output projection."""
+    """SelfAttention.forward: fused QKV, optional RoPE, SDPA (T5: with its position bias, kept
+    once per stack by `position_bias`), output projection."""
     s, B = st.spec, w.o.batch
     H, Hkv, Dh = s.n_heads, s.n_kv_heads, s.head_dim
     qkv = w.linear(x, _lin(st, "wqkv", "attn"))
@@ -42,28 +43,28 @@ def self_attention(w: Walk, x: Sym, st: Stack, T: int, rope: Sym | None) -> Sym:
     v = Sym(B * T * Hkv * Dh, qkv.itemsize, qkv.rg, base=qkv)
     if rope is not None:
         q, k = w.rope(q, rope, T, Dh), w.rope(k, rope, T, Dh)
-    y = w.sdpa(q, k, v, H, Hkv, Dh, T, T, s.attn_dropout)
+    y = w.sdpa(q, k, v, H, Hkv, Dh, T, T, s.attn_dropout, bias=st.position_bias and w.o.trainable_base)
     return w.linear(y, _lin(st, "wo", "attn"))
 
 
 def cross_attention(w: Walk, x: Sym, memory: Sym, st: Stack, T: int, S: int) -> Sym:
     """CrossAttention.forward: wq on x, wkv on the encoder output, SDPA, wo."""
     s, B = st.spec, w.o.batch
-    H, D = s.n_heads, s.dim
+    H, Dh = s.n_heads, s.head_dim
     q = w.linear(x, _lin(st, "wq", "cross"))
     kv = w.linear(memory, _lin(st, "wkv", "cross"))
-    k, v = Sym(B * S * D, kv.itemsize, kv.rg, base=kv), Sym(B * S * D, kv.itemsize, kv.rg, base=kv)
-    y = w.sdpa(q, k, v, H, H, D // H, T, S, s.attn_dropout)
+    k, v = Sym(B * S * H * Dh, kv.itemsize, kv.rg, base=kv), Sym(B * S * H * Dh, kv.itemsize, kv.rg, base=kv)
+    y = w.sdpa(q, k, v, H, H, Dh, T, S, s.attn_dropout)
     return w.linear(y, _lin(st, "wo", "cross"))
 
 
 def mlp(w: Walk, x: Sym, st: Stack) -> Sym:
-    """MLP: down(dropout(act(up(x)))); SwiGLU: down(dropout(silu(gate(x)) * up(x)))."""
+    """MLP: down(dropout(act(up(x)))); gated (SwiGLU, T5's gated GELU): down(dropout(act(gate(x)) * up(x)))."""
     s = st.spec
-    if s.mlp == "swiglu":
+    if s.mlp in ("swiglu", "gated"):
         g = w.linear(x, _lin(st, "gate", "mlp"))
         u = w.linear(x, _lin(st, "up", "mlp"))
-        h = w.mul(w.activation(g, "silu"), u)
+        h = w.mul(w.activation(g, "silu" if s.mlp == "swiglu" else s.act), u)
     else:
         h = w.activation(w.linear(x, _lin(st, "up", "mlp")), s.act)
     return w.linear(w.dropout(h, s.act_dropout), _lin(st, "down", "mlp"))
@@ -178,7 +179,45 @@ def encdec(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     return w.segments
 
 
-WALKS = {"gpt": gpt, "bert": bert, "encdec": encdec}
+def position_bias(w: Walk, st: Stack, n_buckets: int, T: int, S: int) -> None:
+    """_T5Stack.attention_bias for a batch without padding: (T, S) bucket ids looked up in the
+    (buckets, H) table -> the (1, H, T, S) float mask every layer's attention adds, -inf where
+    a decoder's causal mask (kept by masked_fill, 1 byte a slot) forbids. Fused attention
+    (CUDA) keeps the mask once for all layers; CPU runs such attention on the math path."""
+    H = st.spec.n_heads
+    trainable = w.o.trainable_base
+    w.embedding(T * S, H, trainable, n_buckets)
+    if trainable and st.causal:
+        w.keep(T * S, "position bias")
+    if trainable and w.o.backend == "cuda":
+        w.keep(H * T * S * w.act_dtype(), "position bias")
+
+
+def t5(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
+    """T5: embeddings without positions, a relative position bias per stack, pre-norm RMS blocks,
+    final norm and dropout on each side (and the decoder output scaled before a tied head)."""
+    c, B, S, T = arch.config, shape.batch, shape.seq_len, shape.target_len
+    D, tr = c.dim, w.o.trainable_base
+    enc, dec = arch.stacks
+
+    def embed(n: int) -> Sym:
+        return w.dropout(w.embedding(B * n, D, tr, arch.padded_vocab), c.dropout)
+
+    w.begin("encoder.embed")
+    position_bias(w, enc, c.relative_buckets, S, S)
+    memory = _blocks(w, embed(S), enc, S)
+    w.begin("encoder.norm_f")
+    memory = w.dropout(w.norm(memory, "rmsnorm", D), c.dropout)
+    w.begin("decoder.embed")
+    position_bias(w, dec, c.relative_buckets, T, T)
+    x = _blocks(w, embed(T), dec, T, memory=memory, S=S)
+    w.begin("head")
+    x = w.dropout(w.norm(x, "rmsnorm", D), c.dropout)
+    _lm_loss(w, arch, x, B * T, ce_chunk)
+    return w.segments
+
+
+WALKS = {"gpt": gpt, "bert": bert, "encdec": encdec, "t5": t5}
 
 
 def walk(arch: Arch, w: Walk, shape: Shape, ce_chunk: int) -> list[Segment]:

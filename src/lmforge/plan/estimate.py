@@ -139,19 +139,19 @@ def gemm_shapes(arch: Arch, shape: Shape) -> list[tuple[int, int, int]]:
 
 def tokens_per_micro_batch(arch: Arch, shape: Shape) -> int:
     """Tokens a micro-batch feeds the model (source + target for encoder-decoder)."""
-    return shape.batch * (shape.seq_len + (shape.target_len if arch.family == "encdec" else 0))
+    return shape.batch * (shape.seq_len + (shape.target_len if arch.encoder_decoder else 0))
 
 
 def formula(arch: Arch, shape: Shape, n_no_pos: int) -> tuple[str, int, int]:
     """The textbook FLOPs of one micro-batch: (formula, training, inference forward)."""
     c, B = arch.config, shape.batch
-    if arch.family == "encdec":
+    if arch.encoder_decoder:
         enc, dec = arch.stacks
-        S, T, H, Q = shape.seq_len, shape.target_len, c.n_heads, c.dim // c.n_heads
+        S, T, H, Q = shape.seq_len, shape.target_len, c.n_heads, c.head_dim
         n_enc = enc.n_layers * enc.block_params()
-        n_dec = dec.n_layers * dec.block_params() + arch.extra["tok_emb"]
+        n_dec = dec.n_layers * dec.block_params() + arch.extra.get("lm_head", arch.extra["tok_emb"])
         text = ("B * [6 * (N_enc * S + N_dec * T) + 12 * H * Q * (L_enc * S^2 + L_dec * (T^2 + T * S))] "
-                "(N_dec with the tied LM head; inference: 2 and 4 for 6 and 12)")
+                "(N_dec with the LM head; inference: 2 and 4 for 6 and 12)")
         train = encdec_flops_per_sequence(n_enc, n_dec, H, Q, enc.n_layers, dec.n_layers, S, T)
         return text, round(B * train), round(B * train / 3)  # inference: the forward third
     st = arch.stacks[0]
@@ -239,5 +239,6 @@ def kv_cache(arch: Arch, shape: Shape, s: dict[str, Any]) -> dict[str, int]:
         kv = 2 * st.n_layers * B * st.spec.n_kv_heads * shape.seq_len * st.spec.head_dim * it
         return {"kv_cache": kv, "max_len": shape.seq_len, "inference_weights": arch.total_params * it}
     dec = arch.stacks[1]
-    kv = 2 * dec.n_layers * B * arch.dim * (shape.target_len + shape.seq_len) * it
+    inner = dec.spec.n_heads * dec.spec.head_dim  # the model width, but in T5
+    kv = 2 * dec.n_layers * B * inner * (shape.target_len + shape.seq_len) * it
     return {"kv_cache": kv, "max_len": shape.target_len, "inference_weights": arch.total_params * it}

@@ -88,7 +88,9 @@ def batch_bytes(arch: Arch, shape: Shape) -> int:
 def head_rows(arch: Arch, shape: Shape) -> int:
     """Positions the LM head scores: every target token, or Bert's masked positions."""
     B = shape.batch
-    return B * {"gpt": shape.seq_len, "bert": shape.mlm_rows, "encdec": shape.target_len}[arch.family]
+    if arch.encoder_decoder:
+        return B * shape.target_len
+    return B * (shape.mlm_rows if arch.family == "bert" else shape.seq_len)
 
 
 def head_transients(arch: Arch, shape: Shape, s: MemorySettings) -> tuple[int, int]:
@@ -149,7 +151,7 @@ def block_working(arch: Arch, st, shape: Shape) -> int:
     residual stream's gradient in and out and one gradient of the widest intermediate
     (saved tensors are released as their nodes run, so more never coexist; measured
     block peaks sit 0.7-0.9x below this on CPU)."""
-    widest = max(lin.d_out for lin in st.linears()) * (2 if st.spec.mlp == "swiglu" else 1)
+    widest = max(lin.d_out for lin in st.linears()) * (2 if st.spec.mlp in ("swiglu", "gated") else 1)
     return FP32 * _tokens(st, shape) * (2 * arch.dim + widest)
 
 

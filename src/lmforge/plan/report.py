@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lmforge.models import ENCODER_DECODERS
 from lmforge.plan.core import Plan
 
 
@@ -38,7 +39,7 @@ def _rows(title: str, rows: list[tuple[str, str]]) -> list[str]:
 def format_plan(plan: Plan) -> str:
     """The plan as a plain-text table (what `lmforge plan` prints)."""
     s, p, f, m, t = plan.settings, plan.params, plan.flops, plan.memory, plan.time
-    setting = (f"seq {s['seq_len']}" + (f" -> target {s['target_len']}" if plan.family == "encdec" else "") +
+    setting = (f"seq {s['seq_len']}" + (f" -> target {s['target_len']}" if plan.family in ENCODER_DECODERS else "") +
                f", micro-batch {s['batch_size']} x accum {s['grad_accum']} x {s['devices']} device(s) "
                f"({s['strategy']}), {s['precision']}, {s['optimizer']}"
                + (", activation checkpointing" if s["activation_checkpointing"] else "")

@@ -206,8 +206,10 @@ class Walk:
                 self.keep(2 * T * Dh * self.o.lowp, "rope tables")
         return Sym(x.numel, x.itemsize, x.rg)
 
-    def sdpa(self, q: Sym, k: Sym, v: Sym, H: int, Hkv: int, Dh: int, T: int, S: int, p: float) -> Sym:
-        """scaled_dot_product_attention over B sequences: q (B, H, T, Dh), k/v (B, Hkv, S, Dh).
+    def sdpa(self, q: Sym, k: Sym, v: Sym, H: int, Hkv: int, Dh: int, T: int, S: int, p: float,
+             bias: bool = False) -> Sym:
+        """scaled_dot_product_attention over B sequences: q (B, H, T, Dh), k/v (B, Hkv, S, Dh);
+        bias: a float mask that needs a gradient (T5's position bias).
 
         Returns the (B, T, H*Dh) input of wo (a view of the kernel's output for fused
         kernels, a copy from the math path)."""
@@ -218,7 +220,7 @@ class Walk:
         self.seg.bwd_flops += 2 * attn if q.rg else 0
         it = q.itemsize
         scores = B * H * T * S
-        if not self._math_attention(p, H != Hkv, it):
+        if not self._math_attention(p, H != Hkv, it, bias):
             out = Sym(B * T * H * Dh, it, q.rg)
             if q.rg:
                 for t in (q, k, v, out):
@@ -236,7 +238,7 @@ class Walk:
         out = Sym(B * T * H * Dh, it, q.rg)  # transpose(1, 2).reshape copies the (B, H, T, Dh) output
         return out
 
-    def _math_attention(self, p: float, gqa: bool, itemsize: int) -> bool:
+    def _math_attention(self, p: float, gqa: bool, itemsize: int, bias: bool = False) -> bool:
         if self.o.backend == "cpu":
-            return p > 0.0  # CPU flash attention has no dropout
+            return p > 0.0 or bias  # CPU flash attention has no dropout, nor a gradient for its mask
         return itemsize == FP32 and gqa  # CUDA fp32 goes to memory-efficient attention, which has no GQA

@@ -44,7 +44,7 @@ from torch import nn
 from lmforge.generate import GenerationConfig, iter_generate
 from lmforge.generate.detokenize import INCOMPLETE, Detokenizer, Piece, TokenInfo, token_bytes
 from lmforge.generate.text import end_ids
-from lmforge.models.encdec import EncoderDecoder
+from lmforge.models.encdec import EncoderDecoderBase
 from lmforge.models.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_active: int = 64, max_queue: int = 256) -> None:
-        if not isinstance(model, GPT | EncoderDecoder):
-            raise ValueError(f"serving needs a GPT or EncoderDecoder model, got {type(model).__name__}")
+        if not isinstance(model, GPT | EncoderDecoderBase):
+            raise ValueError(f"serving needs a GPT or an encoder-decoder (BART, T5), got {type(model).__name__}")
         if max_active < 1 or max_queue < 1:
             raise ValueError(f"max_active and max_queue must be >= 1, got {max_active} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -177,7 +177,7 @@ class Engine:
 
     def room(self, prompt_tokens: int) -> int:
         """Most new tokens a prompt of this length leaves room for."""
-        if isinstance(self.model, EncoderDecoder):  # the decoder has its own positions
+        if isinstance(self.model, EncoderDecoderBase):  # the decoder has its own positions
             return self.max_context
         return self.max_context - prompt_tokens
 

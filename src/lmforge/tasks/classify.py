@@ -49,7 +49,7 @@ from lmforge.tasks.base import (
 from lmforge.train.objectives import ObjectiveOutput
 
 KIND = "sequence-classification"
-DEFAULT_POOLING = {"bert": "pooler", "gpt": "last", "encdec": "mean"}
+DEFAULT_POOLING = {"bert": "pooler", "gpt": "last", "encdec": "mean", "t5": "mean"}
 
 
 @dataclass

@@ -1,12 +1,13 @@
-"""summarize and translate: sequence-to-sequence fine-tuning of an encoder-decoder (BART, the
+"""summarize and translate: sequence-to-sequence fine-tuning of an encoder-decoder (BART, T5, the
 original Transformer) or a decoder-only model (GPT-2, Llama), scored on generated text.
 
     data            JSONL / TSV / CSV with a source and a target field (source_field /
                     target_field; DialogSum: dialogue, summary), or line-aligned parallel
                     files PREFIX.SRC / PREFIX.TGT (source_lang / target_lang; Multi30k:
                     train.de, train.en with --train data/multi30k/train)
-    encoder-decoder the source (the tokenizer's special tokens included, e.g. BART's <s> ... </s>)
-                    goes to the encoder; the decoder is trained by teacher forcing on the
+    encoder-decoder the source (the tokenizer's special tokens included, e.g. BART's <s> ... </s>,
+                    T5's ... </s>; after source_prefix, e.g. T5's "summarize: ") goes to the
+                    encoder; the decoder is trained by teacher forcing on the
                     target + EOS: decoder input = labels shifted right behind
                     decoder_start_token_id, labels -100 at padding (the `denoise` objective)
     decoder-only    one sequence: PROMPT then " " + target + EOS, the prompt being a template
@@ -21,7 +22,8 @@ original Transformer) or a decoder-only model (GPT-2, Llama), scored on generate
                     summarize: ROUGE-1/2/L/Lsum (rouge-score), translate: BLEU and chrF
                     (sacrebleu), both x100; gen_len: mean generated tokens; a few samples
                     go to report.md
-    export          BART-shaped models as BartForConditionalGeneration, GPT-2 / Llama as
+    export          BART-shaped models as BartForConditionalGeneration, T5 (mT5 too) as
+                    T5ForConditionalGeneration, GPT-2 / Llama as
                     GPT2LMHeadModel / LlamaForCausalLM; others (the original Transformer)
                     in lmforge's format (the driver decides)
 
@@ -46,6 +48,7 @@ from lmforge.data.datasets_io import is_dataset_source
 from lmforge.data.readers import Seq2SeqData, read_parallel, read_seq2seq
 from lmforge.eval.metrics import bleu_scores, rouge_scores
 from lmforge.generate.decode import GenerationConfig, generate
+from lmforge.models import ENCODER_DECODERS
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, log_truncation, task_options, truncating
 from lmforge.train.logging import progress_bar
 from lmforge.train.objectives import ObjectiveOutput, clm, denoise
@@ -74,6 +77,8 @@ class Seq2SeqOptions:
         max_eval_samples: generate for the first N validation examples only (None: all);
             the validation loss always covers all of them.
         prompt: decoder-only prompt template containing {source}; None: the task's.
+        source_prefix: an encoder-decoder's text before every source (T5's task prefixes:
+            "summarize: ", "translate German to English: "); "": none.
         n_samples: sample outputs shown in report.md.
     """
 
@@ -88,6 +93,7 @@ class Seq2SeqOptions:
     no_repeat_ngram_size: int = 0
     max_eval_samples: int | None = None
     prompt: str | None = None
+    source_prefix: str = ""
     n_samples: int = 5
 
     def __post_init__(self) -> None:
@@ -157,9 +163,9 @@ def _prompt_ids(base: Base, template: str, source: str, budget: int) -> tuple[li
 
 
 def encdec_features(base: Base, data: Seq2SeqData, max_length: int, max_target: int, what: str,
-                    notes: list[str]) -> list[dict[str, Any]]:
-    """Features {input_ids: source (special tokens included), labels: target + EOS}."""
-    sources = truncating(base.tokenizer, max_length).encode_batch(data.sources)
+                    notes: list[str], source_prefix: str = "") -> list[dict[str, Any]]:
+    """Features {input_ids: source_prefix + source (special tokens included), labels: target + EOS}."""
+    sources = truncating(base.tokenizer, max_length).encode_batch([source_prefix + s for s in data.sources])
     log_truncation(f"{what} sources", sum(1 for e in sources if e.overflowing), len(data), max_length, notes)
     targets, cut = _target_ids(base, data.targets, max_target, special=True, prefix="")
     log_truncation(f"{what} targets", cut, len(data), max_target, notes)
@@ -264,7 +270,7 @@ def model_kind(base: Base, task: str) -> bool:
     if base.tokenizer.eos_id is None:
         raise ValueError(f"{base.path}: the tokenizer has no EOS token, so the model could not learn to stop; "
                          "use a tokenizer with an eos_token")
-    encdec = base.family == "encdec"
+    encdec = base.family in ENCODER_DECODERS
     if encdec and not 0 <= base.config.decoder_start_token_id < base.config.vocab_size:
         raise ValueError(f"{base.path}: decoder_start_token_id {base.config.decoder_start_token_id} is not a token "
                          f"id of the model (vocab_size {base.config.vocab_size})")
@@ -300,7 +306,8 @@ class Seq2SeqTask:
             if data.skipped:
                 notes.append(f"{path}: skipped {data.skipped} malformed records")
             if encdec:
-                return data, encdec_features(base, data, config.max_length, max_target, str(path), notes)
+                return data, encdec_features(base, data, config.max_length, max_target, str(path), notes,
+                                             opts.source_prefix)
             return data, decoder_features(base, data, template, config.max_length, max_target, str(path), notes)
 
         train_features = features(train)[1] if train is not None else []

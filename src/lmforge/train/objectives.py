@@ -224,8 +224,8 @@ def denoise(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
 
 
 OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "mlm+nsp": mlm_nsp, "denoise": denoise}
-# The model family each pretraining objective trains.
-FAMILY_OF_OBJECTIVE = {"clm": "gpt", "mlm": "bert", "mlm+nsp": "bert", "denoise": "encdec"}
+# The model families each pretraining objective trains.
+FAMILY_OF_OBJECTIVE = {"clm": ("gpt",), "mlm": ("bert",), "mlm+nsp": ("bert",), "denoise": ("encdec", "t5")}
 
 
 def get_objective(name: str) -> Objective:

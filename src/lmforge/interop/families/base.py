@@ -9,8 +9,10 @@ with hf.py, where Hugging Face's names appear.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from torch import Tensor
 
 from lmforge.interop.convert import ConversionError, Rule
 from lmforge.models import HeadSpec, ModelConfig
@@ -36,7 +38,8 @@ class Family:
         that repeat a tied tensor; class_rules: per-class adjustments of the rules
         (rules, config, head, class) -> rules; export_class: (head, untrained tensor names)
         -> the class to write, when a family has more than the plain choice; also_reads:
-        further classes read as backbone + pretraining heads.
+        further classes read as backbone + pretraining heads; from_tensors: (config, the
+        checkpoint's tensors) -> the config, for what only the tensors tell (T5: a tied head).
     """
 
     model_type: str
@@ -54,6 +57,7 @@ class Family:
     class_rules: Callable[[list[Rule], ModelConfig, HeadSpec | None, str], list[Rule]] | None = None
     export_class: Callable[[HeadSpec | None, frozenset[str]], str | None] | None = None
     also_reads: tuple[str, ...] = field(default=())
+    from_tensors: Callable[[ModelConfig, Mapping[str, Tensor]], ModelConfig] | None = None
 
 
 def hf_arg(cfg: dict, *names: str, default=None):
