@@ -146,7 +146,7 @@ def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def freeze_pretraining_heads(backbone: nn.Module) -> None:
     """A task head never reads the backbone's LM / NSP heads: freeze their own parameters
     (not those tied to the embeddings, which the task uses)."""
-    heads = {id(p) for name in PRETRAINING_HEADS if hasattr(backbone, name)
+    heads = {id(p) for name in PRETRAINING_HEADS if getattr(backbone, name, None) is not None
              for p in getattr(backbone, name).parameters()}
     elsewhere = {id(p) for n, p in backbone.named_parameters(remove_duplicate=False)
                  if n.split(".")[0] not in PRETRAINING_HEADS}
