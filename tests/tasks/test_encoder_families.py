@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as hf
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch.testing import assert_close
 
 from lmforge.cli import main
@@ -20,40 +19,6 @@ from lmforge.interop.model_dir import load_model_dir
 from lmforge.tasks import finetune
 
 hf.logging.set_verbosity_error()
-SPECIALS = {"roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-            "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
-
-
-def _base(path: Path, family: str, texts: list[str]) -> Path:
-    """A tiny random-init RobertaForMaskedLM / DistilBertForMaskedLM and its tokenizer, as
-    transformers' save_pretrained writes them."""
-    if family == "roberta":
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=SPECIALS[family],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        model = json.loads(bpe.to_str())["model"]
-        tok = hf.RobertaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
-        config = hf.RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
-                                  layer_norm_eps=1e-5, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id)
-        net = hf.RobertaForMaskedLM(config)
-    else:
-        wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        wp.train_from_iterator([t.lower() for t in texts], trainers.WordPieceTrainer(
-            vocab_size=800, special_tokens=SPECIALS[family]))
-        tok = hf.DistilBertTokenizer(vocab=wp.get_vocab())
-        config = hf.DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                     max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-        net = hf.DistilBertForMaskedLM(config)
-    torch.manual_seed(0)
-    net.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _wnut(shared_data: Path, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     """The first n sentences of WNUT-17's training file (as it is: its blank lines hold a tab),
     and their texts."""
@@ -94,8 +59,8 @@ def _same_logits_in_transformers(model_dir: Path, auto_class, texts, pairs=None)
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_classify(family, ag_news, fast, tmp_path):
-    base = _base(tmp_path / "base", family, ag_news["texts"])
+def test_classify(family, ag_news, hf_encoder_dir, fast, tmp_path):
+    base = hf_encoder_dir(tmp_path / "base", family, ag_news["texts"])
     out = tmp_path / "run"
     metrics = finetune("classify", base, ag_news["train"], ag_news["valid"], out, epochs=1, lr=1e-3, batch_size=32,
                        max_length=48, **fast)
@@ -109,9 +74,9 @@ def test_classify(family, ag_news, fast, tmp_path):
     _same_logits_in_transformers(out / "model", hf.AutoModelForSequenceClassification, texts)
 
 
-def test_classify_text_pairs_on_roberta(ag_news, write_csv, fast, tmp_path):
+def test_classify_text_pairs_on_roberta(ag_news, hf_encoder_dir, write_csv, fast, tmp_path):
     """Pairs as RoBERTa writes them (<s> A </s></s> B </s>, no segments), through the CLI."""
-    base = _base(tmp_path / "base", "roberta", ag_news["texts"])
+    base = hf_encoder_dir(tmp_path / "base", "roberta", ag_news["texts"])
     rows = [[t[:60], t[60:120], label] for t, label in zip(ag_news["texts"][:96], ["a", "b"] * 48)]
     data = write_csv(tmp_path / "pairs.csv", ["text", "text_pair", "label"], rows)
     code = main(["finetune", "classify", "--model", str(base), "--train", str(data), "--valid", str(data),
@@ -123,9 +88,9 @@ def test_classify_text_pairs_on_roberta(ag_news, write_csv, fast, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_ner(family, shared_data, fast, tmp_path):
+def test_ner(family, shared_data, hf_encoder_dir, fast, tmp_path):
     path, texts = _wnut(shared_data, tmp_path, 200)
-    base = _base(tmp_path / "base", family, texts)
+    base = hf_encoder_dir(tmp_path / "base", family, texts)
     metrics = finetune("ner", base, path, path, tmp_path / "run", epochs=1, lr=1e-3, batch_size=32, max_length=64,
                        **fast)
     assert 0 <= metrics["f1"] <= 1
@@ -136,10 +101,10 @@ def test_ner(family, shared_data, fast, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_qa(family, make_squad, fast, tmp_path):
+def test_qa(family, make_squad, hf_encoder_dir, fast, tmp_path):
     path = make_squad(tmp_path / "squad.json", 64, 0)
     examples = read_squad(path).examples
-    base = _base(tmp_path / "base", family, [ex.context + " " + ex.question for ex in examples])
+    base = hf_encoder_dir(tmp_path / "base", family, [ex.context + " " + ex.question for ex in examples])
     metrics = finetune("qa", base, path, path, tmp_path / "run", epochs=1, lr=1e-3, batch_size=16, max_length=96,
                        **fast)
     assert 0 <= metrics["f1"] <= 100
