@@ -119,11 +119,14 @@ def adapter_state(model: nn.Module, head: HeadSpec | None,
             transposed.add(target.transpose)
     saved = None
     if head is not None:
-        saved = []
+        names = []
         for module, name in _head_modules(model, arch):
-            saved.append(name)
+            names.append(name)
             for part, value in module.state_dict().items():
                 tensors[f"{KEY_PREFIX}{name}.{part}"] = value.detach().clone()
+        # peft saves whole modules: RoBERTa's classifier (dense + out_proj) is one of them
+        parents = {n.rpartition(".")[0] for n in names}
+        saved = sorted(parents) if len(names) > 1 and len(parents) == 1 and "" not in parents else names
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     dropout = next(iter(layers.values())).lora_dropout.p
