@@ -35,12 +35,24 @@ class LM(LoadedModel):
         """Continue each prompt (GPT) or transform each source (EncoderDecoder); returns the new
         text per prompt. Options: temperature, top_k, top_p, repetition_penalty,
         no_repeat_ngram_size, num_beams, length_penalty, num_return_sequences, stop, seed, ...
-        (see lmforge.generate.text.generate_text). temperature=0 (the default) is greedy."""
-        return generate_text(self.backbone, self._needs_tokenizer("generate"), prompts, max_new_tokens, **options)
+        (see lmforge.generate.text.generate_text). temperature=0 (the default) is greedy, unless
+        the model's generation_config.json asks for sampling (do_sample, temperature, top_k,
+        top_p, as transformers' generate applies them); options given here win."""
+        return generate_text(self.backbone, self._needs_tokenizer("generate"), prompts, max_new_tokens,
+                             **self._options(options))
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **options) -> Iterator[str]:
         """Yield the new text of one prompt piece by piece as it is generated."""
-        return stream_text(self.backbone, self._needs_tokenizer("stream"), prompt, max_new_tokens, **options)
+        return stream_text(self.backbone, self._needs_tokenizer("stream"), prompt, max_new_tokens,
+                           **self._options(options))
+
+    def _options(self, options: dict) -> dict:
+        """The model's own sampling defaults (generation_config.json) under the caller's options
+        (none of them for beam search or an explicit temperature=0: those are deterministic)."""
+        defaults = sampling_defaults(self.generation)
+        if options.get("num_beams", 1) > 1 or options.get("temperature") == 0:
+            defaults = {k: v for k, v in defaults.items() if k == "repetition_penalty"}
+        return {**defaults, **options}
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **options) -> str:
         """One assistant reply to chat messages [{"role": ..., "content": ...}], rendered with
@@ -64,7 +76,23 @@ class LM(LoadedModel):
         max_shard_size, as transformers does.
         """
         return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
-                              special=self.special, overwrite=overwrite, max_shard_size=max_shard_size)
+                              special=self.special, overwrite=overwrite, max_shard_size=max_shard_size,
+                              generation=self.generation)
+
+
+def sampling_defaults(generation: dict) -> dict:
+    """lmforge's generate options from generation_config.json's settings, with transformers'
+    meaning: do_sample turns sampling on (temperature 1 and top_k 50 unless set there);
+    a repetition penalty applies either way."""
+    out: dict = {}
+    if generation.get("do_sample"):
+        out["temperature"] = float(generation.get("temperature") or 1.0)
+        out["top_k"] = generation.get("top_k", 50) or None
+        if generation.get("top_p") is not None and generation["top_p"] < 1:
+            out["top_p"] = float(generation["top_p"])
+    if generation.get("repetition_penalty") not in (None, 1, 1.0):
+        out["repetition_penalty"] = float(generation["repetition_penalty"])
+    return out
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
@@ -78,7 +106,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
         loaded.model, loaded.head = load_adapter(loaded.model, loaded.head, adapter)
         merge_lora(loaded.model)
     dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path)
+    lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path, loaded.generation)
     return lm.to(device, dtype)
 
 

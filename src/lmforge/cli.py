@@ -117,10 +117,11 @@ def _generate_args(p: ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="interactive chat with the model's chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default: greedy, or the model's generation_config.json sampling settings)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=1.0)
@@ -131,8 +132,9 @@ def _generate_args(p: ArgumentParser) -> None:
 
 def _generate(a: Namespace) -> None:
     lm = _load(a)
-    options = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                   no_repeat_ngram_size=a.no_repeat_ngram_size, stop=a.stop or None, seed=a.seed)
+    given = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty)
+    options = dict({k: v for k, v in given.items() if v is not None}, no_repeat_ngram_size=a.no_repeat_ngram_size,
+                   stop=a.stop or None, seed=a.seed)
     if a.chat:
         return _chat_loop(lm, a.max_new_tokens, options)
     if not a.prompt:

@@ -100,6 +100,15 @@ class Tokenizer:
             self.special_tokens[role] = token
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        # Ids that also end generation besides EOS: an instruct model's end-of-turn tokens, from
+        # its generation_config.json (lmforge.interop.model_dir sets them on load).
+        self.end_ids: list[int] = []
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends generation: EOS first, then end_ids."""
+        first = [] if self.eos_id is None else [self.eos_id]
+        return first + [i for i in self.end_ids if i not in first]
 
     @property
     def model_input_names(self) -> list[str]:

@@ -55,7 +55,8 @@ class GenerationConfig:
         length_penalty: finished beams score sum_logprobs / length ** length_penalty.
         early_stopping: beam search stop rule, as transformers: True, False or "never".
         num_return_sequences: outputs per prompt (samples, or the best beams).
-        eos_token_id: a row stops after emitting it (None: only max_new_tokens stops).
+        eos_token_id: a row stops after emitting it, or any of a list of them (an instruct model's
+            end of text and end of turn; None: only max_new_tokens stops).
         pad_token_id: emitted by finished rows (None: eos_token_id, else 0).
         decoder_start_token_id: first decoder token of an EncoderDecoder (None: from its config).
         forced_bos_token_id: force the first generated token (BART-style configs).
@@ -76,7 +77,7 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
     forced_bos_token_id: int | None = None
@@ -114,7 +115,20 @@ class GenerationConfig:
     def pad_id(self) -> int:
         if self.pad_token_id is not None:
             return self.pad_token_id
-        return self.eos_token_id if self.eos_token_id is not None else 0
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """eos_token_id as a list (empty for None)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def is_eos(self, tokens: Tensor) -> Tensor:
+        """tokens (...) -> bool (...): which are an end-of-sequence id (all False without one)."""
+        ids = self.eos_ids
+        if len(ids) <= 1:
+            return tokens == ids[0] if ids else torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, torch.tensor(ids, device=tokens.device))
 
 
 @dataclass
@@ -369,7 +383,7 @@ def _process(scores: Tensor, context: Tensor, context_mask: Tensor, length: int,
         scores = sampling.ban_repeated_ngrams(scores, context[:, :length], context_mask[:, :length],
                                               cfg.no_repeat_ngram_size)
     if cfg.eos_token_id is not None and t < cfg.min_new_tokens:
-        scores = sampling.suppress_tokens(scores, cfg.eos_token_id)
+        scores = sampling.suppress_tokens(scores, cfg.eos_ids)
     if cfg.forced_bos_token_id is not None and t == 0:
         scores = sampling.force_token(scores, cfg.forced_bos_token_id)
     if cfg.forced_eos_token_id is not None and t == cfg.max_new_tokens - 1:
@@ -429,7 +443,7 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
             tokens = _choose(scores, cfg, generator)
             if cfg.eos_token_id is not None:
                 tokens = tokens.masked_fill(finished, cfg.pad_id)
-                finished |= tokens == cfg.eos_token_id
+                finished |= cfg.is_eos(tokens)
             if needs_context:
                 context[:, L0 + t] = tokens
             if cfg.logprobs or cfg.top_logprobs:
@@ -451,7 +465,7 @@ def _stack_steps(steps: list[Step], cfg: GenerationConfig) -> GenerationOutput:
     T = tokens.size(1)
     lengths = torch.full((tokens.size(0),), T, dtype=torch.long, device=tokens.device)
     if cfg.eos_token_id is not None:
-        is_eos = tokens == cfg.eos_token_id
+        is_eos = cfg.is_eos(tokens)
         first = is_eos.long().argmax(dim=1)
         lengths = torch.where(is_eos.any(dim=1), first + 1, lengths)
         # sync_every > 1 may run a few steps past the end of the longest row: trim them.
@@ -538,8 +552,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
             cand = _gather_beams(seqs, src)  # (B, K, L)
             cand[:, :, cur] = tok
             last = t == cfg.max_new_tokens - 1
-            hits = torch.ones_like(tok, dtype=torch.bool) if last else (
-                tok == cfg.eos_token_id if cfg.eos_token_id is not None else torch.zeros_like(tok, dtype=torch.bool))
+            hits = torch.ones_like(tok, dtype=torch.bool) if last else cfg.is_eos(tok)
             # Running beams: the best nb candidates that did not just finish.
             run_lp = top_lp + hits.float() * -BIG
             keep = torch.topk(run_lp, nb, dim=-1).indices

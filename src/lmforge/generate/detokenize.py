@@ -65,8 +65,9 @@ class Detokenizer:
     `generate_text` cuts it.
     """
 
-    def __init__(self, index: int, tokenizer: Any, eos: int | None, stop: list[str]) -> None:
-        self.index, self.tokenizer, self.eos, self.stop = index, tokenizer, eos, stop
+    def __init__(self, index: int, tokenizer: Any, eos: int | list[int] | None, stop: list[str]) -> None:
+        self.index, self.tokenizer, self.stop = index, tokenizer, stop
+        self.eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)  # ids that end it
         self.ids: list[int] = []
         self.infos: list[TokenInfo] = []
         self.text = ""  # decoded text at the last clean point
@@ -81,7 +82,7 @@ class Detokenizer:
         if self.finish_reason:
             return None
         self.count += 1
-        if info.id == self.eos:
+        if info.id in self.eos:
             return self.finish("stop")
         self.ids.append(info.id)
         self.infos.append(info)

@@ -58,18 +58,25 @@ def encode_prompts(model: nn.Module, tokenizer: Any, prompts: list[str], device:
     return input_ids.to(device), mask.to(device)
 
 
-def _row_text(tokenizer: Any, ids: list[int], eos: int | None, stop: list[str] | None) -> str:
-    """New token ids of one row -> text, cut at EOS and at the first stop string."""
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
+def _row_text(tokenizer: Any, ids: list[int], eos: list[int], stop: list[str] | None) -> str:
+    """New token ids of one row -> text, cut at the first EOS and at the first stop string."""
+    ids = next((ids[:i] for i, token in enumerate(ids) if token in eos), ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = find_stop(text, stop)
     return text if cut is None else text[:cut]
 
 
+def end_ids(tokenizer: Any) -> list[int]:
+    """The ids that end generation: the tokenizer's eos_ids (EOS and, for instruct models,
+    the end-of-turn ids of generation_config.json), else its eos_id."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids is None:
+        ids = [] if getattr(tokenizer, "eos_id", None) is None else [tokenizer.eos_id]
+    return list(ids)
+
+
 def _config(tokenizer: Any, **options) -> GenerationConfig:
-    return GenerationConfig(eos_token_id=getattr(tokenizer, "eos_id", None), pad_token_id=_pad_id(tokenizer),
-                            **options)
+    return GenerationConfig(eos_token_id=end_ids(tokenizer) or None, pad_token_id=_pad_id(tokenizer), **options)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -123,7 +130,7 @@ def generate_text(
     else:
         out = generate(model, input_ids, mask, cfg, generator=_generator(seed, device), decode_step=decode_step)
         rows = out.tokens.tolist()
-    texts = [_row_text(tokenizer, ids, cfg.eos_token_id, stop) for ids in rows]
+    texts = [_row_text(tokenizer, ids, cfg.eos_ids, stop) for ids in rows]
     if num_return_sequences == 1:
         return texts
     R = num_return_sequences
@@ -144,7 +151,7 @@ def _generate_until_stop(model: nn.Module, tokenizer: Any, input_ids: Tensor, ma
             if done[i]:
                 continue
             rows[i].append(tok)
-            done[i] = tok == cfg.eos_token_id or find_stop(tokenizer.decode(rows[i]), stop) is not None
+            done[i] = tok in cfg.eos_ids or find_stop(tokenizer.decode(rows[i]), stop) is not None
         if all(done):
             break
     return rows
@@ -183,11 +190,11 @@ def stream_text(
     input_ids, mask = encode_prompts(model, tokenizer, [prompt], device, add_special_tokens)
     steps = iter_generate(model, input_ids, mask, cfg, generator=_generator(seed, device), decode_step=decode_step)
     # host sync: streaming hands every token to the host as soon as it exists
-    yield from detokenize_stream(tokenizer, (int(step.tokens[0]) for step in steps), eos_id=cfg.eos_token_id,
+    yield from detokenize_stream(tokenizer, (int(step.tokens[0]) for step in steps), eos_id=cfg.eos_ids,
                                  stop=stop)
 
 
-def detokenize_stream(tokenizer: Any, token_ids: Iterable[int], *, eos_id: int | None = None,
+def detokenize_stream(tokenizer: Any, token_ids: Iterable[int], *, eos_id: int | list[int] | None = None,
                       stop: list[str] | None = None) -> Iterator[str]:
     """Turn a stream of token ids into a stream of text pieces (lmforge.generate.detokenize's
     Detokenizer): a piece is yielded once the text decodes cleanly and cannot still turn into

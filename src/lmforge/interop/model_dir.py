@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,9 @@ class LoadedModel:
     tokenizer: a Tokenizer, or None when the directory had no tokenizer files;
     head: the HeadSpec of a task head, or None;
     special: bos/eos/pad token ids known from the checkpoint (used when there is no tokenizer);
-    path: where it was loaded from (None for a model built in memory).
+    path: where it was loaded from (None for a model built in memory);
+    generation: the settings of its generation_config.json (GENERATION_KEYS; Hugging Face's
+        names): several eos ids, default sampling. Written back on save.
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class LoadedModel:
     head: HeadSpec | None = None
     special: dict[str, int | None] = field(default_factory=dict)
     path: Path | None = None
+    generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json's settings
 
     @property
     def backbone(self) -> nn.Module:
@@ -110,17 +114,62 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None) 
     """`load_model_dir` (a directory or a Hub id), as a LoadedModel."""
     local = local_dir(path)
     model, head, tokenizer, special = load_model_dir(local, dtype)
-    return LoadedModel(model, tokenizer, head, dict(special), local)
+    generation = read_generation_config(local)
+    eos = generation.get("eos_token_id", special.get("eos_token_id"))
+    if tokenizer is not None and isinstance(eos, list):  # e.g. end of text and end of turn
+        tokenizer.end_ids = [int(i) for i in eos]
+    return LoadedModel(model, tokenizer, head, dict(special), local, generation)
+
+
+GENERATION_FILE = "generation_config.json"
+# The settings of generation_config.json lmforge reads, keeps and writes back.
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                   "forced_eos_token_id", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                   "no_repeat_ngram_size", "max_new_tokens")
+
+
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    """generation_config.json's settings (GENERATION_KEYS), {} when there is none."""
+    file = directory / GENERATION_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    eos = data.get("eos_token_id")
+    if not (eos is None or isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(i, int) for i in eos))):
+        raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return {k: data[k] for k in GENERATION_KEYS if k in data}
+
+
+def generation_file(model: nn.Module, tokenizer: Tokenizer | None, special: dict[str, int | None],
+                    generation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What generation_config.json says for a model that generates (None for an encoder):
+    the settings it came with, its special ids, every end id of its tokenizer."""
+    config = getattr(model, "backbone", model).config
+    if family_of(config) == "bert":
+        return None
+    out = {**(generation or {}), **{k: v for k, v in special.items() if v is not None}}
+    if tokenizer is not None and len(tokenizer.eos_ids) > 1:
+        out["eos_token_id"] = tokenizer.eos_ids
+    if family_of(config) == "encdec":
+        out.setdefault("decoder_start_token_id", config.decoder_start_token_id)
+    return out
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec | None = None,
                    tokenizer: Tokenizer | None = None, format: str = "lmforge",
                    special: dict[str, int | None] | None = None, overwrite: bool = False,
-                   max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+                   max_shard_size: int | str = MAX_SHARD_SIZE, generation: dict[str, Any] | None = None) -> Path:
     """Write a model directory (a crash leaves any previous one intact). Replacing a model
     directory replaces its model files and nothing else; a non-empty directory that is not a
     model directory is refused (OwnershipError) unless overwrite (see lmforge.files).
-    format="hf" shards weights above max_shard_size ("5GB", "500MB") as transformers does."""
+    format="hf" shards weights above max_shard_size ("5GB", "500MB") as transformers does.
+    A model that generates gets generation_config.json (its `generation` settings, special
+    ids and every end id of the tokenizer), which transformers' generate reads."""
     if format not in ("lmforge", "hf"):
         raise ValueError(f"format must be 'lmforge' or 'hf', got {format!r}")
     path = Path(path)
@@ -139,6 +188,9 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
                 "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special,
                 "untrained": sorted(missing), **({"read_as": read_as(backbone)} if read_as(backbone) else {})})
             save_weights(model, tmp / "model.safetensors")
+        gen = generation_file(model if head is None else backbone, tokenizer, special, generation)
+        if gen is not None:
+            atomic_write_json(tmp / GENERATION_FILE, gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return path

@@ -43,6 +43,7 @@ from torch import nn
 
 from lmforge.generate import GenerationConfig, iter_generate
 from lmforge.generate.detokenize import INCOMPLETE, Detokenizer, Piece, TokenInfo, token_bytes
+from lmforge.generate.text import end_ids
 from lmforge.models.encdec import EncoderDecoder
 from lmforge.models.gpt import GPT
 
@@ -203,7 +204,7 @@ class Engine:
         return GenerationConfig(max_new_tokens=request.max_tokens, temperature=request.temperature,
                                 top_k=request.top_k or None, top_p=request.top_p,
                                 repetition_penalty=request.repetition_penalty, num_return_sequences=request.n,
-                                eos_token_id=tok.eos_id, pad_token_id=pad,
+                                eos_token_id=end_ids(tok) or None, pad_token_id=pad,
                                 logprobs=request.logprobs or request.top_logprobs > 0,
                                 top_logprobs=request.top_logprobs)
 
@@ -326,7 +327,7 @@ class Engine:
         generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed)
         input_ids = torch.tensor([req.prompts[p]], dtype=torch.long, device=self.device)
         steps = iter_generate(self.model, input_ids, torch.ones_like(input_ids), cfg, generator=generator)
-        rows = [Detokenizer(p * req.n + j, self.tokenizer, self.tokenizer.eos_id, req.stop) for j in range(req.n)]
+        rows = [Detokenizer(p * req.n + j, self.tokenizer, end_ids(self.tokenizer), req.stop) for j in range(req.n)]
         self._running.append(_Sequence(job, p, steps, rows))
 
     def _advance(self, seq: _Sequence) -> None:
