@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: config maps and state-dict maps.
 
 Each supported model_type is a `Family` (lmforge.interop.families: gpt2, the Llama
-variants, bert, roberta, xlm-roberta, distilbert, bart): a config translation both ways and a list of `Rule`s pairing an
-lmforge tensor with the Hugging Face tensor(s) it is made of; this module runs them.
+variants, bert, roberta, xlm-roberta, distilbert, bart): a config translation both ways
+and a list of `Rule`s pairing an lmforge tensor with the Hugging Face tensor(s) it is made
+of; this module runs them.
 Hugging Face's names appear only here and in the families. Conversion is strict:
 every tensor of the checkpoint must be used and every tensor of the model filled
 (except heads that a checkpoint may lack, which are reported as freshly
