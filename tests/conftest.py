@@ -1,7 +1,9 @@
 """Shared by every test: one torch thread per xdist worker, a fixed seed, the shared datasets;
-and the tiny models, in-memory batches and run configs of the training tests (tests/train/)
-and the CUDA tests (tests/cuda/)."""
+the tiny models, in-memory batches and run configs of the training tests (tests/train/)
+and the CUDA tests (tests/cuda/); tiny RoBERTa and DistilBERT directories as transformers
+writes them."""
 
+import json
 import os
 from pathlib import Path
 
@@ -97,6 +99,51 @@ def encdec():
                                              "n_heads": 2, "dropout": 0.0, "pad_token_id": 0,
                                              "decoder_start_token_id": 2, **kw}))
     return make
+
+
+ENCODER_SPECIALS = {"roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                    "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+
+
+def _hf_encoder_dir(path: Path, family: str, texts: list[str], max_seq_len: int = 128) -> Path:
+    """A tiny random-init RobertaForMaskedLM / DistilBertForMaskedLM and its tokenizer, as
+    transformers' save_pretrained writes them."""
+    hf = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    torch.manual_seed(0)
+    if family == "roberta":
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=ENCODER_SPECIALS[family],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        model = json.loads(bpe.to_str())["model"]
+        tok = hf.RobertaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+        config = hf.RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=max_seq_len + 2, type_vocab_size=1,
+                                  layer_norm_eps=1e-5, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id)
+        net = hf.RobertaForMaskedLM(config)
+    else:
+        wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        wp.train_from_iterator([t.lower() for t in texts], trainers.WordPieceTrainer(
+            vocab_size=800, special_tokens=ENCODER_SPECIALS[family]))
+        tok = hf.DistilBertTokenizer(vocab=wp.get_vocab())
+        config = hf.DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=max_seq_len, pad_token_id=tok.pad_token_id)
+        net = hf.DistilBertForMaskedLM(config)
+    net.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def hf_encoder_dir():
+    """hf_encoder_dir(path, "roberta" | "distilbert", texts) -> a tiny random-init
+    RobertaForMaskedLM / DistilBertForMaskedLM directory with a tokenizer trained on `texts`,
+    as transformers' save_pretrained writes them."""
+    return _hf_encoder_dir
 
 
 @pytest.fixture

@@ -32,13 +32,21 @@ TINY = {
                   norm="rmsnorm", positions="rope", mlp="swiglu", bias=False),
 }
 
+# The encoders after BERT, as BertConfig variants.
+ENCODERS = {
+    "roberta": dict(positions="learned_skip_pad", type_vocab_size=1, pad_token_id=1, nsp=False),
+    "distilbert": dict(type_vocab_size=0, pooler=False, nsp=False),
+    "distilbert-sinusoidal": dict(type_vocab_size=0, pooler=False, nsp=False, positions="sinusoidal"),
+}
+
 
 def tiny(kind: str, **over):
     """Tiny configs of every family, built from presets with small overrides."""
     if kind in TINY:
         return preset("gpt-tiny", **{**TINY[kind], **over})
-    if kind == "bert":
-        return preset("bert-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4, **over})
+    if kind in ("bert", *ENCODERS):
+        return preset("bert-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4,
+                                      **ENCODERS.get(kind, {}), **over})
     if kind == "t5":  # T5 v1.1's layout: gated GELU, untied head; heads narrower than dim / n_heads
         return preset("t5-tiny", **{"vocab_size": 300, "max_seq_len": 64, "dim": 32, "n_heads": 4, "head_dim": 6,
                                     "hidden_dim": 48, "relative_buckets": 8, **over})
@@ -70,6 +78,14 @@ def test_parameter_counts_of_custom_gpt_configs(over):
     assert make_plan(config, seq_len=8).params["total"] == count_params(build(config))
 
 
+@pytest.mark.parametrize("kind", sorted(ENCODERS))
+def test_encoder_variants_count_exactly(kind):
+    config = tiny(kind)
+    p = make_plan(config, seq_len=8).params
+    assert p["total"] == count_params(build(config))
+    assert p["without_positions"] == count_params(build(config), positions=False)
+
+
 def test_encdec_variants_count_exactly():
     for over in (dict(norm_style="pre", n_decoder_layers=3),
                  dict(positions="sinusoidal", embed_norm=False, bias=False)):
@@ -84,7 +100,7 @@ def _counted_flops(model: nn.Module, arch, shape: Shape, ce_chunk: int) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5", *ENCODERS])
 @pytest.mark.parametrize("ce_chunk", [0, 16])
 def test_matmul_flops_equal_flop_counter(kind, ce_chunk):
     """With the reference attention (explicit matmuls) every FLOP is a counted GEMM, and
@@ -153,7 +169,7 @@ def _saved_bytes(model: nn.Module, arch, shape: Shape, lowp: bool, ce_chunk: int
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "bert", "encdec", "t5", *ENCODERS])
 @pytest.mark.parametrize("precision,ce_chunk", [("fp32", 0), ("bf16", 0), ("fp32", 16), ("bf16", 16)])
 def test_activation_bytes_equal_saved_tensors(kind, precision, ce_chunk):
     """Every tensor autograd keeps for backward, by storage: predicted equals measured up

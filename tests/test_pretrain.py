@@ -1,4 +1,5 @@
 import importlib.resources
+import json
 import math
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_model_config_rederives_what_the_preset_derived(tmp_path):
     ({"model.overrides": {"dimm": 3}}, r"unknown gpt model field\(s\) \['dimm'\]"),
     ({"data.seq_len": 1024}, r"data.seq_len \(1024\) is longer than the model's max_seq_len \(256\)"),
     ({"model.preset": "gpt-tiny", "model.family": "bert"}, "model.family is 'bert'"),
+    ({"model.preset": "roberta-base", "train.objective": "mlm+nsp"}, "'roberta-base' has not .*objective mlm"),
 ])
 def test_model_config_errors_name_the_field(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -63,6 +65,17 @@ def test_pretrain_each_objective_on_synthetic_tokens(tmp_path, objective, preset
     if objective == "mlm+nsp":
         assert 0 <= result["val_nsp_acc"] <= 1 and "val_nsp_loss" in result
     assert checkpoint.verify(result["checkpoint"])["step"] == 4
+
+
+@pytest.mark.parametrize("preset, exported", [("roberta-base", "RobertaForMaskedLM"),
+                                              ("distilbert-base", "DistilBertForMaskedLM")])
+def test_pretrain_mlm_encoders_after_bert(tmp_path, preset, exported):
+    cfg = _config(tmp_path, **{"data.synthetic": True, "train.objective": "mlm", "model.preset": preset,
+                               "model.overrides": {**TINY, "vocab_size": 96}})
+    result = pretrain(cfg)
+    assert abs(result["val_loss"] - math.log(96)) < 0.3
+    written = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert written["architectures"] == [exported]
 
 
 def test_synthetic_batches_resume_exactly():

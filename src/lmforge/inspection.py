@@ -36,7 +36,13 @@ from lmforge.models.bert import Bert
 from lmforge.models.encdec import EncoderDecoder, EncoderDecoderBase
 from lmforge.models.gpt import GPT
 from lmforge.models.t5 import T5
-from lmforge.nn.position import RelativePositionBias, RotaryPositions, SinusoidalPositions, apply_rope
+from lmforge.nn.position import (
+    PaddingSkippingPositions,
+    RelativePositionBias,
+    RotaryPositions,
+    SinusoidalPositions,
+    apply_rope,
+)
 
 LN2 = math.log(2.0)
 
@@ -449,7 +455,7 @@ def position_pictures(model: nn.Module, path_prefix: str | os.PathLike, *,
                       max_positions: int | None = None) -> list[Path]:
     """Pictures of how `model` encodes position, written as `{path_prefix}_*.png`.
 
-    learned (GPT-2, Bert, BART encoder and decoder): the (P, D) table as a heatmap and the
+    learned (GPT-2, Bert, RoBERTa, BART encoder and decoder): the (P, D) table as a heatmap and the
         (P, P) cosine similarity between positions (trained tables show a bright band:
         nearby positions get similar vectors);
     sinusoidal: the fixed table and its similarity (a Toeplitz matrix: it depends only on
@@ -463,26 +469,38 @@ def position_pictures(model: nn.Module, path_prefix: str | os.PathLike, *,
     model, prefix = _unwrap(model), str(path_prefix)
     if isinstance(model, T5):
         return _relative_bias_pictures(model, max_positions, prefix)
-    if isinstance(model, GPT):
-        if model.rope is not None:
-            n = min(model.rope.cos.size(0), max_positions or model.rope.cos.size(0))
-            return _rope_pictures(model.rope, n, prefix)
+    if isinstance(model, GPT) and model.rope is not None:
+        n = min(model.rope.cos.size(0), max_positions or model.rope.cos.size(0))
+        return _rope_pictures(model.rope, n, prefix)
+    paths = []
+    for name, table in position_tables(model).items():
+        paths += _table_pictures(name, table[:max_positions].cpu(), prefix)
+    return paths
+
+
+def position_tables(model: nn.Module) -> dict[str, Tensor]:
+    """The (P, D) vector of each position 0, 1, ... a model adds to its token embeddings, by
+    name ("learned", "sinusoidal", "encoder_learned", ...); rows never used as a position are
+    left out (BART's 2 reserved rows; RoBERTa's rows up to its padding id). A rotary GPT has none."""
+    model = _unwrap(model)
+    if isinstance(model, GPT | Bert):
+        if model.pos_emb is None:
+            return {}
         tables = {"sinusoidal" if isinstance(model.pos_emb, SinusoidalPositions) else "learned": model.pos_emb}
-    elif isinstance(model, Bert):
-        tables = {"learned": model.pos_emb}
     elif isinstance(model, EncoderDecoder):
         if isinstance(model.encoder.pos_emb, SinusoidalPositions):
             tables = {"sinusoidal": model.encoder.pos_emb}  # one fixed table for both stacks
         else:
             tables = {"encoder_learned": model.encoder.pos_emb, "decoder_learned": model.decoder.pos_emb}
     else:
-        raise TypeError(f"expected a GPT, Bert, EncoderDecoder or T5 model, got {type(model).__name__}")
-    offset = model.encoder.offset if isinstance(model, EncoderDecoder) else 0  # BART's 2 reserved rows
-    paths = []
-    for name, module in tables.items():
-        table = module.table if isinstance(module, SinusoidalPositions) else module.weight[offset:]
-        paths += _table_pictures(name, table[:max_positions].cpu(), prefix)
-    return paths
+        raise TypeError(f"expected a GPT, Bert or EncoderDecoder model, got {type(model).__name__}")
+    offset = 0
+    if isinstance(model, EncoderDecoder):
+        offset = model.encoder.offset  # BART's 2 reserved rows
+    elif isinstance(model, Bert) and isinstance(model.pos_emb, PaddingSkippingPositions):
+        offset = model.pos_emb.pad_id + 1  # RoBERTa's first real token sits at pad_id + 1
+    return {name: (m.table if isinstance(m, SinusoidalPositions) else m.weight[offset:]).detach()
+            for name, m in tables.items()}
 
 
 # ---------------------------------------------------------------- what the CLI calls

@@ -77,6 +77,9 @@ def model_config(config: RunConfig, **data_overrides: Any) -> ModelConfig:
         cfg = type(base).from_dict({**base.to_dict(), **fields})
     else:
         cfg = preset(spec.preset, **fields) if spec.preset else type(base).from_dict(fields)
+    if objective == "mlm+nsp" and not cfg.nsp:
+        raise ValueError(f"train.objective 'mlm+nsp' needs a next-sentence head, which {named or 'this model'!r} has "
+                         "not (model.nsp is false, as in RoBERTa and DistilBERT): use train.objective mlm")
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len ({config.data.seq_len}) is longer than the model's max_seq_len "
                          f"({cfg.max_seq_len})")

@@ -42,6 +42,10 @@ _DEFAULT_SPECIALS: dict[str, dict[str, str]] = {
     "wordpiece": {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
     "unigram": {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "mask": "<mask>"},
 }
+# transformers tokenizer classes whose inputs have no token_type_ids even where their pipeline
+# marks a second segment (DistilBERT's is BERT's, and its model takes no segments).
+_NO_SEGMENT_CLASSES = {f"{name}{fast}" for name in ("DistilBertTokenizer", "RobertaTokenizer", "XLMRobertaTokenizer")
+                       for fast in ("", "Fast")}
 _NO_MAX_LENGTH = 10**12  # transformers writes a huge number (1e30) for "no limit"
 
 
@@ -109,9 +113,12 @@ class Tokenizer:
     @property
     def model_input_names(self) -> list[str]:
         """What transformers' tokenizer returns: token_type_ids too when the tokenizer marks a
-        second segment (BERT's sentence pairs), as lmforge's own tasks feed them."""
+        second segment (BERT's sentence pairs), as lmforge's own tasks feed them, unless its
+        transformers class leaves them out (DistilBERT's, RoBERTa's)."""
         if "model_input_names" in self.hf_config:
             return list(self.hf_config["model_input_names"])
+        if self.hf_config.get("tokenizer_class") in _NO_SEGMENT_CLASSES:
+            return ["input_ids", "attention_mask"]
         processor = type(self.backend.post_processor).__name__
         marks = processor in ("TemplateProcessing", "BertProcessing") and any(self.backend.encode("a", "b").type_ids)
         return ["input_ids", *(["token_type_ids"] if marks else []), "attention_mask"]
@@ -220,6 +227,9 @@ class Tokenizer:
                                         "vocab.json + merges.txt, or vocab.txt)")
         if chosen.name == "vocab.json":
             backend = _load_gpt2_files(chosen, directory / "merges.txt")
+            if specials.get("cls") and specials.get("sep"):  # RoBERTa's files: <s> A </s></s> B </s>
+                _roberta_pipeline(backend, specials["cls"], specials["sep"], bool(config.get("add_prefix_space")),
+                                  bool(config.get("trim_offsets", True)))
         elif chosen.suffix == ".txt":
             backend, bert_specials = _load_bert_vocab(chosen, bool(config.get("do_lower_case", True)), specials)
             specials = {**bert_specials, **specials}
@@ -322,6 +332,17 @@ def _load_gpt2_files(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
         raise ValueError(f"{vocab} / {merges}: not a valid BPE vocabulary ({e})") from None
     _byte_level_pipeline(backend)
     return backend
+
+
+def _roberta_pipeline(backend: tokenizers.Tokenizer, cls: str, sep: str, add_prefix_space: bool,
+                      trim_offsets: bool) -> None:
+    """Byte-level BPE with RoBERTa's templates: <s> A </s> and <s> A </s></s> B </s>, one segment."""
+    cls_id, sep_id = backend.token_to_id(cls), backend.token_to_id(sep)
+    if cls_id is None or sep_id is None:
+        return
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.post_processor = processors.RobertaProcessing((sep, sep_id), (cls, cls_id), trim_offsets=trim_offsets,
+                                                          add_prefix_space=add_prefix_space)
 
 
 def _load_bert_vocab(vocab: Path, lowercase: bool, specials: Mapping[str, str]) -> tuple[tokenizers.Tokenizer, dict]:

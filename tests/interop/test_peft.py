@@ -126,6 +126,54 @@ def test_classifier_adapter_carries_its_head(tmp_path):
     assert_close(_outputs(again.model, "cls"), ours, atol=1e-4, rtol=1e-4)
 
 
+def _roberta_cfg(**kw):
+    return hf.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=66, type_vocab_size=1, hidden_dropout_prob=0,
+                            attention_probs_dropout_prob=0, **kw)
+
+
+def _distilbert_cfg(**kw):
+    return hf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+                               dropout=0, attention_dropout=0, **kw)
+
+
+@pytest.mark.parametrize("family, saved", [("roberta", ["classifier"]),
+                                           ("distilbert", ["pre_classifier", "classifier"])])
+def test_encoder_classifier_adapter_carries_its_two_layer_head(family, saved, tmp_path):
+    """RoBERTa's head is classifier.dense + classifier.out_proj (one module to peft),
+    DistilBERT's pre_classifier + classifier: both layers travel with the adapter."""
+    make = (hf.RobertaModel, _roberta_cfg) if family == "roberta" else (hf.DistilBertModel, _distilbert_cfg)
+    base = _save_base(make[0](make[1]()), tmp_path / "base")
+    lm = lmforge.load(base)
+    head = HeadSpec("sequence-classification", ["a", "b", "c"], "cls", hidden="tanh" if family == "roberta" else "relu")
+    model = attach_head(lm.model, head).eval()
+    apply_lora(model.backbone, ["wqkv", "wo"], rank=2, alpha=4)
+    _as_trained(model)
+    ours = _outputs(model, "cls")
+    out = save_adapter(model, head, tmp_path / "adapter", base_model=str(base))
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == saved
+    hf_base = hf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    theirs = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    assert_close(ours, _theirs(theirs, "cls"), atol=1e-4, rtol=1e-4)
+    again = lmforge.load(base, adapter=out)
+    assert again.head.hidden == head.hidden
+    assert_close(_outputs(again.model, "cls"), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_roberta_classifier_loads_with_its_whole_head(tmp_path):
+    model = hf.RobertaForSequenceClassification(_roberta_cfg(num_labels=4))
+    base = _save_base(model, tmp_path / "base")
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False,
+                                                        target_modules=["query", "value"])).eval()
+    with torch.no_grad():
+        for p in theirs.base_model.model.classifier.modules_to_save["default"].parameters():
+            p.normal_()  # a trained head: dense and out_proj
+    theirs.save_pretrained(tmp_path / "adapter")
+    lm = lmforge.load(base, adapter=tmp_path / "adapter")
+    assert_close(_outputs(lm.model, "cls"), _theirs(theirs, "cls"), atol=1e-4, rtol=1e-4)
+
+
 PEFT_CASES = {  # name: (transformers model, peft LoraConfig options)
     "llama-q-v": (_llama, dict(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
                                                                                           "down_proj"])),

@@ -73,6 +73,58 @@ def test_bert_padding_does_not_change_real_positions():
     assert not torch.allclose(model.encode(changed)[:, 0], hidden[:, 0])
 
 
+def _roberta():
+    return build(preset("bert-tiny", vocab_size=200, dim=32, n_heads=4, max_seq_len=32, positions="learned_skip_pad",
+                        type_vocab_size=1, pad_token_id=1, nsp=False)).eval()
+
+
+def test_roberta_positions_skip_padding_on_either_side():
+    """RoBERTa numbers real tokens from pad_id + 1 and gives padding pad_id, so a sequence
+    encodes the same with padding on the right or on the left."""
+    model = _roberta()
+    assert model.pos_emb.weight.shape == (32 + 2, 32)
+    ids = torch.randint(5, 200, (1, 7))
+    pad = torch.ones(1, 3, dtype=torch.long)
+    right, left = torch.cat([ids, pad], 1), torch.cat([pad, ids], 1)
+    assert model.position_ids(right).tolist() == [[2, 3, 4, 5, 6, 7, 8, 1, 1, 1]]
+    assert model.position_ids(left).tolist() == [[1, 1, 1, 2, 3, 4, 5, 6, 7, 8]]
+    mask = right.ne(1).long()
+    alone = model.encode(ids)
+    assert_close(model.encode(right, mask)[:, :7], alone, atol=1e-5, rtol=1e-5)
+    assert_close(model.encode(left, left.ne(1).long())[:, 3:], alone, atol=1e-5, rtol=1e-5)
+    # one segment: token types (a RoBERTa tokenizer's pairs may mark 1s) change nothing
+    assert_close(model.encode(ids, token_type_ids=torch.ones_like(ids)), alone)
+    assert model.nsp_head is None and model.pooler is not None
+    with pytest.raises(ValueError, match="no next-sentence head"):
+        model.nsp_logits(alone)
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_distilbert_shape_encoder_has_no_segments_nor_pooler(positions):
+    model = build(preset("bert-tiny", vocab_size=200, dim=32, n_heads=4, max_seq_len=32, type_vocab_size=0,
+                         pooler=False, nsp=False, positions=positions)).eval()
+    assert model.type_emb is None and model.pooler is None
+    assert ("pos_emb.weight" in model.state_dict()) == (positions == "learned")
+    ids = torch.randint(5, 200, (2, 9))
+    assert_close(model.encode(ids, token_type_ids=torch.ones_like(ids)), model.encode(ids))
+    assert model(ids).shape == (2, 9, 200)
+    with pytest.raises(ValueError, match="pooler"):
+        attach_head(model, HeadSpec("sequence-classification", ["a", "b"], "pooler"))
+    head = attach_head(model, HeadSpec("sequence-classification", ["a", "b"], "cls", hidden="relu")).eval()
+    assert head(ids).shape == (2, 2) and head.hidden.dense.weight.shape == (32, 32)
+
+
+def test_encoder_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="nsp"):
+        BertConfig(pooler=False)
+    with pytest.raises(ValueError, match="positions"):
+        BertConfig(positions="rope")
+    with pytest.raises(ValueError, match="type_vocab_size"):
+        BertConfig(type_vocab_size=-1)
+    with pytest.raises(ValueError, match="HeadSpec.hidden"):
+        HeadSpec("span", hidden="tanh")
+
+
 def test_encdec_padding_and_contract():
     model = _bart()
     src = torch.randint(3, 200, (1, 9))

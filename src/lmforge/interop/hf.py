@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: config maps and state-dict maps.
 
 Each supported model_type is a `Family` (lmforge.interop.families: gpt2, the Llama
-variants, bert, bart, t5): a config translation both ways and a list of `Rule`s pairing an
-lmforge tensor with the Hugging Face tensor(s) it is made of; this module runs them.
+variants, bert, roberta, xlm-roberta, distilbert, bart, t5): a config translation both
+ways and a list of `Rule`s pairing an lmforge tensor with the Hugging Face tensor(s) it is
+made of; this module runs them.
 Hugging Face's names appear only here and in the families. Conversion is strict:
 every tensor of the checkpoint must be used and every tensor of the model filled
 (except heads that a checkpoint may lack, which are reported as freshly
@@ -48,6 +49,7 @@ SUPPORTED = tuple(FAMILIES)
 # linear layer in each class; the backbone prefixes each model_type's checkpoints use.
 ARCHITECTURES = {(f.model_type, kind): arch for f in FAMILIES.values() for kind, arch in f.classes.items()}
 HEAD_TENSOR = {arch: name for f in FAMILIES.values() for arch, name in f.head_tensors.items()}
+HIDDEN_TENSOR = {arch: name for f in FAMILIES.values() for arch, name in f.hidden_tensors.items()}
 PREFIXES = {f.model_type: f.prefixes for f in FAMILIES.values()}
 # Every class read: the full ones, the backbone-only ones and a family's extra ones (as backbone + heads).
 HEAD_OF_ARCH = {arch: head for (_, head), arch in ARCHITECTURES.items()}
@@ -66,8 +68,12 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise ConversionError(f"{f.model_type} config: the field {e.args[0]!r} is missing") from None
 
 
-def model_type_of(config: ModelConfig) -> str:
-    """Which Hugging Face model_type an lmforge config exports to (the first family that takes it)."""
+def model_type_of(config: ModelConfig, read_as: str | None = None) -> str:
+    """Which Hugging Face model_type an lmforge config exports to: `read_as` (the type the
+    model was read as, `read_as(backbone)`) when that family takes it, else the first family
+    that does (roberta and xlm-roberta share an architecture)."""
+    if read_as in FAMILIES and FAMILIES[read_as].matches(config):
+        return read_as
     for f in FAMILIES.values():
         if f.matches(config):
             return f.model_type
@@ -77,16 +83,39 @@ def model_type_of(config: ModelConfig) -> str:
     raise ConversionError("this encoder-decoder (e.g. the original Transformer) has no transformers equivalent")
 
 
-def config_to_hf(config: ModelConfig, special: dict[str, int | None] | None = None) -> dict:
+def config_to_hf(config: ModelConfig, special: dict[str, int | None] | None = None,
+                 read_as: str | None = None) -> dict:
     """The lmforge config -> a Hugging Face config.json dict (without `architectures`)."""
     special = {k: v for k, v in (special or {}).items() if v is not None}
-    kind = model_type_of(config)
+    kind = model_type_of(config, read_as)
     d = family(kind).write_config(config)
     if d.get("is_encoder_decoder"):
         special.setdefault("forced_eos_token_id", special.get("eos_token_id"))
+    pad = special.get("pad_token_id")
+    if getattr(config, "positions", None) == "learned_skip_pad" and pad is not None and pad != config.pad_token_id:
+        raise ConversionError(f"the tokenizer's pad id {pad} is not the model's pad_token_id {config.pad_token_id}, "
+                              f"from which {kind} numbers positions")
     d.update({k: v for k, v in special.items() if v is not None})
     d["model_type"] = kind
     return d
+
+
+_READ_AS = "lmforge_read_as"
+
+
+def read_as(backbone: nn.Module) -> str | None:
+    """The Hugging Face model_type a model was read as (None for one built by lmforge), so
+    that it is written back as that type (xlm-roberta stays xlm-roberta, not roberta)."""
+    return getattr(backbone, _READ_AS, None)
+
+
+def set_read_as(backbone: nn.Module, model_type: str | None) -> None:
+    object.__setattr__(backbone, _READ_AS, model_type)
+
+
+def model_type_of_model(backbone: nn.Module) -> str:
+    """`model_type_of` a backbone, preferring the type it was read as."""
+    return model_type_of(backbone.config, read_as(backbone))
 
 
 # ----------------------------------------------------------------------------- tensor maps and classes
@@ -106,23 +135,48 @@ def head_from_hf(cfg: dict) -> HeadSpec | None:
         return None
     id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.get("num_labels", 2))}
     labels = [id2label[k] for k in sorted(id2label, key=int)]
-    pooling = family(cfg["model_type"]).pooling
-    return HeadSpec(kind, labels if kind != "span" else [], pooling,
-                    cfg.get("problem_type") == "multi_label_classification", bias=HEAD_TENSOR[arch] != "score")
+    f = family(cfg["model_type"])
+    hidden = f.hidden if kind == "sequence-classification" else None
+    return HeadSpec(kind, labels if kind != "span" else [], f.pooling,
+                    cfg.get("problem_type") == "multi_label_classification", bias=HEAD_TENSOR[arch] != "score",
+                    hidden=hidden)
 
 
-def _rules(config: ModelConfig, head: HeadSpec | None, arch: str, prefix: str) -> list[Rule]:
-    """Every rule of one architecture, with the lmforge names as seen from the (wrapped) model."""
-    f = family(model_type_of(config))
+def classifier_layout(kind: str) -> tuple[str, str | None] | None:
+    """(pooling, hidden layer) of model_type `kind`'s transformers sequence classifier, or
+    None when transformers has none for it."""
+    f = family(kind)
+    return (f.pooling, f.hidden) if "sequence-classification" in f.classes else None
+
+
+def head_exportable(kind: str, head: HeadSpec | None) -> bool:
+    """Does transformers' class for this head compute what it does? A sequence classifier
+    must pool as the class pools, with its hidden layer and its bias (GPT-2's `score` has none)."""
+    if head is None or head.kind != "sequence-classification":
+        return True
+    arch = ARCHITECTURES.get((kind, head.kind))
+    return (arch is not None and (head.pooling, head.hidden) == classifier_layout(kind)
+            and head.bias == (HEAD_TENSOR[arch] != "score"))
+
+
+def _rules(config: ModelConfig, head: HeadSpec | None, arch: str, prefix: str, kind: str | None = None,
+           loading: bool = False) -> list[Rule]:
+    """Every rule of one architecture, with the lmforge names as seen from the (wrapped) model
+    (loading: with the tensors its checkpoints may carry beyond the class, `Family.also_loads`)."""
+    f = family(kind or model_type_of(config))
     rules = f.rules(config, prefix)
     if arch == f.base_class:  # a backbone-only class has no LM head of its own
         rules = [Rule(r.ours, r.theirs, r.transpose, r.vocab, optional=True) if r.ours == "lm_head.weight" else r
                  for r in rules]
     if f.class_rules is not None:
         rules = f.class_rules(rules, config, head, arch)
+    if loading and f.also_loads is not None:
+        rules = rules + f.also_loads(config, prefix, arch)
     if head is None:
         return rules
     rules = [Rule(f"backbone.{r.ours}", r.theirs, r.transpose, r.vocab, r.split, r.optional) for r in rules]
+    if head.hidden is not None:
+        rules += linear("hidden.dense", (HIDDEN_TENSOR[arch],), True)
     return rules + linear("head", (HEAD_TENSOR[arch],), head.bias)
 
 
@@ -143,9 +197,31 @@ def export_prefix(kind: str, arch: str) -> str:
     return "" if arch == f.base_class else f.prefixes[0]
 
 
-def _tied_duplicates(config: ModelConfig, prefix: str) -> set[str]:
+def _tied_duplicates(kind: str, prefix: str) -> set[str]:
     """Checkpoint tensors that are copies of tied ones and carry nothing new."""
-    return {name.replace("{p}", prefix) for name in family(model_type_of(config)).tied_copies}
+    return {name.replace("{p}", prefix) for name in family(kind).tied_copies}
+
+
+def _fixed(kind: str, config: ModelConfig, prefix: str) -> dict[str, Tensor]:
+    f = family(kind)
+    return f.fixed(config, prefix) if f.fixed is not None else {}
+
+
+def _check_fixed(fixed: dict[str, Tensor], tensors: Mapping[str, Tensor], source: str) -> None:
+    """A tensor lmforge computes must hold what it computes (DistilBERT's sinusoidal table;
+    within float32 rounding of another way of computing it)."""
+    for name, value in fixed.items():
+        if name not in tensors:
+            continue
+        theirs = tensors[name]
+        if tuple(theirs.shape) != tuple(value.shape):
+            raise ConversionError(f"{source}: tensor {name} has shape {tuple(theirs.shape)}, lmforge computes "
+                                  f"{tuple(value.shape)}")
+        diff = (theirs.float() - value).abs().max().item()
+        if diff > 1e-3:
+            raise ConversionError(f"{source}: tensor {name} differs from the fixed table lmforge computes by "
+                                  f"{diff:.3g} (trained since?); with sinusoidal_pos_embds false in config.json "
+                                  "it reads as learned positions")
 
 
 def from_hf(cfg: dict, tensors: Mapping[str, Tensor], source: str = "checkpoint",
@@ -165,9 +241,11 @@ def from_hf(cfg: dict, tensors: Mapping[str, Tensor], source: str = "checkpoint"
         raise ConversionError(f"{source}: no {f.probe} tensor found: not a {kind} checkpoint?")
     if f.from_tensors is not None:
         config = f.from_tensors(config, tensors)
-    rules, _ = present(_rules(config, head, arch, prefix), tensors, source)
+    rules, _ = present(_rules(config, head, arch, prefix, kind, loading=True), tensors, source)
     used = {name for r in rules for name in r.theirs}
-    ignored = _tied_duplicates(config, prefix)
+    fixed = _fixed(kind, config, prefix)
+    _check_fixed(fixed, tensors, source)
+    ignored = _tied_duplicates(kind, prefix) | set(fixed)
     unexpected = sorted(n for n in tensors if n not in used and n not in ignored and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
@@ -186,7 +264,9 @@ def from_hf(cfg: dict, tensors: Mapping[str, Tensor], source: str = "checkpoint"
     with torch.no_grad():
         for name, value in gather(rules, tensors, target, source, config.vocab_size):
             target[name].copy_(value)
-    set_untrained(model.backbone if head is not None else model, (n.removeprefix("backbone.") for n in fresh))
+    backbone = model.backbone if head is not None else model
+    set_untrained(backbone, (n.removeprefix("backbone.") for n in fresh))
+    set_read_as(backbone, kind)
     return model, head, fresh
 
 
@@ -213,12 +293,18 @@ def to_hf(model: nn.Module, head: HeadSpec | None = None,
     transformers' names for the matching class."""
     backbone = model.backbone if head is not None else model
     config = backbone.config
-    kind = model_type_of(config)
+    kind = model_type_of_model(backbone)
     if (kind, head.kind if head else None) not in ARCHITECTURES:
         raise ConversionError(f"transformers has no {kind} class for a {head.kind} head")
-    missing = untrained(backbone)
+    if not head_exportable(kind, head):
+        pooling, hidden = classifier_layout(kind)
+        raise ConversionError(f"transformers' {kind} sequence classifier pools with {pooling!r}"
+                              f"{f' through a {hidden} hidden layer' if hidden else ''}; this head pools with "
+                              f"{head.pooling!r}{f' through a {head.hidden} hidden layer' if head.hidden else ''}"
+                              f"{'' if head.bias else ', without a bias'}")
+    missing = untrained(backbone) | absent_tensors(backbone, kind)
     arch = export_architecture(kind, head, missing)
-    cfg = config_to_hf(config, special)
+    cfg = config_to_hf(config, special, kind)
     cfg["architectures"] = [arch]
     if head is not None and head.labels:
         cfg["id2label"] = {str(i): label for i, label in enumerate(head.labels)}
@@ -227,16 +313,26 @@ def to_hf(model: nn.Module, head: HeadSpec | None = None,
         if head.multi_label:
             cfg["problem_type"] = "multi_label_classification"
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    rules = _rules(config, head, arch, export_prefix(kind, arch))
+    rules = _rules(config, head, arch, export_prefix(kind, arch), kind)
     # Export writes every tensor the class has, except pretraining heads that hold no learned
     # values (BART's logits bias of a BartModel checkpoint): transformers then says they are new.
     prefix = "backbone." if head is not None else ""
     rules = [Rule(r.ours, r.theirs, r.transpose, r.vocab, r.split) for r in rules
              if not (head is None and r.ours.removeprefix(prefix) in missing)]
     tensors = scatter(rules, state, config.vocab_size)
+    tensors.update(_fixed(kind, config, export_prefix(kind, arch)))
     if "final_logits_bias" in tensors:
         tensors["final_logits_bias"] = tensors["final_logits_bias"][None]  # (1, V) in transformers
     return cfg, tensors
+
+
+def absent_tensors(backbone: nn.Module, kind: str) -> frozenset[str]:
+    """Tensors of the family's full class that this model does not have (a BERT built
+    without an NSP head): for choosing the class to write, as good as untrained."""
+    f = family(kind)
+    state = backbone.state_dict()
+    return frozenset(r.ours for r in _rules(backbone.config, None, f.classes[None], f.prefixes[0], kind)
+                     if r.ours not in state)
 
 
 def from_transformers(hf_model: nn.Module) -> nn.Module:

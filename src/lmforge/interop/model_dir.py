@@ -1,6 +1,7 @@
 """A model directory on disk, in lmforge's format or Hugging Face's.
 
-lmforge format: config.json {"format": "lmforge", "family", "model", "head", "special"}
+lmforge format: config.json {"format": "lmforge", "family", "model", "head", "special",
+"untrained", "read_as" (the Hugging Face model_type it was read as, if any)}
 plus model.safetensors in lmforge's tensor names. Hugging Face format: what
 transformers' Auto classes load. Either may hold tokenizer files beside the weights.
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 from lmforge import hub
 from lmforge.files import Ownership, atomic_write_json, marker_complete, owned_dir
-from lmforge.interop.hf import MAX_SHARD_SIZE, load_dtype, read_hf_model, write_hf_model
+from lmforge.interop.hf import MAX_SHARD_SIZE, load_dtype, read_as, read_hf_model, set_read_as, write_hf_model
 from lmforge.models import ENCODER_DECODERS, HeadSpec, ModelConfig, attach_head, build, config_from_dict, family_of
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained, untrained
@@ -185,7 +186,7 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, *, head: HeadSpec 
             atomic_write_json(tmp / "config.json", {
                 "format": "lmforge", "format_version": FORMAT_VERSION, "family": family_of(backbone.config),
                 "model": backbone.config.to_dict(), "head": head.to_dict() if head else None, "special": special,
-                "untrained": sorted(missing)})
+                "untrained": sorted(missing), **({"read_as": read_as(backbone)} if read_as(backbone) else {})})
             save_weights(model, tmp / "model.safetensors")
         gen = generation_file(model if head is None else backbone, tokenizer, special, generation)
         if gen is not None:
@@ -243,5 +244,7 @@ def _load_lmforge(path: Path, cfg: dict, dtype: torch.dtype | str | None) -> tup
     if dtype is not None:
         model.to(dtype)
     load_weights(model, path / "model.safetensors")
-    set_untrained(model.backbone if head is not None else model, cfg.get("untrained") or ())
+    backbone = model.backbone if head is not None else model
+    set_untrained(backbone, cfg.get("untrained") or ())
+    set_read_as(backbone, cfg.get("read_as"))
     return model, head, cfg.get("special") or {}

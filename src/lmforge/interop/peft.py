@@ -38,12 +38,13 @@ from lmforge.files import Ownership, atomic_write_bytes, atomic_write_json, owne
 from lmforge.interop.hf import (
     ARCHITECTURES,
     HEAD_TENSOR,
+    HIDDEN_TENSOR,
     PREFIXES,
     backbone_rules,
     export_architecture,
     export_prefix,
     head_from_hf,
-    model_type_of,
+    model_type_of_model,
 )
 from lmforge.models import HeadSpec, attach_head
 from lmforge.models.provenance import untrained
@@ -103,7 +104,7 @@ def adapter_state(model: nn.Module, head: HeadSpec | None,
     layers = lora_layers(backbone)
     if not layers:
         raise ValueError("the model has no LoRA layers to save as an adapter")
-    kind = model_type_of(backbone.config)
+    kind = model_type_of_model(backbone)
     arch = export_architecture(kind, head, untrained(backbone))
     prefix = export_prefix(kind, arch)
     where = targets(backbone, prefix)
@@ -119,19 +120,33 @@ def adapter_state(model: nn.Module, head: HeadSpec | None,
             transposed.add(target.transpose)
     saved = None
     if head is not None:
-        saved = [HEAD_TENSOR[arch]]
-        for part, value in model.head.state_dict().items():
-            tensors[f"{KEY_PREFIX}{saved[0]}.{part}"] = value.detach().clone()
+        names = []
+        for module, name in _head_modules(model, arch):
+            names.append(name)
+            for part, value in module.state_dict().items():
+                tensors[f"{KEY_PREFIX}{name}.{part}"] = value.detach().clone()
+        # peft saves whole modules: RoBERTa's classifier (dense + out_proj) is one of them
+        parents = {n.rpartition(".")[0] for n in names}
+        saved = sorted(parents) if len(names) > 1 and len(parents) == 1 and "" not in parents else names
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     dropout = next(iter(layers.values())).lora_dropout.p
-    config = {"peft_type": "LORA", "task_type": TASK_TYPES[head.kind] if head else LM_TASK_TYPES[kind],
+    config = {"peft_type": "LORA", "task_type": TASK_TYPES[head.kind] if head else LM_TASK_TYPES.get(kind),
               "base_model_name_or_path": base_model, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": sorted(ranks), "fan_in_fan_out": True in transposed, "bias": "none",
               "modules_to_save": saved, "inference_mode": True, "use_rslora": False, "use_dora": False,
               "rank_pattern": {k: v for k, v in ranks.items() if v != r},
               "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}
     return config, {k: v.cpu().contiguous() for k, v in tensors.items()}
+
+
+def _head_modules(model: nn.Module, arch: str) -> list[tuple[nn.Module, str]]:
+    """The task head's trained layers with transformers' names in class `arch`: the output
+    layer, and a sequence classifier's hidden layer (RoBERTa's classifier.dense)."""
+    out = [(model.head, HEAD_TENSOR[arch])]
+    if getattr(model, "hidden", None) is not None:
+        out.insert(0, (model.hidden.dense, HIDDEN_TENSOR[arch]))
+    return out
 
 
 def save_adapter(model: nn.Module, head: HeadSpec | None, path: str | os.PathLike, *,
@@ -185,7 +200,7 @@ def _pattern(patterns: dict, module: str, default):
 def _resolve(backbone: nn.Module, modules: list[str], source: str) -> tuple[str, dict[str, tuple[str, int]]]:
     """The backbone prefix under which every adapted module exists -> (prefix, module ->
     (lmforge layer, part)); else ValueError naming the first tensor that fits nowhere."""
-    kind = model_type_of(backbone.config)
+    kind = model_type_of_model(backbone)
     best: tuple[int, str, dict] | None = None
     for prefix in PREFIXES[kind]:
         where = {m: (ours, i) for ours, t in targets(backbone, prefix).items() for i, m in enumerate(t.modules)}
@@ -265,11 +280,11 @@ def _head_from_adapter(model: nn.Module, head: HeadSpec | None, config: dict, sa
     if not saved:
         return model, head
     backbone = _backbone(model, head)
-    kind = model_type_of(backbone.config)
+    kind = model_type_of_model(backbone)
     head_kind = HEAD_OF_TASK_TYPE.get(config.get("task_type"))
     arch = ARCHITECTURES.get((kind, head_kind))
-    name = HEAD_TENSOR.get(arch)
-    bad = [k for k in saved if name is None or k.rsplit(".", 1)[0] != name]
+    name, hidden = HEAD_TENSOR.get(arch), HIDDEN_TENSOR.get(arch)
+    bad = [k for k in saved if name is None or k.rsplit(".", 1)[0] not in (name, hidden)]
     if bad:
         raise ValueError(f"{source}: tensor {KEY_PREFIX}{bad[0]} is neither a LoRA tensor nor the head of a "
                          f"{config.get('task_type')} {kind} model")
@@ -277,13 +292,16 @@ def _head_from_adapter(model: nn.Module, head: HeadSpec | None, config: dict, sa
         n = saved[f"{name}.weight"].size(0)
         head = head_from_hf({"architectures": [arch], "model_type": kind, "num_labels": n})
         model = attach_head(backbone, head)
-    state = model.head.state_dict()
-    for part, value in saved.items():
-        key = part.rsplit(".", 1)[1]
-        if key not in state or state[key].shape != value.shape:
-            raise ValueError(f"{source}: tensor {KEY_PREFIX}{part} has shape {tuple(value.shape)}, the model's "
-                             f"head needs {tuple(state[key].shape) if key in state else 'no such tensor'}")
-    model.head.load_state_dict({p.rsplit(".", 1)[1]: v for p, v in saved.items()})
+    for module, module_name in _head_modules(model, arch):
+        state = module.state_dict()
+        parts = {p.rsplit(".", 1)[1]: v for p, v in saved.items() if p.rsplit(".", 1)[0] == module_name}
+        for key, value in parts.items():
+            if key not in state or state[key].shape != value.shape:
+                raise ValueError(f"{source}: tensor {KEY_PREFIX}{module_name}.{key} has shape {tuple(value.shape)}, "
+                                 f"the model's head needs "
+                                 f"{tuple(state[key].shape) if key in state else 'no such tensor'}")
+        if parts:
+            module.load_state_dict(parts)
     return model, head
 
 

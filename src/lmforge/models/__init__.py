@@ -2,7 +2,8 @@
 
     family    config                 model            presets
     gpt       GPTConfig              GPT              gpt2-124m, gpt2-355m, gpt-tiny, llama-small, llama-tiny
-    bert      BertConfig             Bert             bert-base, bert-large, bert-tiny, bert-mini
+    bert      BertConfig             Bert             bert-base, bert-large, bert-tiny, bert-mini,
+                                                      roberta-base, distilbert-base (the later encoders' layouts)
     encdec    EncoderDecoderConfig   EncoderDecoder   bart-base, bart-large, bart-tiny, transformer-base, ...
     t5        T5Config               T5               t5-small, t5-base, flan-t5-small, flan-t5-base, mt5-small, t5-tiny
 

@@ -162,14 +162,22 @@ def _gpt(c: GPTConfig) -> Arch:
 
 def _bert(c: BertConfig) -> Arch:
     D, Vp = c.dim, c.padded_vocab_size
-    extra = {
-        "tok_emb": Vp * D, "pos_emb": c.max_seq_len * D, "type_emb": c.type_vocab_size * D,
-        "emb_norm": 2 * D, "pooler": D * D + D,
-        "mlm_head": D * D + D + 2 * D + Vp,  # dense, LayerNorm, decoder bias (decoder weight is tok_emb)
-        "nsp_head": 2 * D + 2,
-    }
+    extra = {"tok_emb": Vp * D}
+    positions: tuple[str, ...] = ()
+    if c.positions != "sinusoidal":  # a sinusoidal table is a buffer, not parameters
+        extra["pos_emb"] = c.n_positions * D
+        positions = ("pos_emb",)
+    if c.type_vocab_size:
+        extra["type_emb"] = c.type_vocab_size * D
+    extra["emb_norm"] = 2 * D
+    if c.pooler:
+        extra["pooler"] = D * D + D
+    extra["mlm_head"] = D * D + D + 2 * D + Vp  # dense, LayerNorm, decoder bias (decoder weight is tok_emb)
+    if c.nsp:
+        extra["nsp_head"] = 2 * D + 2
     stack = Stack("blocks", c.n_layers, c.block_spec(), "post", causal=False)
-    return Arch("bert", c, (stack,), D, c.vocab_size, Vp, extra, ("pos_emb",), ("tok_emb", "pos_emb", "type_emb"))
+    embeddings = ("tok_emb", *positions, *(("type_emb",) if c.type_vocab_size else ()))
+    return Arch("bert", c, (stack,), D, c.vocab_size, Vp, extra, positions, embeddings)
 
 
 def _encdec(c: EncoderDecoderConfig) -> Arch:

@@ -3,6 +3,7 @@
 Attention by itself is blind to order (permute the tokens and the outputs permute
 the same way), so position has to be put in:
 - learned: a trainable vector per position, added to the token embedding (GPT-2, BERT, BART);
+  RoBERTa's variant (after fairseq) numbers only the real tokens, from pad_id + 1;
 - sinusoidal: the fixed PE(pos, 2i) = sin(pos / 10000^(2i/D)),
   PE(pos, 2i+1) = cos(pos / 10000^(2i/D)) of the original Transformer;
 - rotary (RoPE): rotate each pair of query/key features by an angle proportional to
@@ -31,6 +32,29 @@ def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
 
 class LearnedPositions(nn.Embedding):
     """One trainable D-vector per position: position_ids (B, T) -> (B, T, D)."""
+
+
+def padding_skipping_ids(input_ids: Tensor, pad_id: int) -> Tensor:
+    """(B, T) token ids -> (B, T) position ids that count real tokens only, starting at
+    pad_id + 1; every padding token gets pad_id, a row no real token uses (fairseq's
+    make_positions, which RoBERTa keeps). With left padding the first real token is still
+    at pad_id + 1, so a sequence means the same wherever its padding is."""
+    real = input_ids.ne(pad_id)
+    return real.cumsum(dim=1) * real + pad_id  # (B, T)
+
+
+class PaddingSkippingPositions(nn.Embedding):
+    """Learned positions numbered by `padding_skipping_ids` (RoBERTa): position_ids (B, T) -> (B, T, D).
+
+    The table has max_seq_len + pad_id + 1 rows: rows 0 .. pad_id - 1 are never used and
+    row pad_id is the padding tokens'."""
+
+    def __init__(self, max_seq_len: int, dim: int, pad_id: int) -> None:
+        super().__init__(max_seq_len + pad_id + 1, dim)
+        self.pad_id = pad_id
+
+    def position_ids(self, input_ids: Tensor) -> Tensor:
+        return padding_skipping_ids(input_ids, self.pad_id)
 
 
 class SinusoidalPositions(nn.Module):

@@ -90,13 +90,17 @@ def _head_time(arch: Arch, shape: Shape, ce_chunk: int, dev: torch.device, autoc
         head = MLMHead(arch.config, nn.Embedding(Vp, D)).to(dev)
         head.decoder.weight = weight
         pooler, nsp = nn.Linear(D, D).to(dev), nn.Linear(D, 2).to(dev)
+        with_nsp = arch.config.nsp
         hidden = torch.randn(B, shape.seq_len, D, device=dev, requires_grad=True)
         rows = torch.randperm(B * shape.seq_len, device=dev)[: B * shape.mlm_rows]
 
         def loss() -> torch.Tensor:
             logits = head(hidden.flatten(0, 1)[rows])[..., :V].float()
+            mlm_loss = F.cross_entropy(logits, ids.flatten()[: rows.numel()])
+            if not with_nsp:
+                return mlm_loss
             nsp_logits = nsp(torch.tanh(pooler(hidden[:, 0]))).float()
-            return F.cross_entropy(logits, ids.flatten()[: rows.numel()]) + F.cross_entropy(nsp_logits, ids[:, 0] % 2)
+            return mlm_loss + F.cross_entropy(nsp_logits, ids[:, 0] % 2)
     else:
         hidden = torch.randn(ids.numel(), D, device=dev, requires_grad=True)
 

@@ -135,10 +135,12 @@ def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     c, B, T = arch.config, shape.batch, shape.seq_len
     D, tr = c.dim, w.o.trainable_base
     w.begin("embed")
-    x = w.add(w.add(w.embedding(B * T, D, tr, arch.padded_vocab), w.embedding(T, D, tr, c.max_seq_len)),
-              w.embedding(B * T, D, tr, c.type_vocab_size))
+    x = w.embedding(B * T, D, tr, arch.padded_vocab)
+    x = w.add(x, w.embedding(T, D, tr, c.n_positions) if c.positions != "sinusoidal" else Sym(T * D, FP32, False))
+    if c.type_vocab_size:
+        x = w.add(x, w.embedding(B * T, D, tr, c.type_vocab_size))
     x = _blocks(w, w.dropout(w.norm(x, "layernorm", D), c.dropout), arch.stacks[0], T)
-    w.begin("head")  # train.objectives.mlm_nsp: the MLM head on the masked rows only, never chunked
+    w.begin("head")  # train.objectives.mlm_nsp (mlm): the MLM head on the masked rows only, never chunked
     rows = B * shape.mlm_rows
     w.keep(3 * rows * INT64, "indices")  # hidden[mask]: (batch, position) indices; the targets
     g = Sym(rows * D, FP32, x.rg)
@@ -146,8 +148,9 @@ def bert(w: Walk, arch: Arch, shape: Shape, ce_chunk: int) -> list[Segment]:
     h = w.norm(h, "layernorm", D)
     w.linear(h, Linear("decoder", D, arch.padded_vocab, True, "head"))
     w.keep(rows * c.vocab_size * FP32, "logits (log-softmax)")
-    pooled = w.activation(w.linear(Sym(B * D, FP32, x.rg, base=x), Linear("pooler", D, D, True, "head")), "tanh")
-    w.linear(pooled, Linear("nsp_head", D, 2, True, "head"))
+    if c.nsp:
+        pooled = w.activation(w.linear(Sym(B * D, FP32, x.rg, base=x), Linear("pooler", D, D, True, "head")), "tanh")
+        w.linear(pooled, Linear("nsp_head", D, 2, True, "head"))
     return w.segments
 
 

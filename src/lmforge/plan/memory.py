@@ -72,7 +72,7 @@ def buffer_bytes(arch: Arch) -> int:
     if arch.family == "encdec":
         tables = 2 * c.max_seq_len * c.dim * FP32 if c.positions == "sinusoidal" else 0
         return tables + arch.padded_vocab * FP32
-    return 0
+    return c.max_seq_len * c.dim * FP32 if getattr(c, "positions", None) == "sinusoidal" else 0
 
 
 def batch_bytes(arch: Arch, shape: Shape) -> int:
@@ -81,7 +81,7 @@ def batch_bytes(arch: Arch, shape: Shape) -> int:
     if arch.family == "gpt":
         return 2 * B * T * INT64
     if arch.family == "bert":
-        return (B * T + 2 * B * shape.mlm_rows + B) * INT64
+        return (B * T + 2 * B * shape.mlm_rows + (B if arch.config.nsp else 0)) * INT64
     return (B * T + 2 * B * shape.target_len) * INT64
 
 

@@ -2,7 +2,8 @@
 training engine's own objectives (lmforge.train.objectives).
 
 - GPT: causal LM through `linear_cross_entropy` (chunked, gradients computed in forward),
-- Bert: masked LM on exactly `mlm_rows` positions per sequence + NSP (`mlm_nsp`),
+- Bert: masked LM on exactly `mlm_rows` positions per sequence + NSP (`mlm_nsp`; `mlm`
+  for an encoder without an NSP head: RoBERTa, DistilBERT),
 - encoder-decoder: teacher-forced reconstruction through `linear_cross_entropy`.
 `chunk_rows` picks the cross-entropy's rows per chunk (the engine's default: the largest
 chunk of about 2^26 logits); 0 runs a plain `F.cross_entropy` over all logits instead,
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from lmforge.data.batching import IGNORE_INDEX
 from lmforge.models.arch import Arch
 from lmforge.plan.dataflow import Shape
-from lmforge.train.objectives import linear_cross_entropy, mlm_nsp
+from lmforge.train.objectives import linear_cross_entropy, mlm, mlm_nsp
 
 
 def random_batch(arch: Arch, shape: Shape, device: torch.device | str, seed: int = 0) -> dict[str, Tensor]:
@@ -34,7 +35,8 @@ def random_batch(arch: Arch, shape: Shape, device: torch.device | str, seed: int
         for row in labels:  # exactly mlm_rows masked positions per sequence
             row[torch.randperm(T, generator=g)[: shape.mlm_rows]] = torch.randint(0, V, (shape.mlm_rows,), generator=g)
         batch["labels"] = labels
-        batch["nsp_labels"] = torch.randint(0, 2, (B,), generator=g)
+        if arch.config.nsp:
+            batch["nsp_labels"] = torch.randint(0, 2, (B,), generator=g)
     else:
         batch["labels"] = ids(shape.target_len)
     return {k: v.to(device) for k, v in batch.items()}
@@ -56,7 +58,7 @@ def loss(model: nn.Module, arch: Arch, batch: dict[str, Tensor], chunk_rows: int
         hidden = model.encode(batch["input_ids"])  # (B, T, D)
         return _cross_entropy(hidden, model.lm_head.weight, batch["labels"], V, chunk_rows)
     if arch.family == "bert":
-        return mlm_nsp(model, batch).loss
+        return (mlm_nsp if arch.config.nsp else mlm)(model, batch).loss
     memory = model.encode(batch["input_ids"])  # (B, S, D)
     hidden = model.decode(model.shift_right(batch["labels"]), memory)  # (B, T, D)
     return _cross_entropy(hidden, model.lm_head.weight, batch["labels"], V, chunk_rows, bias=model.lm_bias)

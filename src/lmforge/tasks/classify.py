@@ -3,7 +3,9 @@
     one text        [CLS] text [SEP]                   (BERT; a GPT reads the text as is)
     a text pair     [CLS] A [SEP] B [SEP], token types 0 then 1 (NLI: premise, hypothesis)
     head            pooled vector -> dropout -> linear: BERT's pooler (tanh(W h_[CLS])), a GPT's
-                    last real token (the only position that has read the whole text)
+                    last real token (the only position that has read the whole text); RoBERTa's
+                    and DistilBERT's first token through a hidden layer (tanh; ReLU) first:
+                    by default the head of the model's transformers class, so the export matches
     loss            single-label: cross-entropy (each example times its class weight);
                     multi-label: binary cross-entropy with logits per label (pos_weight),
                     a label is predicted when its sigmoid is > 0.5 (logit > 0)
@@ -27,6 +29,7 @@ from lmforge.data.batching import collate_inputs
 from lmforge.data.readers import ClassificationData, read_classification
 from lmforge.eval.metrics import classification_metrics, multilabel_metrics
 from lmforge.eval.report import confusion_matrix_png
+from lmforge.interop.hf import ConversionError, classifier_layout, model_type_of_model
 from lmforge.models import HeadSpec
 from lmforge.tasks.base import (
     Base,
@@ -49,7 +52,21 @@ from lmforge.tasks.base import (
 from lmforge.train.objectives import ObjectiveOutput
 
 KIND = "sequence-classification"
+# The pooling of models transformers has no classifier for.
 DEFAULT_POOLING = {"bert": "pooler", "gpt": "last", "encdec": "mean", "t5": "mean"}
+
+
+def head_layout(base: Base, pooling: str | None) -> tuple[str, str | None]:
+    """(pooling, hidden layer) of the new head: those of transformers' sequence classifier
+    for this model (so that the export is that class), unless `pooling` asks for another."""
+    try:
+        layout = classifier_layout(model_type_of_model(base.backbone))
+    except ConversionError:
+        layout = None
+    layout = layout or (DEFAULT_POOLING[base.family], None)
+    if pooling is None or pooling == layout[0]:
+        return layout
+    return pooling, None
 
 
 @dataclass
@@ -63,8 +80,9 @@ class ClassifyOptions(LabelOptions):
         multi_label: several labels per example (a JSON list or labels joined by label_sep):
             independent sigmoids, BCE-with-logits, threshold 0.5.
         label_sep: separator of multi-label labels.
-        pooling: sequence vector: pooler, cls, last or mean; None: pooler for BERT, last for GPT
-            (what transformers' classes do, so the export matches).
+        pooling: sequence vector: pooler, cls, last or mean; None: what the model's transformers
+            class does, so that the export matches (pooler for BERT, last for GPT, cls through a
+            hidden layer for RoBERTa and DistilBERT).
     """
 
     text_column: str | int = "text"
@@ -118,8 +136,9 @@ class Classify:
             if opts.labels is None:
                 counts = label_counts(train_data)
                 warn_rare_labels(train, "labels", dict(zip(train_data.label_names, counts.tolist())), notes)
-            pooling = opts.pooling or DEFAULT_POOLING[base.family]
-            head = HeadSpec(KIND, train_data.label_names, pooling, opts.multi_label, bias=base.family != "gpt")
+            pooling, hidden = head_layout(base, opts.pooling)
+            head = HeadSpec(KIND, train_data.label_names, pooling, opts.multi_label, bias=base.family != "gpt",
+                            hidden=hidden)
             model = model_with_head(base, head)
         else:
             head, model = require_head(base, KIND), base.model

@@ -77,7 +77,7 @@ from lmforge.config import (
 from lmforge.dist import parallel
 from lmforge.eval.report import markdown_report, write_metrics_json
 from lmforge.files import atomic_write_text, check_writable
-from lmforge.interop.hf import ConversionError
+from lmforge.interop.hf import ConversionError, head_exportable, model_type_of_model
 from lmforge.interop.model_dir import MODEL_DIR, save_model_dir
 from lmforge.interop.peft import ADAPTER_DIR, save_adapter
 from lmforge.models import HeadSpec, count_params
@@ -146,7 +146,7 @@ def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def freeze_pretraining_heads(backbone: nn.Module) -> None:
     """A task head never reads the backbone's LM / NSP heads: freeze their own parameters
     (not those tied to the embeddings, which the task uses)."""
-    heads = {id(p) for name in PRETRAINING_HEADS if hasattr(backbone, name)
+    heads = {id(p) for name in PRETRAINING_HEADS if getattr(backbone, name, None) is not None
              for p in getattr(backbone, name).parameters()}
     elsewhere = {id(p) for n, p in backbone.named_parameters(remove_duplicate=False)
                  if n.split(".")[0] not in PRETRAINING_HEADS}
@@ -276,12 +276,15 @@ def _restore_best(model: nn.Module, result: TrainResult, out: Path) -> int:
     return best["step"]
 
 
-def hf_exportable(head: HeadSpec | None, family: str) -> bool:
+def hf_exportable(head: HeadSpec | None, backbone: nn.Module) -> bool:
     """Does transformers' class for this head compute what ours does? (BERT classifiers pool
-    with the pooler, GPT-2 ones take the last token through a bias-free `score`.)"""
-    if head is None or head.kind != "sequence-classification":
-        return True
-    return (head.pooling, head.bias) in ((("pooler", True),) if family == "bert" else (("last", False),))
+    with the pooler, RoBERTa's and DistilBERT's through a hidden layer on the first token,
+    GPT-2's take the last token through a bias-free `score`.)"""
+    try:
+        kind = model_type_of_model(backbone)
+    except ConversionError:
+        return False
+    return head_exportable(kind, head)
 
 
 def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: str, merge: bool = True) -> str:
@@ -296,7 +299,7 @@ def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: 
     merge_lora(model)
     fmt = save_format
     if fmt == "auto":
-        fmt = "hf" if hf_exportable(setup.head, base.family) else "lmforge"
+        fmt = "hf" if hf_exportable(setup.head, base.backbone) else "lmforge"
     if fmt == "hf":
         try:
             save_model_dir(path, model, head=setup.head, tokenizer=base.tokenizer, format="hf", special=base.special)
@@ -312,7 +315,7 @@ def export_model(model: nn.Module, setup: Setup, base, path: Path, save_format: 
 def export_adapter(model: nn.Module, setup: Setup, base, path: Path) -> bool:
     """adapter/: the LoRA adapters (and the task head) as a PEFT adapter of the starting model,
     with its tokenizer; False (and a log line) when transformers has no class for the model."""
-    if not hf_exportable(setup.head, base.family):
+    if not hf_exportable(setup.head, base.backbone):
         log.info("no PEFT adapter written: transformers' class for this head pools differently (pooling %s)",
                  setup.head.pooling)
         return False

@@ -39,7 +39,14 @@ class Family:
         (rules, config, head, class) -> rules; export_class: (head, untrained tensor names)
         -> the class to write, when a family has more than the plain choice; also_reads:
         further classes read as backbone + pretraining heads; from_tensors: (config, the
-        checkpoint's tensors) -> the config, for what only the tensors tell (T5: a tied head).
+        checkpoint's tensors) -> the config, for what only the tensors tell (T5: a tied head);
+    hidden: the hidden layer of transformers' sequence classifier (lmforge.models.heads.
+        HIDDEN_LAYERS: RoBERTa's tanh, DistilBERT's relu), hidden_tensors: class -> its name;
+    also_loads: (config, prefix, class) -> rules for tensors the class's checkpoints may carry
+        beyond the class itself (the pooler RoBERTa's masked-LM checkpoints keep): read when
+        present, never written;
+    fixed: (config, prefix) -> tensors checkpoints carry that lmforge computes instead of
+        storing (DistilBERT's sinusoidal position table): checked on load, written on export.
     """
 
     model_type: str
@@ -58,6 +65,10 @@ class Family:
     export_class: Callable[[HeadSpec | None, frozenset[str]], str | None] | None = None
     also_reads: tuple[str, ...] = field(default=())
     from_tensors: Callable[[ModelConfig, Mapping[str, Tensor]], ModelConfig] | None = None
+    hidden: str | None = None
+    hidden_tensors: dict[str, str] = field(default_factory=dict)
+    also_loads: Callable[[ModelConfig, str, str], list[Rule]] | None = None
+    fixed: Callable[[ModelConfig, str], dict[str, Tensor]] | None = None
 
 
 def hf_arg(cfg: dict, *names: str, default=None):
@@ -85,6 +96,16 @@ def without_lm_head(base_class: str) -> Callable[[HeadSpec | None, frozenset[str
     """A decoder's export_class: the backbone-only class when the (untied) LM head was never
     loaded nor trained."""
     return lambda head, missing: base_class if head is None and "lm_head.weight" in missing else None
+
+
+def without_mlm_head(base_class: str) -> Callable[[HeadSpec | None, frozenset[str]], str | None]:
+    """An encoder's export_class: the backbone-only class when the MLM head was never loaded nor trained."""
+    return lambda head, missing: base_class if head is None and "lm_head.dense.weight" in missing else None
+
+
+def optional(rules: list[Rule]) -> list[Rule]:
+    """The same rules, each for a tensor a checkpoint may lack."""
+    return [Rule(r.ours, r.theirs, r.transpose, r.vocab, r.split, optional=True) for r in rules]
 
 
 def layer_norm(ours: str, theirs: str) -> list[Rule]:

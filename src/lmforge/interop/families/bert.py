@@ -78,8 +78,13 @@ def export_class(head: HeadSpec | None, missing: frozenset[str]) -> str | None:
     return None
 
 
+def matches(c) -> bool:
+    """BERT's layout: learned positions from 0, segments and a pooler (the NSP head may be absent)."""
+    return isinstance(c, BertConfig) and c.positions == "learned" and c.type_vocab_size >= 1 and c.pooler
+
+
 BERT = Family(
-    "bert", read_config, write_config, lambda c: isinstance(c, BertConfig), rules,
+    "bert", read_config, write_config, matches, rules,
     classes={None: "BertForPreTraining", "sequence-classification": "BertForSequenceClassification",
              "token-classification": "BertForTokenClassification", "span": "BertForQuestionAnswering"},
     base_class="BertModel",
