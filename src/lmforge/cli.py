@@ -219,6 +219,9 @@ def _serve_args(p: ArgumentParser) -> None:
                    help="model directory (lmforge or Hugging Face); repeat it to serve several")
     p.add_argument("--served-model-name", action="append", default=None,
                    help="the name clients use for a model, one per --model (default: the directory's name)")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="a PEFT LoRA adapter directory merged into the model on load, one per --model in order "
+                        "('none' for a model without one); the model is served under the adapter's name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
@@ -250,7 +253,7 @@ def _serve(a: Namespace) -> None:
           max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
           max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
           dtype=a.dtype, backends=a.backend or (), backend_keys=a.backend_key or (), arena_db=a.arena_db,
-          study=a.study)
+          study=a.study, adapters=a.adapter or ())
 
 
 def _arena_report_args(p: ArgumentParser) -> None:

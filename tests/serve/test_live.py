@@ -14,11 +14,12 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from lmforge.api import LM
 from lmforge.generate import chat_prompt, generate_text
 from lmforge.serve import Limits, create_app
-from lmforge.serve.launch import served_names
+from lmforge.serve.launch import adapters_for, served_names
 
 from .conftest import LiveServer, tiny_gpt
 
@@ -166,23 +167,33 @@ def test_waiting_client_that_leaves_frees_its_slot(long_server):
     assert engine.stats["tokens"] - before["tokens"] < 1000
 
 
-def test_lmforge_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
-    model_dir = lm.save(tmp_path / "model")
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _start(command: list[str], port: int, **kw) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(command, **kw)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("server did not start") from None
+            time.sleep(0.1)
+
+
+def test_lmforge_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
+    model_dir = lm.save(tmp_path / "model")
+    port = _free_port()
     command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
                "--served-model-name", "shakespeare", "--device", "cpu"]
-    proc = subprocess.Popen(command, env={**os.environ, "LMFORGE_API_KEY": "k1"})
+    proc, url = _start(command, port, env={**os.environ, "LMFORGE_API_KEY": "k1"})
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
         assert [m["id"] for m in models["data"]] == ["shakespeare"]
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from LMFORGE_API_KEY
@@ -207,3 +218,44 @@ def test_served_names_default_to_the_last_part_of_what_was_given(tmp_path):
     assert served_names(["a", "b"], ["x", "y"]) == ["x", "y"]
     with pytest.raises(ValueError, match="two models would be served as 'model'"):
         served_names(["runs/a/model", "runs/b/model"])
+
+
+def test_lmforge_serve_with_an_adapter_serves_the_adapted_model_under_its_runs_name(lm, tmp_path):
+    from lmforge.api import load
+    from lmforge.interop.peft import save_adapter
+    from lmforge.nn.lora import apply_lora
+
+    base = lm.save(tmp_path / "model")
+    tuned = load(base)
+    apply_lora(tuned.model, ["wqkv", "wo"], rank=2, alpha=4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in tuned.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: B away from its zero init
+    adapter = save_adapter(tuned.model, None, tmp_path / "sft-run" / "adapter", base_model=str(base))
+    expected = generate_text(load(base, adapter=adapter).model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
+    assert expected != generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
+    port = _free_port()
+    proc, url = _start([sys.executable, "-m", "lmforge", "serve", "--model", str(base), "--adapter", str(adapter),
+                        "--port", str(port), "--device", "cpu"], port, cwd=tmp_path)
+    try:
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["sft-run"]
+        out = httpx.post(url + "/v1/completions",
+                         json={"model": "sft-run", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}).json()
+        assert out["choices"][0]["text"] == expected
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_adapters_pair_with_models_in_order(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    assert adapters_for(["m"], []) == [None]
+    assert adapters_for(["m", "n"], ["none", str(tmp_path / "a")]) == [None, str(tmp_path / "a")]
+    assert served_names(["runs/x/model", "runs/x/model"], None, [None, str(tmp_path / "a")]) == ["model", "a"]
+    with pytest.raises(ValueError, match="1 --adapter for 2 --model"):
+        adapters_for(["m", "n"], [str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        adapters_for(["m"], [str(tmp_path)])

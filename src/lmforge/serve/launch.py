@@ -31,15 +31,19 @@ from lmforge.serve.study import load_study
 log = logging.getLogger(__name__)
 
 
-def served_names(model_dirs: Sequence[str | os.PathLike], names: Sequence[str] | None = None) -> list[str]:
+def served_names(model_dirs: Sequence[str | os.PathLike], names: Sequence[str] | None = None,
+                 adapters: Sequence[str | os.PathLike | None] = ()) -> list[str]:
     """The name each model is served under: the given ones, or the last part of what the
-    user passed (a directory's name; for a Hugging Face Hub id "org/name", "name")."""
+    user passed (a directory's name; for a Hugging Face Hub id "org/name", "name"). A model
+    with an adapter is named after the adapter's directory (its run's, when that directory
+    is a run's adapter/)."""
     if names:
         if len(names) != len(model_dirs):
             raise ValueError(f"{len(names)} served model names for {len(model_dirs)} models: give one per --model")
         chosen = list(names)
     else:
-        chosen = [Path(d).name or Path(d).resolve().name for d in model_dirs]
+        chosen = [_last_part(a if a is not None else d)
+                  for d, a in zip(model_dirs, list(adapters) + [None] * (len(model_dirs) - len(adapters)))]
     for name in chosen:
         if not name or name != name.strip() or len(name) > 256:
             raise ValueError(f"served model name {name!r} must be 1 to 256 characters without surrounding spaces")
@@ -50,6 +54,31 @@ def served_names(model_dirs: Sequence[str | os.PathLike], names: Sequence[str] |
                              "--served-model-name")
         seen[name] = str(d)
     return chosen
+
+
+def _last_part(path: str | os.PathLike) -> str:
+    p = Path(path)
+    name = p.name or p.resolve().name
+    return p.resolve().parent.name if name == "adapter" and (p / "adapter_config.json").is_file() else name
+
+
+def adapters_for(model_dirs: Sequence[str | os.PathLike], adapters: Sequence[str | None]) -> list[str | None]:
+    """--adapter options -> one adapter (or None) per model: one per --model in order
+    ("none" for a model served without one), or a single one with a single model."""
+    if not adapters:
+        return [None] * len(model_dirs)
+    if len(adapters) != len(model_dirs):
+        raise ValueError(f"{len(adapters)} --adapter for {len(model_dirs)} --model: give one per --model, "
+                         "'none' for a model served as it is")
+    out: list[str | None] = []
+    for a in adapters:
+        if a is None or str(a).lower() == "none":
+            out.append(None)
+        elif not (Path(a) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {a}: not a PEFT adapter directory (no adapter_config.json)")
+        else:
+            out.append(str(a))
+    return out
 
 
 def _pairs(specs: Sequence[str], flag: str, what: str) -> dict[str, str]:
@@ -110,7 +139,8 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
           max_prompt_tokens: int = 2048, max_body_bytes: int = 1 << 20, max_queue: int = 256, max_active: int = 64,
           body_timeout_s: float = 30.0, device: str | None = None, dtype: str | None = None,
           backends: Sequence[str] = (), backend_keys: Sequence[str] = (), arena_db: str | os.PathLike | None = None,
-          study: str | os.PathLike | None = None, log_level: str = "info") -> None:
+          study: str | os.PathLike | None = None, adapters: Sequence[str | None] = (),
+          log_level: str = "info") -> None:
     """Load model directories (lmforge or Hugging Face, with their tokenizers) and serve
     them until interrupted. Binds to loopback by default; api_key (or the LMFORGE_API_KEY
     environment variable) makes /v1/* require `Authorization: Bearer <key>`.
@@ -118,9 +148,11 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
     backends: "NAME=URL" models of other OpenAI-compatible servers, for the arena, with
     keys as "NAME=KEY" in backend_keys; arena_db: where the arena keeps its ratings
     (default arena.db when two models or more are served); study: a JSONL file of prompts
-    for it (serve/study.py)."""
+    for it (serve/study.py); adapters: a PEFT LoRA adapter directory per model (None for
+    none), merged into its model on load, the model served under the adapter's name."""
     dirs = [model_dirs] if isinstance(model_dirs, str | os.PathLike) else list(model_dirs or [])
-    names = served_names(dirs, served_model_names) if dirs else []
+    per_model = adapters_for(dirs, adapters)
+    names = served_names(dirs, served_model_names, per_model) if dirs else []
     api_key = api_key_from(api_key)
     limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                     max_queue=max_queue, max_active=max_active, body_timeout_s=body_timeout_s)
@@ -136,7 +168,8 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
             arena_db = "arena.db"
         if study is not None:
             load_study(study, names + [b.name for b in remote])  # its mistakes, before the models load
-        app = create_app({name: load(d, device=device, dtype=dtype) for name, d in zip(names, dirs)},
+        app = create_app({name: load(d, device=device, dtype=dtype, adapter=a)
+                          for name, d, a in zip(names, dirs, per_model)},
                          api_key=api_key, limits=limits, backends=remote, arena_db=arena_db, study=study)
         if api_key is None and not _is_loopback(host):
             log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
