@@ -127,3 +127,24 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234 and parse_size("20KB") == 20000
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+def _word_tokenizer(path, n):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(path / "tokenizer.json"))
+
+
+def test_a_tokenizer_of_another_model_is_one_line(tmp_path, capsys):
+    _llama().save_pretrained(tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf", V - 10)  # fewer ids than rows: a padded table, fine
+    assert lmforge.load(tmp_path / "hf").tokenizer.vocab_size == V - 10
+    _word_tokenizer(tmp_path / "hf", V + 50)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "w1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bar above
+    assert e.value.code == 2 and err.startswith("lmforge: error: ")
+    assert "tokenizer (tokenizer.json) has 147 ids but the model's vocabulary has 97 rows" in err

@@ -225,7 +225,19 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | str | None = No
         raise ValueError(f"{config_file}: neither an lmforge config (format: lmforge) nor a Hugging Face one "
                          "(model_type)")
     tokenizer = Tokenizer.from_pretrained(path) if any((path / f).exists() for f in TOKENIZER_FILES) else None
+    if tokenizer is not None:
+        check_vocab(tokenizer, model.backbone if head is not None else model, path)
     return model, head, tokenizer, special
+
+
+def check_vocab(tokenizer: Tokenizer, backbone: nn.Module, where: Path) -> None:
+    """A tokenizer may have fewer ids than the model has embedding rows (checkpoints pad the
+    table to a round size), never more: an id past the table would index nothing."""
+    rows = getattr(backbone.config, "vocab_size", None)
+    if rows is not None and tokenizer.vocab_size > rows:
+        files = ", ".join(f for f in TOKENIZER_FILES if (where / f).exists())
+        raise ValueError(f"{where}: the tokenizer ({files}) has {tokenizer.vocab_size} ids but the model's vocabulary "
+                         f"has {rows} rows (config.json vocab_size): they come from different models")
 
 
 def _load_lmforge(path: Path, cfg: dict, dtype: torch.dtype | str | None) -> tuple[nn.Module, HeadSpec | None, dict]:
