@@ -135,9 +135,9 @@ def quickstart_run(minutes: float, out: Path, overrides: dict | None = None, see
 
 def ablation_variants(only: list[str] | None = None) -> dict[str, dict]:
     """Name -> --set options: the quickstart as it is, each option alone, and all together.
-    only: keep the options whose name contains one of these words (the whole set otherwise)."""
+    only: keep the options whose name or --set options contain one of these words (all otherwise)."""
     picked = {name: o for name, o in ABLATIONS.items()
-              if not only or any(word.lower() in name.lower() for word in only)}
+              if not only or any(word.lower() in f"{name} {json.dumps(o)}".lower() for word in only)}
     together = {k: v for o in picked.values() for k, v in o.items()}
     return {"quickstart as it is": {}, **picked, **({"all of the above together": together} if len(picked) > 1 else {})}
 
@@ -183,7 +183,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--ablation", action="store_true", help="each training option alone and together (see above)")
     p.add_argument("--runs", type=int, default=3, help="--ablation: runs of each (the median is reported)")
-    p.add_argument("--only", nargs="+", default=None, help="--ablation: the options whose name has one of these words")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="--ablation: the options whose name or --set options have one of these words (muon, relu2)")
     p.add_argument("--json", default=None, help="--ablation: also write every run's metrics to this file")
     a = p.parse_args()
     text = default_corpus().read_text()

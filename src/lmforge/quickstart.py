@@ -234,8 +234,8 @@ def _report(recipe: Recipe, config, metrics: dict, samples: list[str], device: s
         "## Configuration", "",
         f"GPT: {recipe.n_layers} layers, dim {recipe.dim}, {recipe.n_heads} heads, context {recipe.seq_len}, "
         f"byte-level BPE vocabulary {recipe.vocab_size}, dropout {recipe.dropout}; AdamW lr {config.optim.lr} "
-        f"(warmup {config.optim.warmup_steps}, cosine), batch {recipe.batch_size} x {recipe.seq_len} tokens, "
-        f"{config.train.precision} on {device}{on_top}. Full config: config.yaml.", "",
+        f"(warmup {config.optim.warmup_steps}, {config.optim.schedule}), batch {recipe.batch_size} x "
+        f"{recipe.seq_len} tokens, {config.train.precision} on {device}{on_top}. Full config: config.yaml.", "",
         "## Samples (temperature 0.8, top-k 50)", "",
     ]
     for prompt, sample in zip(PROMPTS, samples):

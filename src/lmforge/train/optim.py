@@ -69,7 +69,7 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         groups.append({**muon, "params": [p for p in fused if splits[id(p)] == split], "split": split})
     adam = [{**g, "lr": cfg.lr, "use_muon": False} for g in param_groups(model, cfg.weight_decay, frozenset(seen))
             if g["params"]]
-    return [g for g in groups if g["params"]] + adam
+    return adam + [g for g in groups if g["params"]]  # AdamW's first: the lr the loop logs stays optim.lr
 
 
 def _attention_of(model: nn.Module, linear_name: str) -> nn.Module | None:
