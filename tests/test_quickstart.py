@@ -53,3 +53,27 @@ def test_quickstart_run_directory_is_complete(tmp_path):
     ids = torch.tensor([lm.tokenizer.encode("ROMEO: what light")])
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_set_options_go_on_top_of_the_recipe(tmp_path):
+    config = training_config(CPU, tmp_path, 500, 240.0, "cpu", "fp32", 0, {
+        "optim.optimizer": "muon", "optim.schedule": "wsd", "model.overrides.act": "relu2",
+        "model.overrides.value_embeds": 2})
+    assert config.optim.optimizer == "muon" and config.optim.schedule == "wsd"
+    assert config.model.overrides == {"dim": CPU.dim, "n_layers": CPU.n_layers, "n_heads": CPU.n_heads,
+                                      "max_seq_len": CPU.seq_len, "dropout": CPU.dropout, "act": "relu2",
+                                      "value_embeds": 2}
+    assert config.optim.lr == CPU.lr and config.train.max_steps == 500  # the rest is the recipe's
+
+
+@pytest.mark.parametrize("option, message", [
+    ("optim.optimizr=muon", "--set: unrecognized arguments: --optim.optimizr=muon"),
+    ("model.overrides.value_embeds=9", "--set: GPTConfig.value_embeds must be an integer from 0 to n_layers / 2"),
+    ("muon", "--set 'muon': expected KEY=VALUE"),
+])
+def test_a_bad_set_option_is_one_line_before_any_work(tmp_path, option, message):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(out), "--set", option],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

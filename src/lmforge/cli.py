@@ -51,12 +51,21 @@ def _quickstart_args(p: ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="wall-time budget for the whole job")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="pretraining options on top of the recipe, dotted as `lmforge pretrain` takes them "
+                        "(optim.optimizer=muon optim.schedule=wsd model.overrides.act=relu2)")
 
 
 def _quickstart(a: Namespace) -> None:
     from lmforge.quickstart import quickstart
 
-    quickstart(a.out, a.corpus, a.minutes, a.device, a.seed)
+    overrides = {}
+    for item in a.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.optimizer=muon")
+        overrides[key] = yaml.safe_load(value)
+    quickstart(a.out, a.corpus, a.minutes, a.device, a.seed, overrides)
 
 
 def _convert_args(p: ArgumentParser) -> None:

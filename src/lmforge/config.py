@@ -5,7 +5,7 @@ One nested dataclass per concern, every default defined once, here:
     RunConfig
       model       which architecture (preset + overrides) and where its weights start
       data        where the tokens come from and how objectives corrupt them
-      optim       AdamW and the learning-rate schedule
+      optim       the optimizer (AdamW, Muon) and the learning-rate schedule
       train       objective, batch, budget, precision, seed, output directory, resume
       eval        validation while training
       checkpoint  how often to save, how many to keep
@@ -108,28 +108,41 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule.
+    """The optimizer (AdamW, or Muon for the blocks' matrices) and the learning-rate schedule.
 
     Args:
-        lr: peak learning rate, reached at the end of warmup.
+        optimizer: adamw, or muon: Muon (Newton-Schulz orthogonalised momentum, modded-nanogpt) for
+            the 2-D weights of the Transformer blocks' linear layers, AdamW (lr, betas, eps,
+            weight_decay) for embeddings, the LM head, biases and norm gains.
+        lr: peak learning rate, reached at the end of warmup (AdamW's, with muon: of the AdamW part).
         betas: AdamW (beta1, beta2).
         eps: AdamW epsilon.
         weight_decay: decoupled weight decay, applied to matrices and embeddings only (not to norms or biases).
         warmup_steps: optimizer steps of linear warmup from 0 to lr.
-        schedule: decay after warmup: cosine, linear or constant.
+        schedule: decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay, trapezoidal):
+            the peak lr until the last decay_fraction of the steps, then a linear decay.
         min_lr_ratio: the schedule decays to lr * min_lr_ratio at the last step.
+        decay_fraction: wsd: the fraction of all steps that decays at the end.
+        muon_lr: muon: peak learning rate of the Muon part (on the same schedule).
+        muon_momentum: muon: the momentum (beta) of Muon's Nesterov momentum.
+        muon_weight_decay: muon: decoupled weight decay of the Muon part.
         grad_clip: clip the global gradient norm to this; 0 disables clipping (the norm is still logged).
         fused: fused AdamW kernel; None: on when the device has one (CUDA, CPU). Fused also lets a
             step with a non-finite gradient be skipped on the device without a host sync.
     """
 
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     grad_clip: float = 1.0
     fused: bool | None = None
 
@@ -141,9 +154,14 @@ class OptimConfig:
         _check(self.eps > 0, "optim.eps", "must be positive", self.eps)
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
-        _check(self.schedule in ("cosine", "linear", "constant"), "optim.schedule",
-               "must be cosine, linear or constant", self.schedule)
+        _check(self.schedule in ("cosine", "linear", "constant", "wsd"), "optim.schedule",
+               "must be cosine, linear, constant or wsd", self.schedule)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        _check(0.0 < self.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]", self.decay_fraction)
+        _check(self.optimizer in ("adamw", "muon"), "optim.optimizer", "must be adamw or muon", self.optimizer)
+        _check(self.muon_lr > 0, "optim.muon_lr", "must be positive", self.muon_lr)
+        _check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", "must be in [0, 1)", self.muon_momentum)
+        _check(self.muon_weight_decay >= 0, "optim.muon_weight_decay", "must be >= 0", self.muon_weight_decay)
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0", self.grad_clip)
 
 
@@ -320,7 +338,7 @@ class RunConfig:
     Args:
         model: which model to train.
         data: where the training tokens come from.
-        optim: AdamW and the learning-rate schedule.
+        optim: the optimizer (AdamW, Muon) and the learning-rate schedule.
         train: objective, batch, budget, precision, output directory.
         eval: validation while training.
         checkpoint: saving and pruning checkpoints.

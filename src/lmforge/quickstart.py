@@ -11,6 +11,10 @@ On the packaged Tiny Shakespeare corpus (or --corpus FILE), with no arguments:
   6. generate samples;
   7. leave a run directory: metrics.jsonl, loss.png, report.md, tb/, checkpoints/ and
      model/ in Hugging Face format (loads with lmforge.load and transformers).
+
+`overrides` (the CLI's --set KEY=VALUE) changes the pretraining config on top of the recipe,
+with the dotted keys `lmforge pretrain` takes (optim.optimizer=muon, model.overrides.act=relu2):
+bench/bench_quickstart.py's ablation runs each training option through them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lmforge.models import build, preset
 from lmforge.pretrain import pretrain
 from lmforge.train import rundir
 from lmforge.train.objectives import clm
+from lmforge.train.optim import build_optimizer
 
 # nanoGPT's character-level CPU recipe trained for 5 minutes on the 2-core CI machine.
 CHAR_BASELINE_BPC = 2.34
@@ -69,10 +74,10 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _steps_per_second(recipe: Recipe, device: str, precision: str) -> float:
-    """Time a few training steps of the recipe's model on random tokens."""
-    model = build(_model_config(recipe)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def _steps_per_second(recipe: Recipe, device: str, precision: str, config) -> float:
+    """Time a few training steps of the model and optimizer `config` trains, on random tokens."""
+    model = build(_model_config(recipe, config.model.overrides)).to(device)
+    opt = build_optimizer(model, config.optim)
     ids = torch.randint(0, recipe.vocab_size, (recipe.batch_size, recipe.seq_len + 1), device=device)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -90,41 +95,54 @@ def _steps_per_second(recipe: Recipe, device: str, precision: str) -> float:
     return 1.0 / sorted(times[1:])[1]  # the median of the steps after the first
 
 
-def _model_config(recipe: Recipe):
-    return preset("gpt-tiny", vocab_size=recipe.vocab_size, dim=recipe.dim, n_layers=recipe.n_layers,
-                  n_heads=recipe.n_heads, max_seq_len=recipe.seq_len, dropout=recipe.dropout)
+def _model_config(recipe: Recipe, fields: dict | None = None):
+    """The recipe's GPT config; `fields`: the pretraining config's model.overrides (they win)."""
+    return preset("gpt-tiny", **{"vocab_size": recipe.vocab_size, "dim": recipe.dim, "n_layers": recipe.n_layers,
+                                 "n_heads": recipe.n_heads, "max_seq_len": recipe.seq_len, "dropout": recipe.dropout,
+                                 **(fields or {})})
 
 
 def training_config(recipe: Recipe, out: Path, max_steps: int, budget: float, device: str, precision: str,
-                    seed: int):
-    """The pretraining config for `max_steps` steps in `budget` seconds, data under out/data."""
+                    seed: int, overrides: dict | None = None):
+    """The pretraining config for `max_steps` steps in `budget` seconds, data under out/data;
+    `overrides`: dotted pretraining keys set on top (model.overrides.FIELD: one model field)."""
     data = out / "data"
     eval_every = max(50, max_steps // 5)  # checkpoints every other evaluation: each has a validation loss
+    model_fields = {k.removeprefix("model.overrides."): v for k, v in (overrides or {}).items()
+                    if k.startswith("model.overrides.")}
+    rest = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.overrides.")}
     return load_config(None, {
         "model.preset": "gpt-tiny", "model.overrides": {
             "dim": recipe.dim, "n_layers": recipe.n_layers, "n_heads": recipe.n_heads,
-            "max_seq_len": recipe.seq_len, "dropout": recipe.dropout},
+            "max_seq_len": recipe.seq_len, "dropout": recipe.dropout, **model_fields},
         "data.train": str(data / "train"), "data.val": str(data / "val"), "data.tokenizer": str(out / "tokenizer"),
         "data.seq_len": recipe.seq_len, "optim.lr": recipe.lr, "optim.warmup_steps": min(100, max_steps // 10),
         "optim.min_lr_ratio": 0.1, "train.micro_batch_size": recipe.batch_size, "train.max_steps": max_steps,
         "train.max_time": max(budget, 10.0) / 60, "train.seed": seed, "train.device": device,
         "train.precision": precision, "train.out_dir": str(out), "train.resume": "none",
         "eval.every": eval_every, "eval.steps": 10, "checkpoint.every": 2 * eval_every,
-        "checkpoint.keep_last": 1, "log.every": max(10, max_steps // 50)})
+        "checkpoint.keep_last": 1, "log.every": max(10, max_steps // 50), **rest})
 
 
 def quickstart(out: str | os.PathLike = "runs/quickstart", corpus: str | os.PathLike | None = None,
-               minutes: float = 5.0, device: str | None = None, seed: int = 1337) -> dict:
+               minutes: float = 5.0, device: str | None = None, seed: int = 1337,
+               overrides: dict | None = None) -> dict:
     """Run the whole job within `minutes` of wall time; returns the final metrics. Each run
-    starts fresh: an earlier one in `out` is moved to out/previous/ (lmforge.train.rundir)."""
+    starts fresh: an earlier one in `out` is moved to out/previous/ (lmforge.train.rundir).
+    overrides: dotted pretraining config keys set on top of the recipe's, e.g.
+    {"optim.optimizer": "muon", "model.overrides.act": "relu2"} (checked before any work)."""
     started = time.monotonic()
     if not minutes > 0:
         raise ValueError(f"--minutes must be positive, got {minutes}")
     out = Path(out)
+    try:  # a bad override fails here, before any work
+        _model_config(CPU, training_config(CPU, out, 100, 60.0, "cpu", "fp32", seed, overrides).model.overrides)
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
     corpus = Path(corpus) if corpus else default_corpus()
     text = read_corpus(corpus)
     with rundir.open_run(out, fresh=True) as run:
-        return _quickstart(run, corpus, text, started, minutes, device, seed)
+        return _quickstart(run, corpus, text, started, minutes, device, seed, overrides or {})
 
 
 def read_corpus(corpus: Path) -> str:
@@ -140,7 +158,7 @@ def read_corpus(corpus: Path) -> str:
 
 
 def _quickstart(run: rundir.RunDir, corpus: Path, text: str, started: float, minutes: float, device: str | None,
-                seed: int) -> dict:
+                seed: int, overrides: dict) -> dict:
     out = run.path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     recipe = GPU if device.startswith("cuda") else CPU
@@ -159,12 +177,14 @@ def _quickstart(run: rundir.RunDir, corpus: Path, text: str, started: float, min
     prepare_corpus(tokenizer, data / "val.txt", data / "val", val_fraction=0.0, doc_per_file=True)
     print(f"[2/5] byte-level BPE tokenizer with {tokenizer.vocab_size:,} tokens; corpus tokenized")
 
-    steps_per_s = _steps_per_second(recipe, device, precision)
+    steps_per_s = _steps_per_second(recipe, device, precision,
+                                    training_config(recipe, out, 100, 60.0, device, precision, seed, overrides))
     reserve = 25.0 if device == "cpu" else 15.0  # evaluation, samples and export after training
     budget = minutes * 60 - (time.monotonic() - started) - reserve
     max_steps = max(20, int(budget * steps_per_s * 0.95))  # evaluations and checkpoints take the rest
-    config = training_config(recipe, out, max_steps, budget, device, precision, seed)
-    print(f"[3/5] training a {recipe.n_layers}-layer GPT (dim {recipe.dim}) on {device} for up to "
+    config = training_config(recipe, out, max_steps, budget, device, precision, seed, overrides)
+    changed = "".join(f", {k.removeprefix('model.overrides.')}={v}" for k, v in overrides.items())
+    print(f"[3/5] training a {recipe.n_layers}-layer GPT (dim {recipe.dim}{changed}) on {device} for up to "
           f"{max_steps} steps (~{budget / 60:.1f} min at {steps_per_s:.1f} steps/s)")
     result = pretrain(config)
 
@@ -181,7 +201,7 @@ def _quickstart(run: rundir.RunDir, corpus: Path, text: str, started: float, min
     metrics = {"val_ppl": ppl["ppl"], "val_nll_per_token": ppl["mean_nll"], "bits_per_char": ppl["bits_per_char"],
                "char_baseline_bits_per_char": CHAR_BASELINE_BPC, "steps": result["step"],
                "tokens": result["tokens"], "train_loss": result["train_loss"], "params": result["params"],
-               "device": device, "seconds": time.monotonic() - started}
+               "device": device, "seconds": time.monotonic() - started, "overrides": overrides}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", _report(recipe, config, metrics, samples, device))
     print(f"done in {metrics['seconds']:.0f}s: {out}/ holds report.md, metrics.jsonl, loss.png and model/ "
@@ -197,6 +217,7 @@ def _hardware(device: str) -> str:
 
 def _report(recipe: Recipe, config, metrics: dict, samples: list[str], device: str) -> str:
     beat = "better than" if metrics["bits_per_char"] <= CHAR_BASELINE_BPC else "worse than"
+    on_top = "".join(f"; {k}={v}" for k, v in metrics["overrides"].items())  # --set options
     lines = [
         "# lmforge quickstart", "",
         f"lmforge {lmforge.__version__}, torch {torch.__version__}, {_hardware(device)}.", "",
@@ -213,8 +234,8 @@ def _report(recipe: Recipe, config, metrics: dict, samples: list[str], device: s
         "## Configuration", "",
         f"GPT: {recipe.n_layers} layers, dim {recipe.dim}, {recipe.n_heads} heads, context {recipe.seq_len}, "
         f"byte-level BPE vocabulary {recipe.vocab_size}, dropout {recipe.dropout}; AdamW lr {config.optim.lr} "
-        f"(warmup {config.optim.warmup_steps}, cosine), batch {recipe.batch_size} x {recipe.seq_len} tokens, "
-        f"{config.train.precision} on {device}. Full config: config.yaml.", "",
+        f"(warmup {config.optim.warmup_steps}, {config.optim.schedule}), batch {recipe.batch_size} x "
+        f"{recipe.seq_len} tokens, {config.train.precision} on {device}{on_top}. Full config: config.yaml.", "",
         "## Samples (temperature 0.8, top-k 50)", "",
     ]
     for prompt, sample in zip(PROMPTS, samples):

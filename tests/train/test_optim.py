@@ -72,3 +72,23 @@ def test_scheduler_drives_the_optimizer_and_round_trips(gpt):
     opt.step(), sched.step(), opt2.step(), sched2.step()
     assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(
         6, warmup_steps=2, total_steps=10, schedule="cosine", min_lr_ratio=0.0))
+
+
+def test_warmup_stable_decay_is_a_trapezoid(gpt):
+    kw = dict(warmup_steps=4, total_steps=20, schedule="wsd", min_lr_ratio=0.1, decay_fraction=0.25)
+    lrs = [lr_factor(i, **kw) for i in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # warmup
+    assert lrs[4:15] == [1.0] * 11  # stable: the peak until the last 25% of the steps (5)
+    assert lrs[15:] == pytest.approx([0.82, 0.64, 0.46, 0.28, 0.1])  # a straight line down to the floor
+    assert lr_factor(100, **kw) == pytest.approx(0.1)
+    longer = {**kw, "total_steps": 40}  # a longer run is the same run until its own decay begins
+    assert [lr_factor(i, **longer) for i in range(15)] == lrs[:15]
+    cfg = OptimConfig(lr=1e-3, warmup_steps=4, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.1)
+    opt = build_optimizer(gpt(), cfg)
+    sched = build_scheduler(opt, cfg, total_steps=20)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * f for f in lrs])

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmforge.eval.perplexity import window_spans
+from lmforge.models.gpt import soft_cap
 from lmforge.train.objectives import CHUNK_ELEMENTS
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -44,9 +45,11 @@ Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 # ----------------------------------------------------------------------------- per-token statistics
 
 
-def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """Per-token NLL and argmax hits of logits = hidden @ weight[:vocab_size].T, computed in
-    chunks of rows so that at most ~CHUNK_ELEMENTS fp32 logits exist at a time.
+def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int,
+                softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token NLL and argmax hits of logits = hidden @ weight[:vocab_size].T (soft-capped
+    by `softcap`, GPTConfig.logit_softcap), computed in chunks of rows so that at most
+    ~CHUNK_ELEMENTS fp32 logits exist at a time.
 
     hidden (N, D); weight (Vpad, D); labels (N,) all valid ids -> nll (N,) fp32, correct (N,) bool.
     """
@@ -54,7 +57,7 @@ def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int)
     rows = max(64, CHUNK_ELEMENTS // vocab_size)
     nll, correct = [], []
     for start in range(0, hidden.size(0), rows):
-        logits = (hidden[start:start + rows] @ weight.t()).float()  # (n, V)
+        logits = soft_cap((hidden[start:start + rows] @ weight.t()).float(), softcap)  # (n, V)
         y = labels[start:start + rows]
         nll.append(F.cross_entropy(logits, y, reduction="none"))
         correct.append(logits.argmax(-1) == y)
@@ -211,7 +214,7 @@ def _score_batch(model: nn.Module, rows: list[_Row], device: torch.device) -> tu
     hidden = model.encode(ids, mask, position_ids=pos)  # (B, T, D)
     picked = hidden.flatten(0, 1)[torch.tensor(flat, device=device)]  # (N, D)
     nll, correct = token_stats(picked, model.lm_head.weight, torch.tensor(targets, device=device),
-                               model.config.vocab_size)
+                               model.config.vocab_size, model.config.logit_softcap)
     return torch.tensor(owners, device=device), nll, correct
 
 

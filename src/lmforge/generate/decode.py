@@ -169,7 +169,7 @@ def gpt_decode_step(model: GPT, cache: nn.ModuleList, tokens: Tensor, cache_pos:
     (N, 1, 1, S) attention mask over the first S slots -> next-token logits (N, V) fp32.
     """
     hidden = model.encode(tokens, cache_mask, position_ids=position_ids, cache=cache, cache_pos=cache_pos)
-    return model.lm_head(hidden[:, -1])[:, : model.config.vocab_size].float()
+    return model.logits(hidden[:, -1]).float()
 
 
 def encdec_decode_step(model: EncoderDecoderBase, cache: nn.ModuleList, tokens: Tensor, cache_pos: Tensor,
@@ -288,7 +288,7 @@ class _GPTSession:
         P = self.ids.size(1)
         hidden = self.model.encode(self.ids, self.slot_mask.slots[:, :P], position_ids=self.position_ids,
                                    cache=self.cache, cache_pos=torch.arange(P, device=self.ids.device))
-        return self.model.lm_head(hidden[:, -1])[:, : self.model.config.vocab_size].float()
+        return self.model.logits(hidden[:, -1]).float()
 
     def step(self, tokens: Tensor) -> Tensor:
         logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos,

@@ -78,9 +78,27 @@ def model_type_of(config: ModelConfig, read_as: str | None = None) -> str:
         if f.matches(config):
             return f.model_type
     if isinstance(config, GPTConfig):
+        switch = lmforge_only_switch(config)
+        if switch:
+            raise ConversionError(f"{switch}: transformers has no model type with it; keep the lmforge format "
+                                  "(lmforge.load reads it)")
         raise ConversionError("this GPT mixes features of different model types (GPT-2's and Llama's); "
                               "transformers has no matching class")
     raise ConversionError("this encoder-decoder (e.g. the original Transformer) has no transformers equivalent")
+
+
+def lmforge_only_switch(c: GPTConfig) -> str | None:
+    """The first of a GPT's training-idea switches that no transformers model type of its layout
+    has, named as its config field, or None. ReLU^2 (act=relu2) is GPT-2's activation_function
+    "relu2", an untied head and zero_init_proj (an initialisation) export as they are, and QK-norm
+    is Qwen3's on Llama's layout."""
+    if c.logit_softcap is not None:
+        return f"logit_softcap={c.logit_softcap} (only Gemma 2, another layout, soft-caps its logits)"
+    if c.value_embeds:
+        return f"value_embeds={c.value_embeds} (value embeddings)"
+    if c.qk_norm and not (c.positions == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"):
+        return "qk_norm=true on a GPT-2-style layout (only Qwen3 normalises queries and keys: RoPE, RMSNorm, SwiGLU)"
+    return None
 
 
 def config_to_hf(config: ModelConfig, special: dict[str, int | None] | None = None,

@@ -155,9 +155,13 @@ def _gpt(c: GPTConfig) -> Arch:
         positions = ("pos_emb",)
     if not c.tie_embeddings:
         extra["lm_head"] = Vp * D
+    embeddings: tuple[str, ...] = ("tok_emb", *positions)
+    if c.value_embeds:  # the tables, and two mixing scalars in each layer that reads one
+        extra["value_emb"] = c.value_embeds * Vp * c.n_kv_heads * c.head_dim
+        extra["value_mix"] = 2 * 2 * c.value_embeds
+        embeddings += ("value_emb",)
     stack = Stack("blocks", c.n_layers, c.block_spec(), "pre", causal=True)
-    return Arch("gpt", c, (stack,), D, c.vocab_size, Vp, extra, positions, ("tok_emb", *positions),
-                c.tie_embeddings)
+    return Arch("gpt", c, (stack,), D, c.vocab_size, Vp, extra, positions, embeddings, c.tie_embeddings)
 
 
 def _bert(c: BertConfig) -> Arch:

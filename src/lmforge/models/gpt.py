@@ -3,6 +3,7 @@
 tokens -> token embedding (+ learned/sinusoidal positions, or RoPE inside attention)
        -> n_layers x pre-LN block (causal self-attention, MLP)
        -> final norm -> LM head (tied to the token embedding by default) -> logits
+       (-> cap * tanh(logits / cap) with logit_softcap)
 
 Causal self-attention lets position t see positions <= t only, so one forward pass
 predicts every next token of the sequence at once.
@@ -51,6 +52,13 @@ class GPTConfig(ArchConfig):
         tie_embeddings: share the token embedding with the LM head.
         dropout: dropout on embeddings and residual branches.
         vocab_multiple: pad embedding rows to a multiple of this.
+        logit_softcap: logits <- cap * tanh(logits / cap), smoothly bounded in (-cap, cap)
+            (Gemma 2, modded-nanogpt); None: off.
+        zero_init_proj: start the projections that write into the residual stream (attn.wo,
+            mlp.down) at zero, so every block is the identity at init (modded-nanogpt); an
+            initialisation only, not part of the architecture an export carries.
+        value_embeds: value-embedding tables (modded-nanogpt), each (V, Hkv * Dh); table i
+            feeds layer i and layer n_layers - value_embeds + i (at most n_layers / 2 tables). 0: none.
     """
 
     vocab_size: int = 50257
@@ -75,6 +83,9 @@ class GPTConfig(ArchConfig):
     tie_embeddings: bool = True
     dropout: float = 0.0
     vocab_multiple: int = 128
+    logit_softcap: float | None = None
+    zero_init_proj: bool = False
+    value_embeds: int = 0
 
     def __post_init__(self) -> None:
         self._check_positive("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads", "vocab_multiple")
@@ -92,11 +103,26 @@ class GPTConfig(ArchConfig):
             raise ValueError(f"GPTConfig.head_dim ({self.head_dim}) must be even for rope")
         if self.sliding_window is not None:
             self._check_positive("sliding_window")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"GPTConfig.logit_softcap must be positive or None, got {self.logit_softcap!r}")
+        if not (isinstance(self.value_embeds, int) and 0 <= 2 * self.value_embeds <= self.n_layers):
+            raise ValueError(f"GPTConfig.value_embeds must be an integer from 0 to n_layers / 2 "
+                             f"({self.n_layers // 2}), got {self.value_embeds!r}")
 
-    def block_spec(self) -> BlockSpec:
+    def block_spec(self, value_embed: bool = False) -> BlockSpec:
         return BlockSpec(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim,
                          self.norm, self.norm_eps, self.mlp, self.act, self.bias, self.dropout,
-                         qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+                         qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, value_embed=value_embed)
+
+    def value_table(self, layer: int) -> int | None:
+        """The value-embedding table layer `layer` reads, or None: the first and the last
+        value_embeds layers read tables 0, 1, ... in order (modded-nanogpt's 012...012)."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        if layer >= self.n_layers - k:
+            return layer - (self.n_layers - k)
+        return None
 
 
 # Presets: the config fields each one sets; derived fields (head_dim, ...) follow overrides.
@@ -128,7 +154,10 @@ class GPT(nn.Module):
         else:
             self.rope = RotaryPositions(c.max_seq_len, c.head_dim, c.rope_theta, c.rope_scaling)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(PreNormBlock(c.block_spec()) for _ in range(c.n_layers))
+        self.value_tables = [c.value_table(i) for i in range(c.n_layers)]
+        self.value_emb = nn.ModuleList(nn.Embedding(c.padded_vocab_size, c.n_kv_heads * c.head_dim)
+                                       for _ in range(c.value_embeds))
+        self.blocks = nn.ModuleList(PreNormBlock(c.block_spec(value_embed=t is not None)) for t in self.value_tables)
         self.norm_f = make_norm(c.norm, c.dim, c.norm_eps, c.bias)
         self.lm_head = nn.Linear(c.dim, c.padded_vocab_size, bias=False)
         if c.tie_embeddings:
@@ -138,7 +167,7 @@ class GPT(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """N(0, 0.02) everywhere; the projections that write into the residual stream
         scaled by 1/sqrt(2 * n_layers) (GPT-2), so that the stream's variance does
-        not grow with depth."""
+        not grow with depth; with zero_init_proj, those projections start at zero instead."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
@@ -146,7 +175,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         for block in self.blocks:
             for proj in (block.attn.wo, block.mlp.down):
-                nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> nn.ModuleList:
@@ -190,12 +222,32 @@ class GPT(nn.Module):
             x = x + self.pos_emb(position_ids)
         x = self.drop(x)
         mask = causal_self_mask(T, attention_mask, cache, cache_pos, x.device, self.config.sliding_window)
+        ve = self.value_embeddings(input_ids)
         # zip, not cache[i]: indexing a ModuleList costs microseconds per layer in a decode step.
-        for block, layer_cache in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks)):
-            x = block(x, mask, mask is None, rope, layer_cache, cache_pos)
+        for block, layer_cache, layer_ve in zip(self.blocks, cache if cache is not None else [None] * len(self.blocks),
+                                                ve):
+            x = block(x, mask, mask is None, rope, layer_cache, cache_pos, layer_ve)
         return self.norm_f(x)
+
+    def value_embeddings(self, input_ids: Tensor) -> list[Tensor | None]:
+        """Per layer, its value embeddings of the tokens (B, T, Hkv * Dh), or None (no table)."""
+        if not self.value_emb:
+            return [None] * len(self.blocks)
+        tables = [emb(input_ids) for emb in self.value_emb]
+        return [None if t is None else tables[t] for t in self.value_tables]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., D) after the final norm -> logits (..., V): the LM head, without the
+        padded rows, soft-capped when logit_softcap is set."""
+        return soft_cap(self.lm_head(hidden)[..., : self.config.vocab_size], self.config.logit_softcap)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
         """input_ids (B, T) -> next-token logits (B, T, V). Keywords as `encode`."""
-        return self.lm_head(self.encode(input_ids, attention_mask, **kw))[..., : self.config.vocab_size]
+        return self.logits(self.encode(input_ids, attention_mask, **kw))
+
+
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(logits / cap): about the logits themselves while |logits| << cap, never beyond
+    +-cap (Gemma 2's final_logit_softcapping); the logits unchanged when cap is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 

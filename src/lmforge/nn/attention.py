@@ -201,6 +201,11 @@ class SelfAttention(_Heads):
     Each of the H heads attends in its own Dh-wide subspace; their outputs are
     concatenated and mixed by `wo`. With n_kv_heads < n_heads, groups of query
     heads share one key/value head (grouped-query attention), shrinking the KV cache.
+
+    value_embed: the layer takes value embeddings (modded-nanogpt): a table looked up by
+    the input tokens, ve (B, T, Hkv * Dh), mixed into the values by two learned scalars,
+    v <- l0 * v + l1 * ve (both 0.5 at init), so each token's identity reaches every later
+    position directly, without going through the residual stream.
     """
 
     def __init__(
@@ -213,11 +218,13 @@ class SelfAttention(_Heads):
         dropout: float = 0.0,
         qkv_bias: bool | None = None,
         scale: float | None = None,
+        value_embed: bool = False,
     ) -> None:
         super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout, scale)
         qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         # qkv_bias: biases on the query/key/value projections only (Qwen2); None: as `bias`.
         self.wqkv = nn.Linear(dim, qkv_dim, bias=bias if qkv_bias is None else qkv_bias)
+        self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None  # (l0, l1)
 
     def forward(
         self,
@@ -227,6 +234,7 @@ class SelfAttention(_Heads):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
+        ve: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D) -> (B, T, D).
 
@@ -237,7 +245,8 @@ class SelfAttention(_Heads):
         attend over the first S cache slots, S = the mask's width (all of them without
         a mask). Eager decoding passes a mask over the slots written so far, so that
         attention costs what the sequence needs; a CUDA graph needs fixed shapes and
-        passes the whole cache.
+        passes the whole cache. ve: (B, T, Hkv * Dh) this layer's value embeddings of the
+        tokens (a layer built with value_embed only).
         """
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
@@ -247,6 +256,8 @@ class SelfAttention(_Heads):
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)  # (B, H + 2*Hkv, T, Dh)
         q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh), (B, Hkv, T, Dh)
         q, k = self.normalize(q, k)
+        if ve is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * ve.view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -267,12 +278,14 @@ class QKNormSelfAttention(SelfAttention):
     weights, so training tolerates higher learning rates."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
-                 bias: bool = True, dropout: float = 0.0, qkv_bias: bool | None = None, eps: float = 1e-6) -> None:
-        super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout, qkv_bias)
+                 bias: bool = True, dropout: float = 0.0, qkv_bias: bool | None = None, eps: float = 1e-6,
+                 value_embed: bool = False) -> None:
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, bias, dropout, qkv_bias, value_embed=value_embed)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps), RMSNorm(self.head_dim, eps)
 
     def normalize(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.q_norm(q), self.k_norm(k)  # (B, H, T, Dh), (B, Hkv, T, Dh)
+
 
 class CrossAttention(_Heads):
     """Decoder-to-encoder attention: queries from the decoder, keys and values from

@@ -40,6 +40,7 @@ class BlockSpec:
     qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: as `bias`
     qk_norm: bool = False  # RMS-normalised queries and keys (Qwen3): QKNormSelfAttention
     attn_scale: float | None = None  # the factor on Q K^T; None: 1/sqrt(head_dim) (T5: 1)
+    value_embed: bool = False  # the self-attention mixes value embeddings into its values (SelfAttention)
 
     def norm_layer(self) -> nn.Module:
         return make_norm(self.norm, self.dim, self.norm_eps, self.bias)
@@ -47,9 +48,9 @@ class BlockSpec:
     def self_attention(self) -> SelfAttention:
         if self.qk_norm:
             return QKNormSelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias,
-                                       self.attn_dropout, self.qkv_bias, self.norm_eps)
+                                       self.attn_dropout, self.qkv_bias, self.norm_eps, self.value_embed)
         return SelfAttention(self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.bias, self.attn_dropout,
-                             self.qkv_bias, self.attn_scale)
+                             self.qkv_bias, self.attn_scale, self.value_embed)
 
     def cross_attention(self) -> CrossAttention:
         return CrossAttention(self.dim, self.n_heads, self.bias, self.attn_dropout, self.head_dim, self.attn_scale)
@@ -75,8 +76,10 @@ class PreNormBlock(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         cache_pos: Tensor | None = None,
+        ve: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos))
+        """ve: (B, T, Hkv * Dh) value embeddings for the attention (see SelfAttention), or None."""
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, rope, cache, cache_pos, ve))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 

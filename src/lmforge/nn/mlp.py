@@ -1,6 +1,9 @@
 """Position-wise feed-forward networks: FFN(x) = W2 act(W1 x) and the gated ones,
 FFN(x) = W2 (act(W_gate x) * W1 x): SwiGLU (act = SiLU, Llama), GEGLU (GELU, T5 v1.1).
 
+act = relu2, ReLU(x)^2 (Primer; modded-nanogpt's MLP): as cheap as ReLU, smooth at 0 to first
+order, and sparse; a plain MLP with it matches a gated one without the third matrix.
+
 The MLP is where most parameters live (2 * D * F, with F usually 4D); it acts on
 each position independently.
 """
@@ -12,11 +15,18 @@ import functools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def relu2(x: Tensor) -> Tensor:
+    """ReLU(x)^2, elementwise."""
+    return F.relu(x).square()
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU: BERT, BART
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
     "relu": F.relu,  # the original Transformer
     "silu": F.silu,
+    "relu2": relu2,  # squared ReLU (Primer, modded-nanogpt); transformers' "relu2"
 }
 
 

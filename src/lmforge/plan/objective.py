@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX
 from lmforge.models.arch import Arch
+from lmforge.models.gpt import soft_cap
 from lmforge.plan.dataflow import Shape
 from lmforge.train.objectives import linear_cross_entropy, mlm, mlm_nsp
 
@@ -43,12 +44,13 @@ def random_batch(arch: Arch, shape: Shape, device: torch.device | str, seed: int
 
 
 def _cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, chunk_rows: int,
-                   bias: Tensor | None = None) -> Tensor:
+                   bias: Tensor | None = None, softcap: float | None = None) -> Tensor:
     hidden, labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
     if chunk_rows:
-        return linear_cross_entropy(hidden, weight, labels, vocab_size, bias=bias, chunk_rows=chunk_rows)
+        return linear_cross_entropy(hidden, weight, labels, vocab_size, bias=bias, chunk_rows=chunk_rows,
+                                    softcap=softcap)
     logits = hidden @ weight.t() if bias is None else hidden @ weight.t() + bias
-    return F.cross_entropy(logits[..., :vocab_size].float(), labels, reduction="sum")
+    return F.cross_entropy(soft_cap(logits[..., :vocab_size].float(), softcap), labels, reduction="sum")
 
 
 def loss(model: nn.Module, arch: Arch, batch: dict[str, Tensor], chunk_rows: int) -> Tensor:
@@ -56,7 +58,8 @@ def loss(model: nn.Module, arch: Arch, batch: dict[str, Tensor], chunk_rows: int
     V = arch.vocab_size
     if arch.family == "gpt":
         hidden = model.encode(batch["input_ids"])  # (B, T, D)
-        return _cross_entropy(hidden, model.lm_head.weight, batch["labels"], V, chunk_rows)
+        return _cross_entropy(hidden, model.lm_head.weight, batch["labels"], V, chunk_rows,
+                              softcap=arch.config.logit_softcap)
     if arch.family == "bert":
         return (mlm_nsp if arch.config.nsp else mlm)(model, batch).loss
     memory = model.encode(batch["input_ids"])  # (B, S, D)

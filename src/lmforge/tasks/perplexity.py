@@ -52,7 +52,8 @@ def row_token_stats(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX  # (B, T)
     rows = scored.nonzero()[:, 0]  # host sync (evaluation only): the scored positions' rows
-    nll, correct = token_stats(hidden[scored], model.lm_head.weight, labels[scored], model.config.vocab_size)
+    nll, correct = token_stats(hidden[scored], model.lm_head.weight, labels[scored], model.config.vocab_size,
+                               model.config.logit_softcap)
     B = labels.size(0)
     zeros = torch.zeros(B, dtype=torch.float32, device=hidden.device)
     return zeros.index_add(0, rows, nll), zeros.index_add(0, rows, correct.float()), scored.sum(1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX
+from lmforge.models.gpt import soft_cap
 
 # Rows of logits per chunk: chunk_rows * V fp32 logits (~256 MiB) exist at a time, however long the batch.
 CHUNK_ELEMENTS = 2**26
@@ -88,10 +89,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     d loss / d logits = softmax(logits) - onehot(y) is known as soon as a chunk's logits
     are, so each chunk's logits live only inside its loop iteration: memory is one chunk
-    of (rows, V) instead of the whole (N, V), and nothing is recomputed in backward."""
+    of (rows, V) instead of the whole (N, V), and nothing is recomputed in backward.
+    Soft-capped logits s = c tanh(z / c) add the chain rule's factor ds/dz = 1 - tanh(z / c)^2."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, rows: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, rows: int,
+                softcap: float | None) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head needs no grad_w
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=torch.float32, device=weight.device)
@@ -99,6 +102,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
             logits = _chunk_logits(h, weight, bias)  # (n, V)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)  # (n, V)
+                logits = softcap * capped
             valid = y != IGNORE_INDEX
             target = y.clamp(min=0)[:, None]
             # One fused log-softmax pass instead of logsumexp's passes plus a subtraction: on a CPU these
@@ -109,6 +115,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logp
             g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
             g *= valid[:, None]
+            if softcap is not None:
+                g *= 1 - capped.square()  # d(c tanh(z / c)) / dz
             if need_h:
                 grad_h[start:start + rows] = (g.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
             if need_w:
@@ -120,27 +128,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return grad_h * grad_loss if need_h else None, grad_w * grad_loss if need_w else None, None, None, None
+        return (grad_h * grad_loss if need_h else None, grad_w * grad_loss if need_w else None,
+                None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, *,
-                         bias: Tensor | None = None, chunk_rows: int | None = None) -> Tensor:
+                         bias: Tensor | None = None, chunk_rows: int | None = None,
+                         softcap: float | None = None) -> Tensor:
     """Summed cross-entropy of logits = hidden @ weight[:vocab_size].T (+ bias) against labels,
     without materialising all the logits.
 
     hidden (N, D); weight (Vpad, D) — the LM head, padded rows sliced off here; labels (N,)
     with -100 = ignored; bias (Vpad,) or None, a constant (no gradient); chunk_rows: rows per
     chunk (default: about CHUNK_ELEMENTS logits; on a CPU about CPU_CHUNK_ELEMENTS, at least
-    CPU_MIN_ROWS rows). -> () fp32.
+    CPU_MIN_ROWS rows); softcap: the logits soft-capped as lmforge.models.gpt.soft_cap does
+    (GPTConfig.logit_softcap). -> () fp32.
     """
     weight = weight[:vocab_size]
     bias = None if bias is None else bias[:vocab_size].detach()
     rows = chunk_rows or _chunk_rows(vocab_size, cpu=hidden.device.type == "cpu")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows, softcap)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.size(0), rows):
-        logits = _chunk_logits(hidden[start:start + rows], weight, bias)
+        logits = soft_cap(_chunk_logits(hidden[start:start + rows], weight, bias), softcap)
         total += F.cross_entropy(logits, labels[start:start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
     return total
 
@@ -167,7 +178,7 @@ def clm(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     labels, _ = _lm_labels(batch)
     labels = labels.reshape(-1)
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), model.lm_head.weight, labels,
-                                model.config.vocab_size)
+                                model.config.vocab_size, softcap=model.config.logit_softcap)
     return ObjectiveOutput(loss, (labels != IGNORE_INDEX).sum(), {})
 
 

@@ -18,8 +18,8 @@ from lmforge.interop.convert import ConversionError, Rule
 from lmforge.models import HeadSpec, ModelConfig
 
 HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
-          "silu": "silu", "swish": "silu"}
-LM_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+          "silu": "silu", "swish": "silu", "relu2": "relu2"}
+LM_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "relu2": "relu2"}
 
 
 @dataclass(frozen=True)

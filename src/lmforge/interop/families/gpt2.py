@@ -27,7 +27,7 @@ def write_config(c: GPTConfig) -> dict:
 def matches(c) -> bool:
     return (isinstance(c, GPTConfig) and c.positions == "learned" and c.norm == "layernorm" and c.mlp == "mlp"
             and c.bias and c.qkv_bias in (None, True) and not c.qk_norm and c.sliding_window is None
-            and c.n_kv_heads == c.n_heads)
+            and c.n_kv_heads == c.n_heads and c.logit_softcap is None and not c.value_embeds)
 
 
 def rules(c: GPTConfig, p: str) -> list[Rule]:

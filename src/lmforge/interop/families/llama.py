@@ -51,7 +51,8 @@ def _write(c: GPTConfig, **variant) -> dict:
 
 
 def _layout(c) -> bool:
-    return isinstance(c, GPTConfig) and c.positions == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+    return (isinstance(c, GPTConfig) and c.positions == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+            and c.logit_softcap is None and not c.value_embeds)
 
 
 def rules(c: GPTConfig, p: str) -> list[Rule]:
