@@ -301,11 +301,16 @@ class DistConfig:
         backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
         reshard_after_forward: FSDP: free each block's gathered parameters after forward (less
             memory, one more all-gather in backward).
+        mixed_precision: FSDP with train.precision bf16 or fp16: gather parameters in that
+            dtype (half the all-gather traffic and memory) and reduce gradients in fp32; the
+            sharded master weights and AdamW state stay fp32. False: gather fp32 (autocast
+            still computes in the low precision).
     """
 
     strategy: Literal["none", "ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     reshard_after_forward: bool = True
+    mixed_precision: bool = True
 
     def __post_init__(self) -> None:
         _check(self.strategy in ("none", "ddp", "fsdp"), "dist.strategy", "must be none, ddp or fsdp",

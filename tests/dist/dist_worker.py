@@ -44,12 +44,16 @@ class ShardedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.index = state["index"]
 
+    def load_state_dicts(self, states: list[dict]) -> None:  # the position is global: every rank saved the same
+        self.index = states[0]["index"]
+
 
 torch.set_num_threads(1)
 out_dir, strategy, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 config = load_config(None, {
     "train.out_dir": out_dir, "train.device": "cpu", "train.precision": "fp32", "train.max_steps": max_steps,
-    "train.grad_accum": 2, "train.micro_batch_size": GLOBAL_ROWS, "train.resume": "auto",
+    "train.grad_accum": 2, "train.micro_batch_size": GLOBAL_ROWS // world, "train.resume": "auto",
     "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.lr": 3e-3, "log.every": 1,
     "log.progress": False, "log.tensorboard": False, "log.plot": False, "log.peak_flops": 1e12,
     "eval.every": 0, "checkpoint.every": 2, "checkpoint.keep_last": 10, "checkpoint.keep_best": False,
@@ -57,7 +61,6 @@ config = load_config(None, {
 torch.manual_seed(0)
 # No biases: the key bias gets a zero gradient up to rounding, which Adam would amplify into noise.
 model = build(GPTConfig(vocab_size=V, max_seq_len=SEQ, dim=32, n_layers=2, n_heads=2, bias=False))
-rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 result = train(model, clm, ShardedBatches(rank, world), config)
 print(f"rank {rank}: {result.stopped} {result.step}")
 torch.distributed.destroy_process_group() if world > 1 else None

@@ -1,5 +1,6 @@
 """DDP and FSDP2 on 2 CPU processes (gloo) train exactly like one process with the same
-global batch: same losses, same weights (fp32 tolerance), and FSDP checkpoints resume."""
+global batch: same losses, same weights (fp32 tolerance), and FSDP checkpoints resume, also
+on another number of processes (sharded checkpoints resharded by torch.distributed.checkpoint)."""
 
 import json
 import os
@@ -62,5 +63,14 @@ def test_fsdp_matches_single_process_and_resumes(tmp_path, reference):
     assert len(_losses(tmp_path)) == 4
     _assert_same_training(tmp_path, reference, 4)  # one gathered safetensors file per checkpoint
     _run(tmp_path, "fsdp", 6, nproc=2)  # resumes from step 4: sharded weights and optimizer state restored
+    assert len(_losses(tmp_path)) == 6
+    _assert_same_training(tmp_path, reference, 6)
+
+
+def test_fsdp_checkpoint_resumes_on_four_processes_under_ddp(tmp_path, reference):
+    """2 processes (FSDP2, sharded checkpoint) -> 4 processes (DDP): the global batch and data
+    position carry over, so steps 5-6 are the single-process run's."""
+    _run(tmp_path, "fsdp", 4, nproc=2)
+    _run(tmp_path, "ddp", 6, nproc=4)
     assert len(_losses(tmp_path)) == 6
     _assert_same_training(tmp_path, reference, 6)
