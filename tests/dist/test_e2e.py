@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.api import LM
 from lmforge.data.prepare import prepare_corpus
 from lmforge.interop.model_dir import save_model_dir
-from lmforge.models import BertConfig, build
+from lmforge.models import BertConfig, build, preset
 from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -144,6 +145,8 @@ def test_finetune_under_torchrun_writes_one_run_and_scores_each_example_once(tmp
                  *common], nproc=2)
     summaries = _summaries(proc)
     assert len(summaries) == 1 and summaries[0]["n"] == 42
+    said = [line for line in proc.stderr.splitlines() if line.startswith("training ")]
+    assert len(said) == 1, proc.stderr  # lmforge's notes once, not once per process
     predictions = (out / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 42  # every validation example exactly once, none from a padded shard
     assert sorted(p.name for p in out.iterdir() if p.name in ("metrics.jsonl", "tb", "model")) == \
@@ -152,6 +155,35 @@ def test_finetune_under_torchrun_writes_one_run_and_scores_each_example_once(tmp
     assert written["run"]["processes"] == 2 and written["accuracy"] > 0.9
     again = _summaries(_run(["evaluate", "classify", "--model", str(out / "model"), "--data", str(valid), *common]))
     assert again[0]["accuracy"] == written["accuracy"]  # the exported model scores as the run said
+    assert again[0]["loss"] == pytest.approx(written["loss"], rel=1e-5)
+
+
+def test_a_generative_task_under_fsdp_scores_what_its_exported_model_generates(tmp_path):
+    """summarize with a tiny BART under FSDP2: evaluation generates (each process a different
+    number of forward passes, parameters gathered for it), every example is scored once, and
+    the exported model, evaluated alone, gets the same ROUGE and loss."""
+    names = ["Anna", "Boris", "Clara", "David", "Oslo", "Riga", "Porto", "Lyon"]
+    g = torch.Generator().manual_seed(0)
+    rows = [[names[int(i)] for i in torch.randint(0, 8, (4,), generator=g)] for _ in range(21)]
+    lines = [json.dumps({"dialogue": " ".join(r), "summary": r[0]}) + "\n" for r in rows]
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    train.write_text("".join(lines[:12]))
+    valid.write_text("".join(lines[12:]))  # 9 examples: batches of 4 split unevenly over 2 processes
+    tok = train_tokenizer(texts=[" ".join(r) for r in rows] * 4, kind="bpe", vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = preset("bart-base", vocab_size=tok.vocab_size, dim=32, n_heads=2, n_layers=2, max_seq_len=32,
+                    dropout=0.0, pad_token_id=tok.pad_id, decoder_start_token_id=tok.eos_id)
+    base = LM(build(config), tok).save(tmp_path / "bart", format="hf")
+    out = tmp_path / "run"
+    common = ["--batch-size", "4", "--max-length", "16", "--device", "cpu", "--precision", "fp32", "--no-progress",
+              "--source-field", "dialogue", "--target-field", "summary", "--max-new-tokens", "3"]
+    proc = _run(["finetune", "summarize", "--model", str(base), "--train", str(train), "--valid", str(valid),
+                 "--out", str(out), "--epochs", "2", "--lr", "3e-3", "--strategy", "fsdp", *common], nproc=2)
+    summaries = _summaries(proc)
+    assert len(summaries) == 1 and len((out / "predictions.jsonl").read_text().splitlines()) == 9
+    written = json.loads((out / "metrics.json").read_text())
+    again = _summaries(_run(["evaluate", "summarize", "--model", str(out / "model"), "--data", str(valid), *common]))
+    assert again[0]["rougeL"] == written["rougeL"]
     assert again[0]["loss"] == pytest.approx(written["loss"], rel=1e-5)
 
 
