@@ -157,7 +157,8 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
     data: a DataBuilder (config, env) -> PretrainData; None: synthetic tokens when
     config.data.synthetic, else config.data's prepared shards.
     """
-    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device,
+                                     config.dist.timeout_minutes)
     out = Path(config.train.out_dir)
     try:
         with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main):

@@ -20,6 +20,7 @@ State dicts (gathered, sharded, torch.distributed.checkpoint) live in dist/state
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import logging
 import os
@@ -82,9 +83,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str = "auto") -> DistEnv:
+def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str = "auto",
+                     timeout_minutes: float = 30.0) -> DistEnv:
     """Join the torchrun process group (once; later calls return the same env) and pick this
-    process's device. A single process (no WORLD_SIZE, or 1) needs no process group."""
+    process's device. A single process (no WORLD_SIZE, or 1) needs no process group.
+    timeout_minutes: how long a collective waits for the other processes before it fails."""
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local)
     if world > 1:
@@ -96,7 +99,7 @@ def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str =
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, store=_attempt_store(),
-                                    rank=rank, world_size=world)
+                                    rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
         if rank != 0:
             quiet()
     return DistEnv(rank, world, local, dev)

@@ -587,7 +587,8 @@ def train(
     The run holds config.train.out_dir (lmforge.train.rundir): a second run there is refused,
     and a fresh run moves an earlier one aside to out_dir/previous/.
     """
-    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device,
+                                     config.dist.timeout_minutes)
     out = config.train.out_dir
     with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main) as run_dir:
         run = _setup(model, objective, train_batches, config, env, run_dir)
