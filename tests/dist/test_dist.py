@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.models import GPTConfig
+from lmforge.plan import make_plan
 from lmforge.train import checkpoint
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -52,16 +54,31 @@ def _assert_same_training(run: Path, reference: Path, step: int) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _assert_planned_communication(run: Path, strategy: str) -> None:
+    """Every step's collectives move the bytes `lmforge plan` predicts for this model and
+    batch (gradient all-reduce under DDP; all-gathers and reduce-scatter under FSDP2)."""
+    config = GPTConfig(vocab_size=64, max_seq_len=16, dim=32, n_layers=2, n_heads=2, bias=False)
+    plan = make_plan(config, seq_len=16, batch_size=4, grad_accum=2, precision="fp32", devices=2,
+                     strategy=strategy, device="cpu").communication
+    steps = json.loads((run / "comm.json").read_text())
+    assert len(steps) >= 3
+    for step in steps:
+        assert {k: v for k, v in step.items() if k != "scalars" and v} == plan["payload"], step
+        assert step.get("scalars", 0) < 1024  # the loop's own reductions: a few scalars
+
+
 def test_ddp_matches_single_process(tmp_path, reference):
     _run(tmp_path, "ddp", 4, nproc=2)
     assert len(_losses(tmp_path)) == 4
     _assert_same_training(tmp_path, reference, 4)
+    _assert_planned_communication(tmp_path, "ddp")
 
 
 def test_fsdp_matches_single_process_and_resumes(tmp_path, reference):
     _run(tmp_path, "fsdp", 4, nproc=2)
     assert len(_losses(tmp_path)) == 4
-    _assert_same_training(tmp_path, reference, 4)  # one gathered safetensors file per checkpoint
+    _assert_same_training(tmp_path, reference, 4)  # the sharded (DCP) checkpoints, read whole
+    _assert_planned_communication(tmp_path, "fsdp")
     _run(tmp_path, "fsdp", 6, nproc=2)  # resumes from step 4: sharded weights and optimizer state restored
     assert len(_losses(tmp_path)) == 6
     _assert_same_training(tmp_path, reference, 6)
