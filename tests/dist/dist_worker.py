@@ -9,7 +9,8 @@ across the shares: only a loss normalised by the global token count matches.
 
 Rank 0 also counts the bytes of the collectives of each optimizer step (FSDP2's
 all-gathers and reduce-scatters, DDP's gradient buckets, the loop's scalar all-reduces)
-and writes them to OUT_DIR/comm.json: the planner's prediction is checked against them.
+and writes them to OUT_DIR/comm.json (with the options DDP was built with): the planner's
+prediction is checked against them.
 """
 
 import json
@@ -59,9 +60,11 @@ class CountingDDP(parallel.DistributedDataParallel):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.register_comm_hook(None, _bucket_hook)
+        DDP_OPTIONS["find_unused_parameters"] = self.find_unused_parameters
 
 
 parallel.DistributedDataParallel = CountingDDP
+DDP_OPTIONS: dict[str, bool] = {}
 STEP_COUNTS: list[dict[str, int]] = []
 
 
@@ -111,5 +114,5 @@ result = train(model, clm, ShardedBatches(rank, world), config)
 print(f"rank {rank}: {result.stopped} {result.step}")
 if rank == 0:  # the bytes of each step's collectives, by kind (steps started in this process)
     steps = [{k: b.get(k, 0) - a.get(k, 0) for k in b} for a, b in zip(STEP_COUNTS, STEP_COUNTS[1:])]
-    Path(out_dir, "comm.json").write_text(json.dumps(steps))
+    Path(out_dir, "comm.json").write_text(json.dumps({"steps": steps, "ddp": DDP_OPTIONS}))
 torch.distributed.destroy_process_group() if world > 1 else None

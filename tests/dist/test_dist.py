@@ -60,7 +60,7 @@ def _assert_planned_communication(run: Path, strategy: str) -> None:
     config = GPTConfig(vocab_size=64, max_seq_len=16, dim=32, n_layers=2, n_heads=2, bias=False)
     plan = make_plan(config, seq_len=16, batch_size=4, grad_accum=2, precision="fp32", devices=2,
                      strategy=strategy, device="cpu").communication
-    steps = json.loads((run / "comm.json").read_text())
+    steps = json.loads((run / "comm.json").read_text())["steps"]
     assert len(steps) >= 3
     for step in steps:
         assert {k: v for k, v in step.items() if k != "scalars" and v} == plan["payload"], step
@@ -72,6 +72,8 @@ def test_ddp_matches_single_process(tmp_path, reference):
     assert len(_losses(tmp_path)) == 4
     _assert_same_training(tmp_path, reference, 4)
     _assert_planned_communication(tmp_path, "ddp")
+    # every parameter takes part in the loss: DDP was built without the per-step unused-parameter search
+    assert json.loads((tmp_path / "comm.json").read_text())["ddp"] == {"find_unused_parameters": False}
 
 
 def test_fsdp_matches_single_process_and_resumes(tmp_path, reference):
