@@ -112,10 +112,12 @@ def _pretrain_args(p: ArgumentParser) -> None:
 
 def _pretrain(a: Namespace) -> None:
     from lmforge.config import from_namespace
+    from lmforge.dist import parallel
     from lmforge.pretrain import pretrain
 
     result = pretrain(from_namespace(a))
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=str))
+    if parallel.main_process():  # under torchrun: one summary, not one per process
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=str))
     if result.get("stopped") == "interrupted":
         sys.exit(130)
 
@@ -418,6 +420,7 @@ def _task_args(task, evaluate: bool) -> Callable[[ArgumentParser], None]:
 
 def _task_run(name: str, evaluate: bool) -> Callable[[Namespace], None]:
     def run(a: Namespace) -> None:
+        from lmforge.dist import parallel
         from lmforge.tasks import FinetuneConfig, finetune, get_task
         from lmforge.tasks import evaluate as evaluate_task
 
@@ -431,7 +434,8 @@ def _task_run(name: str, evaluate: bool) -> Callable[[Namespace], None]:
             metrics = evaluate_task(name, a.model, a.data, a.out, config=config)
         else:
             metrics = finetune(name, a.model, a.train, a.valid, a.out, config=config)
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
+        if parallel.main_process():
+            print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
     return run
 
 
@@ -613,10 +617,11 @@ def _in_config(message: str, argv: list[str]) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmforge.dist import parallel
     from lmforge.train.loop import TrainingError
 
     return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
-            TrainingError)
+            TrainingError, parallel.RankFailed)
 
 
 def _one_line(e: BaseException) -> str | None:

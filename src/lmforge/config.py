@@ -319,16 +319,26 @@ class DistConfig:
         backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
         reshard_after_forward: FSDP: free each block's gathered parameters after forward (less
             memory, one more all-gather in backward).
+        mixed_precision: FSDP with train.precision bf16 or fp16: gather parameters in that
+            dtype (half the all-gather traffic and memory) and reduce gradients in fp32; the
+            sharded master weights and AdamW state stay fp32. False: gather fp32 (autocast
+            still computes in the low precision).
+        timeout_minutes: how long a process waits in a collective for the others before the
+            run fails (NCCL's own default is 10; rank 0 writing a large final model or a slow
+            shared filesystem can take longer).
     """
 
     strategy: Literal["none", "ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     reshard_after_forward: bool = True
+    mixed_precision: bool = True
+    timeout_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.strategy in ("none", "ddp", "fsdp"), "dist.strategy", "must be none, ddp or fsdp",
                self.strategy)
         _check(self.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo", self.backend)
+        _check(self.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0", self.timeout_minutes)
 
 
 @dataclass

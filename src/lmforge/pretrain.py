@@ -30,7 +30,7 @@ from lmforge.interop.model_dir import MODEL_DIR, load_model, save_model_dir
 from lmforge.models import FAMILIES, ModelConfig, build, count_params, family_of, preset
 from lmforge.models.arch import check_fits
 from lmforge.models.provenance import set_untrained
-from lmforge.models.weights import load_weights
+from lmforge.models.weights import load_tensors
 from lmforge.plan import make_plan
 from lmforge.plan.arch import resolve_config
 from lmforge.tokenizer import Tokenizer
@@ -92,7 +92,8 @@ def init_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if (path / checkpoint.MANIFEST).is_file():
         checkpoint.verify(path)
-        load_weights(model, path / "model.safetensors")
+        # One file, or the shards of a run of several processes.
+        load_tensors(model, checkpoint.model_weights(path), path)
         return
     loaded = load_model(path)  # any format lmforge reads, its names mapped to lmforge's
     try:
@@ -156,7 +157,8 @@ def pretrain(config: RunConfig, *, data: DataBuilder | None = None) -> dict[str,
     data: a DataBuilder (config, env) -> PretrainData; None: synthetic tokens when
     config.data.synthetic, else config.data's prepared shards.
     """
-    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device,
+                                     config.dist.timeout_minutes)
     out = Path(config.train.out_dir)
     try:
         with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main):
@@ -195,10 +197,18 @@ def _pretrain(config: RunConfig, data: DataBuilder | None, env: DistEnv) -> dict
         print(plan_summary(mcfg, config, env))
     result = train(model, get_objective(config.train.objective), pdata.train, config, val_batches=pdata.val,
                    save_extra=pdata.save_extra)
-    if env.is_main and result.stopped != "interrupted":
-        rundir.record(result.out_dir, "model")
-        export_dir = export(model, pdata.tokenizer, Path(result.out_dir) / "model")
-        print(f"lmforge pretrain: final model in {export_dir}")
+    if result.stopped != "interrupted":
+        # Every process holds the whole trained model (gathered under FSDP2); rank 0 writes it,
+        # the others wait, so that no process leaves before the model is on disk.
+        failure = None
+        if env.is_main:
+            rundir.record(result.out_dir, "model")
+            try:
+                export_dir = export(result.model, pdata.tokenizer, Path(result.out_dir) / "model")
+                print(f"lmforge pretrain: final model in {export_dir}")
+            except Exception as e:  # noqa: BLE001 (the other processes learn of it below)
+                failure = e
+        parallel.raise_if_failed(failure, "exporting the final model")
     return {"step": result.step, "tokens": result.tokens, "stopped": result.stopped,
             "train_loss": result.train_loss, **result.val, "best": result.best,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,

@@ -70,6 +70,67 @@ def test_random_windows_seeded_and_resumable(train):
         RandomWindows(train, 4, 32, seed=7).load_state_dict(state)
 
 
+def test_random_windows_continue_on_another_number_of_processes(train):
+    """The position is global windows: 2 processes stopped after 3 batches continue as 1 process
+    (the same global batch, or another micro-batch with accumulation) or as 4."""
+    single = take(RandomWindows(train, 4, 16, seed=5), 6)
+    ranks = [RandomWindows(train, 2, 16, seed=5, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        take(loader, 3)
+    states = [loader.state_dict() for loader in ranks]
+    one = RandomWindows(train, 4, 16, seed=5)
+    one.load_state_dicts(states)
+    assert_batches_equal(take(one, 3), single[3:])
+    halves = RandomWindows(train, 2, 16, seed=5)  # micro-batch 2, two micro-batches a step
+    halves.load_state_dicts(states)
+    assert torch.equal(torch.cat([b["input_ids"] for b in take(halves, 2)]), single[3]["input_ids"])
+    four = [RandomWindows(train, 1, 16, seed=5, rank=r, world_size=4) for r in range(4)]
+    for loader in four:
+        loader.load_state_dicts(states)
+    assert torch.equal(torch.cat([next(loader)["input_ids"] for loader in four]), single[3]["input_ids"])
+
+
+def test_documents_continue_after_the_last_document_read(train):
+    """Pools per process: another number of processes continues after the furthest document any
+    process had read; no document is read twice."""
+    from lmforge.data.loaders import PooledExamples
+
+    class Collate:
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, docs):
+            self.seen += [tuple(d.tolist()) for d in docs]
+            return {"input_ids": torch.zeros(len(docs), 1)}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    def pooled(rank, world):
+        docs = Documents(train, shuffle=True, seed=3, rank=rank, world_size=world, epochs=1)
+        return PooledExamples(docs, lambda pool, seed: list(pool), Collate(), 4, pool_docs=8)
+
+    def read(loader):
+        for _ in loader:
+            pass
+        return loader.collate.seen
+
+    two = [pooled(r, 2) for r in range(2)]
+    for loader in two:
+        for _ in range(3):
+            next(loader)
+    before = [d for loader in two for d in loader.collate.seen]
+    one = pooled(0, 1)
+    one.load_state_dicts([loader.state_dict() for loader in two])
+    after = read(one)
+    everything = read(pooled(0, 1))
+    assert len(set(before) | set(after)) == len(before) + len(after)  # nothing twice
+    assert len(before) + len(after) >= len(everything) - 2 * 8  # at most a pool per process skipped
+
+
 def test_random_windows_ranks_split_the_global_batch(train):
     single = take(RandomWindows(train, 6, 16, seed=1), 3)
     ranks = [take(RandomWindows(train, 2, 16, seed=1, rank=r, world_size=3), 3) for r in range(3)]
@@ -102,8 +163,20 @@ def test_sequential_windows_ranks(train):
     for step in range(n_full):
         assert torch.equal(torch.cat([ranks[0][step]["input_ids"], ranks[1][step]["input_ids"]]),
                            single[step]["input_ids"])
-    seen = torch.cat([b["input_ids"] for r in ranks for b in r])
-    assert len(seen) >= (train.n_tokens - 1) // 32 - 1  # at most world_size - 1 windows dropped
+    labelled = torch.cat([b["input_ids"][(b["labels"] != -100).any(1)] for r in ranks for b in r])
+    everything = torch.cat([b["input_ids"] for b in single])
+    assert sorted(map(tuple, labelled.tolist())) == sorted(map(tuple, everything.tolist()))  # each window once
+
+
+def test_sequential_windows_pad_a_rank_short_of_windows(prepared):
+    val = TokenShards(prepared, "validation")
+    n = (val.n_tokens - 1) // 16
+    world = next(w for w in (3, 4, 5, 7) if n % w)  # the last rank is short of windows
+    ranks = [list(SequentialWindows(val, n, 16, rank=r, world_size=world)) for r in range(world)]
+    assert [len(r) for r in ranks] == [1] * world and len({r[0]["input_ids"].shape for r in ranks}) == 1
+    assert (ranks[-1][0]["labels"] == -100).all(1).any()
+    labelled = sum(int((r[0]["labels"] != -100).any(1).sum()) for r in ranks)
+    assert labelled == n  # the padding rows of the last rank carry no labels
 
 
 def check_packed_row(train, ids, labels, doc_ids, positions, seq_len):

@@ -1,5 +1,6 @@
 """DDP and FSDP2 on 2 CPU processes (gloo) train exactly like one process with the same
-global batch: same losses, same weights (fp32 tolerance), and FSDP checkpoints resume."""
+global batch: same losses, same weights (fp32 tolerance), and FSDP checkpoints resume, also
+on another number of processes (sharded checkpoints resharded by torch.distributed.checkpoint)."""
 
 import json
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.models import GPTConfig
+from lmforge.plan import make_plan
 from lmforge.train import checkpoint
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -51,16 +54,42 @@ def _assert_same_training(run: Path, reference: Path, step: int) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _assert_planned_communication(run: Path, strategy: str) -> None:
+    """Every step's collectives move the bytes `lmforge plan` predicts for this model and
+    batch (gradient all-reduce under DDP; all-gathers and reduce-scatter under FSDP2)."""
+    config = GPTConfig(vocab_size=64, max_seq_len=16, dim=32, n_layers=2, n_heads=2, bias=False)
+    plan = make_plan(config, seq_len=16, batch_size=4, grad_accum=2, precision="fp32", devices=2,
+                     strategy=strategy, device="cpu").communication
+    steps = json.loads((run / "comm.json").read_text())["steps"]
+    assert len(steps) >= 3
+    for step in steps:
+        assert {k: v for k, v in step.items() if k != "scalars" and v} == plan["payload"], step
+        assert step.get("scalars", 0) < 1024  # the loop's own reductions: a few scalars
+
+
 def test_ddp_matches_single_process(tmp_path, reference):
     _run(tmp_path, "ddp", 4, nproc=2)
     assert len(_losses(tmp_path)) == 4
     _assert_same_training(tmp_path, reference, 4)
+    _assert_planned_communication(tmp_path, "ddp")
+    # every parameter takes part in the loss: DDP was built without the per-step unused-parameter search
+    assert json.loads((tmp_path / "comm.json").read_text())["ddp"] == {"find_unused_parameters": False}
 
 
 def test_fsdp_matches_single_process_and_resumes(tmp_path, reference):
     _run(tmp_path, "fsdp", 4, nproc=2)
     assert len(_losses(tmp_path)) == 4
-    _assert_same_training(tmp_path, reference, 4)  # one gathered safetensors file per checkpoint
+    _assert_same_training(tmp_path, reference, 4)  # the sharded (DCP) checkpoints, read whole
+    _assert_planned_communication(tmp_path, "fsdp")
     _run(tmp_path, "fsdp", 6, nproc=2)  # resumes from step 4: sharded weights and optimizer state restored
+    assert len(_losses(tmp_path)) == 6
+    _assert_same_training(tmp_path, reference, 6)
+
+
+def test_fsdp_checkpoint_resumes_on_four_processes_under_ddp(tmp_path, reference):
+    """2 processes (FSDP2, sharded checkpoint) -> 4 processes (DDP): the global batch and data
+    position carry over, so steps 5-6 are the single-process run's."""
+    _run(tmp_path, "fsdp", 4, nproc=2)
+    _run(tmp_path, "ddp", 6, nproc=4)
     assert len(_losses(tmp_path)) == 6
     _assert_same_training(tmp_path, reference, 6)

@@ -54,6 +54,22 @@ def test_batches_split_between_processes():
         assert sorted(sum(mine, [])) == sorted(together["input_ids"].flatten().tolist())
 
 
+def test_batches_continue_on_another_number_of_processes():
+    """Two processes with 2 examples each stop after 2 steps; one process with the same global
+    batch of 4 continues with exactly the examples the two would have seen next."""
+    features = [{"x": i} for i in range(11)]
+    one = [sorted(b["input_ids"].flatten().tolist()) for b in ExampleBatches(features, _collate, 4, epochs=2, seed=1)]
+    ranks = [ExampleBatches(features, _collate, 2, epochs=2, seed=1, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        next(loader), next(loader)
+    resumed = ExampleBatches(features, _collate, 4, epochs=2, seed=1)
+    resumed.load_state_dicts([json.loads(json.dumps(r.state_dict())) for r in ranks])
+    assert [sorted(b["input_ids"].flatten().tolist()) for b in resumed] == one[2:]
+    ranks[1].offset += 4
+    with pytest.raises(ValueError, match="the processes saved different positions"):
+        resumed.load_state_dicts([r.state_dict() for r in ranks])
+
+
 def _changed(before: dict, after: dict) -> set[str]:
     common = set(before) & set(after)
     assert len(common) > 30  # the backbone's tensors, under the same names

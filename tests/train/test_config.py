@@ -37,6 +37,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"train.max_steps": None}, "train.max_steps"),
     ({"optim.betas": [0.9]}, "optim.betas"),
     ({"checkpoint.every": 7, "eval.every": 5}, "checkpoint.every"),
+    ({"dist.timeout_minutes": 0}, "dist.timeout_minutes"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

@@ -17,6 +17,11 @@ with the global batch would see. Labels are already shifted: ``labels[:, t]`` is
 
 Resumption: `state_dict()` after a batch captures the position; a loader built with the same
 arguments and given `load_state_dict(state)` yields exactly the batches the uninterrupted one would.
+Another number of processes: `load_state_dicts(states)` (every process's saved state, rank order)
+continues at the global position they had reached. `RandomWindows` counts its position in global
+windows, so with the same global batch (micro-batch x processes x accumulation) the continued run
+sees exactly the windows the uninterrupted one would have; `Documents` streams (masked LM, NSP,
+denoising) continue after the last document any process had read (see `PooledExamples`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lmforge.data.batching import IGNORE_INDEX
 from lmforge.data.shards import TokenShards
 
 POOL_DOCS = 256  # documents per pool: NotNext partners and the example shuffle come from within a pool
+WINDOW_BLOCK = 4096  # RandomWindows draws window starts this many at a time, from (seed, block)
 
 
 
@@ -55,11 +61,25 @@ def _shifted(rows: np.ndarray) -> dict[str, torch.Tensor]:
             "labels": torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))}
 
 
+def same_position(states: list[dict[str, Any]], key: str, name: str) -> dict[str, Any]:
+    """The one global position that every process's saved state holds (loaders whose position
+    is global: each process saved the same); ValueError when they disagree."""
+    if not states:
+        raise ValueError(f"{name}.load_state_dicts: no saved states")
+    values = {repr(s.get(key)) for s in states}
+    if len(values) != 1:
+        raise ValueError(f"{name}.load_state_dicts: the processes saved different positions ({key}: "
+                         f"{', '.join(sorted(values))})")
+    return states[0]
+
+
 class RandomWindows:
     """Infinite batches of random windows: {"input_ids": (B, T), "labels": (B, T)} int64.
 
-    Step k draws the global batch's window starts from a generator seeded with (seed, k), so any
-    step can be reproduced from its number alone: that is the whole resumable state. Windows run
+    Global window j (counting every process's rows, micro-batch after micro-batch) starts at a
+    position drawn from a generator seeded with (seed, j // WINDOW_BLOCK), so the stream is a
+    function of the window's number alone, whatever the batch size and number of processes:
+    the number of windows consumed ("samples") is the whole resumable state. Windows run
     across document ends (documents are separated by EOS), as in GPT-2 style pretraining.
     """
 
@@ -71,35 +91,51 @@ class RandomWindows:
                              f"of seq_len + 1 = {seq_len + 1}")
         self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
+        self.samples = 0  # global windows consumed
+        self._block: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 
     def __iter__(self) -> RandomWindows:
         return self
 
+    def _starts(self, first: int, n: int) -> np.ndarray:
+        """Start positions of global windows first .. first + n - 1."""
+        out = []
+        for j in range(first, first + n):
+            block = j // WINDOW_BLOCK
+            if self._block[0] != block:
+                rng = np.random.default_rng([self.seed, block])
+                self._block = (block, rng.integers(0, self.shards.n_tokens - self.seq_len, size=WINDOW_BLOCK))
+            out.append(self._block[1][j % WINDOW_BLOCK])
+        return np.array(out, dtype=np.int64)
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.step])
-        starts = rng.integers(0, self.shards.n_tokens - self.seq_len, size=self.batch_size * self.world_size)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        B = self.batch_size
+        mine = self._starts(self.samples + self.rank * B, B)
         rows = np.stack([self.shards.tokens(int(s), int(s) + self.seq_len + 1) for s in mine])  # (B, T + 1)
-        self.step += 1
+        self.samples += B * self.world_size
         return _shifted(rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch": self.batch_size * self.world_size}
+        return {"samples": self.samples, "seed": self.seed, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, {"seed": self.seed, "seq_len": self.seq_len,
-                             "global_batch": self.batch_size * self.world_size}, "RandomWindows")
-        self.step = int(state["step"])
+        _check_state(state, {"seed": self.seed, "seq_len": self.seq_len}, "RandomWindows")
+        # Checkpoints written before positions were global counted micro-batches of a global batch.
+        self.samples = int(state["samples"]) if "samples" in state else int(state["step"]) * int(state["global_batch"])
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Continue where a run of len(states) processes stopped (the position is global)."""
+        self.load_state_dict(same_position(states, "samples", "RandomWindows"))
 
 
 class SequentialWindows:
     """One deterministic pass of consecutive, non-overlapping windows (validation).
 
     Yields {"input_ids": (b, T), "labels": (b, T)} with b = batch_size except possibly the last batch.
-    With world_size > 1 the final global batch is split evenly, dropping at most world_size - 1
-    windows, so every rank runs the same number of batches. Iterating again starts a new pass.
+    With world_size > 1 every window is evaluated exactly once and every rank runs the same number
+    of batches: the last global batch is split into equal shares, a rank short of windows filling
+    its share with padding rows whose labels are all -100 (they count for nothing). Iterating again
+    starts a new pass.
     """
 
     def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
@@ -112,17 +148,14 @@ class SequentialWindows:
             raise ValueError(f"{shards.directory} ({shards.split}): {shards.n_tokens} tokens, fewer than one window "
                              f"of seq_len + 1 = {seq_len + 1}")
 
-    def _ranges(self) -> list[tuple[int, int]]:
-        """[first, last) window indices of this rank's batches."""
+    def _ranges(self) -> list[tuple[int, int, int]]:
+        """(first, last, rows): this rank's window indices [first, last) of each batch, padded to rows."""
         global_batch = self.batch_size * self.world_size
         ranges = []
         for base in range(0, self.n_windows, global_batch):
-            share = min(global_batch, self.n_windows - base) // self.world_size
-            if share == 0:
-                break
-            size = min(self.batch_size, share)
-            first = base + self.rank * size
-            ranges.append((first, first + size))
+            rows = min(self.batch_size, -(-(self.n_windows - base) // self.world_size))
+            first = min(base + self.rank * rows, self.n_windows)
+            ranges.append((first, min(first + rows, self.n_windows), rows))
         return ranges[: self.max_batches] if self.max_batches is not None else ranges
 
     def __len__(self) -> int:
@@ -130,9 +163,11 @@ class SequentialWindows:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         T = self.seq_len
-        for first, last in self._ranges():
-            rows = np.stack([self.shards.tokens(w * T, w * T + T + 1) for w in range(first, last)])  # (b, T + 1)
-            yield _shifted(rows)
+        for first, last, rows in self._ranges():
+            windows = list(range(first, last)) + [0] * (rows - (last - first))  # padding: any window, no labels
+            batch = _shifted(np.stack([self.shards.tokens(w * T, w * T + T + 1) for w in windows]))  # (rows, T)
+            batch["labels"][last - first:] = IGNORE_INDEX
+            yield batch
 
 
 class _DocumentOrder:
@@ -322,7 +357,7 @@ class PooledExamples:
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool_start": self.pool_start, "pool_index": self.pool_index, "used": self.used,
-                "collator": self.collate.state_dict()}
+                "collator": self.collate.state_dict(), "documents_end": self.documents.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.documents.load_state_dict(state["pool_start"])
@@ -332,3 +367,16 @@ class PooledExamples:
             self._fill()  # rebuilds the same pool (same stream position, same seed)
         self.used = int(state["used"])
         self.collate.load_state_dict(state["collator"])
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Continue where a run of len(states) processes stopped, with this loader's number of
+        processes: after the last document any of them had read (the examples still unused in
+        each process's current pool, at most `pool_docs` documents' worth per process, are
+        skipped; no document is read twice). Rank r keeps rank r's masking RNG where there is one."""
+        ends = [s.get("documents_end", s["pool_start"]) for s in states]
+        furthest = max(ends, key=lambda e: (int(e["epoch"]), int(e["cursor"])))
+        self.documents.load_state_dict({**furthest, "world_size": self.documents.world_size})
+        self.pool_start = self.documents.state_dict()
+        self.pool_index, self.used, self.examples = max(int(s["pool_index"]) for s in states), 0, []
+        if self.documents.rank < len(states):
+            self.collate.load_state_dict(states[self.documents.rank]["collator"])

@@ -34,7 +34,7 @@ from lmforge.data.collators import (
     split_segments,
     word_continuation_table,
 )
-from lmforge.data.loaders import Documents, PooledExamples, RandomWindows, SequentialWindows
+from lmforge.data.loaders import Documents, PooledExamples, RandomWindows, SequentialWindows, same_position
 from lmforge.data.prepare import prepare_corpus
 from lmforge.data.shards import META_FILE, TokenShards
 from lmforge.dist import parallel
@@ -255,6 +255,13 @@ class SyntheticBatches:
         self.index = int(state["index"])
         if self.collator is not None:
             self.collator.load_state_dict(state["collator"])
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Continue after a run of len(states) processes: at the same batch number (the draws of
+        a rank are its own, so another number of processes sees other random tokens)."""
+        self.index = int(same_position(states, "index", "SyntheticBatches")["index"])
+        if self.collator is not None and self.rank < len(states):
+            self.collator.load_state_dict(states[self.rank]["collator"])
 
 
 def synthetic_data(config: RunConfig, env: DistEnv, vocab_size: int) -> PretrainData:

@@ -10,16 +10,21 @@ group (nccl on CUDA, gloo on CPU) and drives one device.
           of every parameter, gradient and optimizer state; a block's parameters are
           all-gathered just before it runs and its gradients reduce-scattered after.
 
-Checkpoints go through `torch.distributed.checkpoint.state_dict` helpers with
-full_state_dict=True, which gather a plain (unsharded) state dict whatever the wrapping,
-so one safetensors file comes out and any world size can read it.
+DDP looks for parameters a step leaves unused only when a probe found some (the search
+is an extra pass over the autograd graph every step). FSDP2 gathers parameters in the
+training precision (MixedPrecisionPolicy: bf16 all-gathers, fp32 gradient reduction).
+
+State dicts (gathered, sharded, torch.distributed.checkpoint) live in dist/state.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -69,6 +67,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def main_process() -> bool:
+    """Is this rank 0 (or the only process)? The one that prints a command's summary."""
+    return _env_int("RANK", 0) == 0
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK."""
     if device == "auto":
@@ -80,9 +83,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str = "auto") -> DistEnv:
+def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str = "auto",
+                     timeout_minutes: float = 30.0) -> DistEnv:
     """Join the torchrun process group (once; later calls return the same env) and pick this
-    process's device. A single process (no WORLD_SIZE, or 1) needs no process group."""
+    process's device. A single process (no WORLD_SIZE, or 1) needs no process group.
+    timeout_minutes: how long a collective waits for the other processes before it fails."""
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local)
     if world > 1:
@@ -93,8 +98,29 @@ def init_distributed(strategy: str = "ddp", backend: str = "auto", device: str =
                 backend = "nccl" if dev.type == "cuda" else "gloo"
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
+            dist.init_process_group(backend, device_id=dev if backend == "nccl" else None, store=_attempt_store(),
+                                    rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if rank != 0:
+            quiet()
     return DistEnv(rank, world, local, dev)
+
+
+def _attempt_store() -> dist.Store:
+    """torchrun's store (MASTER_ADDR:MASTER_PORT), its keys prefixed by the restart count.
+
+    After `torchrun --max-restarts` restarts the workers, they meet in the same store as the
+    workers that died; without a prefix of their own a new process may read a dead one's
+    address and fail to connect ("Connection refused"), which makes restarts fail at random."""
+    store, _, _ = next(dist.rendezvous("env://", _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)))
+    return dist.PrefixStore(f"lmforge/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
+def quiet() -> None:
+    """Warnings and lmforge's log lines once, not once per process: a process other than
+    rank 0 keeps its errors only (the warnings of rank 0 are the same ones)."""
+    for name in (None, "lmforge", "absl"):  # absl: rouge-score's notes
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
 
 
 def shutdown() -> None:
@@ -128,10 +154,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(root: nn.Module, model: nn.Module, env: DistEnv, *, strategy: str = "ddp", compile: bool = False,
-                activation_checkpointing: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                activation_checkpointing: bool = False, reshard_after_forward: bool = True,
+                param_dtype: torch.dtype | None = None, find_unused_parameters: bool = False) -> nn.Module:
     """Apply compile, activation checkpointing, then DDP or FSDP2 (when env is distributed)
     to `root`, a module whose forward runs `model` (the objective's LossModule). Returns
-    the module to call: `root` itself or its DDP wrapper. `model` is changed in place."""
+    the module to call: `root` itself or its DDP wrapper. `model` is changed in place.
+
+    param_dtype: FSDP gathers parameters in this dtype (bf16/fp16 training: half the
+        all-gather traffic) and reduces gradients in fp32; the sharded master weights stay fp32.
+    find_unused_parameters: DDP searches each step's graph for parameters it left unused
+        (`unused_parameters` tells whether any are)."""
     if compile:
         apply_compile(model)
     if activation_checkpointing:
@@ -139,16 +171,28 @@ def parallelize(root: nn.Module, model: nn.Module, env: DistEnv, *, strategy: st
     if not env.distributed:
         return root
     if strategy == "fsdp":
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in transformer_blocks(model):
-            fully_shard(block, reshard_after_forward=reshard_after_forward)
-        fully_shard(root, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(root, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         return root
     if strategy == "ddp":
-        # static_graph: the same parameters take part every step, and some never do (BERT's
-        # NSP head under plain MLM), which DDP accepts without a per-step graph search.
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(root, device_ids=device_ids, find_unused_parameters=True)
+        return DistributedDataParallel(root, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
     raise ValueError(f"dist.strategy must be ddp or fsdp under torchrun, got {strategy!r}")
+
+
+def unused_parameters(root: nn.Module, batch: dict[str, Any]) -> list[str]:
+    """Names of the trainable parameters that one forward + backward of `root` (not yet
+    wrapped) on `batch` leaves without a gradient: DDP must look for them every step
+    (BERT's NSP head under plain masked LM), or its gradient reduction waits forever."""
+    root.zero_grad(set_to_none=True)
+    out = root(batch)
+    if out.loss.requires_grad:
+        out.loss.backward()
+    unused = [name for name, p in root.named_parameters() if p.requires_grad and p.grad is None]
+    root.zero_grad(set_to_none=True)
+    return unused
 
 
 @contextlib.contextmanager
@@ -200,32 +244,30 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (`obj` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RankFailed(RuntimeError):
+    """Another process (rank 0) failed at a step every process waits on; it reports the cause."""
+
+
+def raise_if_failed(failure: BaseException | None, what: str) -> None:
+    """After a step only rank 0 does (writing the final model): every process learns whether
+    it failed, so none waits forever and none exits as if all was well. Rank 0 (or a single
+    process) raises its own exception; the others RankFailed."""
+    report = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if report is not None:
+        raise RankFailed(f"rank 0 failed {what}: {report}")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------- state dicts
-
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """The unsharded model state dict on CPU. Collective under FSDP (every process must
-    call it); with cpu_offload only rank 0 gets the tensors, other ranks an empty dict."""
-    return get_model_state_dict(model, options=_FULL)
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The unsharded optimizer state, keyed by parameter name (not position), on CPU."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
-
-
-def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load a full state dict into a plain, DDP-wrapped or FSDP2-sharded model (every
-    process passes the same dict; each keeps its shard)."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -55,17 +55,24 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a file written by `save_weights` into `module` (in the module's dtype), one
     tensor at a time; every tensor must match by name and shape (tied tensors may appear
     once), else ValueError naming the tensor."""
-    tensors = TensorFiles.of(Path(path))
+    load_tensors(module, TensorFiles.of(Path(path)), path)
+
+
+def load_tensors(module: nn.Module, tensors: Mapping[str, Tensor], source: str | os.PathLike) -> None:
+    """Load a state dict (or a `TensorFiles`, read one tensor at a time) into `module` as
+    `load_weights` does; errors name `source`."""
     expected = module.state_dict()
     tied = set(expected) - set(unique_state_dict(module))
     missing = sorted(set(expected) - set(tensors) - tied)
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(f"{source}: weights do not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
     for name in tensors:
-        shape = tensors.shape(name)
+        shape = tensors.shape(name) if isinstance(tensors, TensorFiles) else tuple(tensors[name].shape)
         if shape != tuple(expected[name].shape):
-            raise ValueError(f"{path}: tensor {name} has shape {shape}, the model needs {tuple(expected[name].shape)}")
+            raise ValueError(f"{source}: tensor {name} has shape {shape}, "
+                             f"the model needs {tuple(expected[name].shape)}")
     with torch.no_grad():
         for name in tensors:
             expected[name].copy_(tensors[name])

@@ -40,6 +40,7 @@ class Plan:
     max_micro_batch: int
     generation: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    communication: dict[str, Any] = field(default_factory=dict)  # bytes per step (estimate.communication)
     config: ModelConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,5 +158,6 @@ def make_plan(
         max_micro_batch=est.max_micro_batch(arch, s, dev),
         generation=est.kv_cache(arch, shape, s),
         notes=list(NOTES),
+        communication=est.communication(arch, s),
         config=config,
     )

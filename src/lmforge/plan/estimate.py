@@ -226,6 +226,33 @@ def step_time(arch: Arch, shape: Shape, s: dict[str, Any], device: Device, fl: d
     }
 
 
+def communication(arch: Arch, s: dict[str, Any]) -> dict[str, Any]:
+    """Bytes of data-parallel communication per optimizer step, as lmforge's dist/ runs it.
+
+    DDP all-reduces the fp32 gradients of the trainable parameters once per step (no_sync
+    on the micro-batches before the last). FSDP2 all-gathers each block's parameters before
+    its forward and again before its backward (reshard_after_forward), and the root's
+    (embeddings, final norm, heads) likewise, on every micro-batch, in the training
+    precision (bf16/fp16 gathers: dist.mixed_precision); it reduce-scatters the fp32
+    gradients once per step. `payload`: the tensors' bytes per collective kind; `sent`:
+    what each device sends in a ring (an all-reduce 2(d-1)/d of its payload, an all-gather
+    or reduce-scatter (d-1)/d). The loss, token-count and gradient-norm reductions (a few
+    scalars per step) are left out."""
+    d, accum = s["devices"], s["grad_accum"]
+    if d <= 1:
+        return {"payload": {}, "sent_per_device": 0, "ring_factor": 0.0}
+    p = parameters(arch, s)
+    grads = p["trainable"] * FP32
+    if s["strategy"] == "ddp":
+        payload = {"all_reduce": grads}
+        sent = 2 * (d - 1) / d * grads
+    else:
+        gathered = 2 * p["total"] * (PRECISIONS[s["precision"]] or FP32) * accum  # forward + backward
+        payload = {"all_gather": gathered, "reduce_scatter": grads}
+        sent = (d - 1) / d * (gathered + grads)
+    return {"payload": payload, "sent_per_device": int(sent), "ring_factor": (d - 1) / d}
+
+
 def kv_cache(arch: Arch, shape: Shape, s: dict[str, Any]) -> dict[str, int]:
     """Generation memory for a batch of `batch_size` sequences: the preallocated KV cache
     (batch, n_kv_heads, max length, head_dim per layer, for keys and values) in the

@@ -82,6 +82,11 @@ def format_plan(plan: Plan) -> str:
         ("Chinchilla tokens (20 x N)",
          f"{human_count(t['chinchilla_tokens'])} -> {human_seconds(t['chinchilla_seconds'])}"),
     ])
+    c = plan.communication
+    if c.get("payload"):
+        kinds = ", ".join(f"{k.replace('_', '-')} {human_bytes(v)}" for k, v in c["payload"].items())
+        out += _rows("communication per step", [("sent by each device", f"{human_bytes(c['sent_per_device'])}  "
+                                                                         f"({kinds}; ring)")])
     out += ["notes", *(f"  - {n}" for n in plan.notes)]
     if plan.device.get("note"):
         out.append(f"  - {plan.device['note']}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.batching import with_index
+from lmforge.data.loaders import same_position
 from lmforge.interop.model_dir import LoadedModel, load_model
 from lmforge.models import HeadSpec, attach_head
 from lmforge.tokenizer import Tokenizer
@@ -84,6 +85,8 @@ class FinetuneConfig:
         progress: show progress bars.
         tensorboard: write TensorBoard events to out/tb.
         compile: torch.compile each Transformer block.
+        strategy: under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters,
+            gradients and AdamW state sharded per block); ignored in a single process.
         options: the task's own options: a dict of its options_type's fields, or that dataclass.
     """
 
@@ -118,6 +121,7 @@ class FinetuneConfig:
     progress: bool = True
     tensorboard: bool = True
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     options: Any = field(default_factory=dict)
 
     # The fields that mean something when only evaluating (lmforge evaluate TASK).
@@ -149,6 +153,7 @@ class FinetuneConfig:
         _check(self.save_format in SAVE_FORMATS, "save_format", f"must be one of {SAVE_FORMATS}", self.save_format)
         _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
         _check(bool(self.resume), "resume", "must be auto, none or a checkpoint directory", self.resume)
+        _check(self.strategy in ("ddp", "fsdp"), "strategy", "must be ddp or fsdp", self.strategy)
 
     def to_dict(self) -> dict[str, Any]:
         opts = self.options
@@ -371,9 +376,11 @@ class ExampleBatches:
     loop's BatchIterator (exact state_dict / load_state_dict).
 
     Epoch e's order is a permutation drawn from (seed, e) alone, so the position (epoch,
-    batch) is the whole state. Under torchrun each process takes every world_size-th item of
-    each global batch of batch_size * world_size; a last global batch too small to give every
-    process an item is dropped there. `items` counts the features yielded (for samples/s).
+    items of its order consumed by all processes together) is the whole state, whatever the
+    number of processes. Under torchrun each process takes every world_size-th item of each
+    global batch of batch_size * world_size; a last global batch too small to give every
+    process an item is dropped there. `items` counts the features this process yielded (for
+    samples/s).
     """
 
     def __init__(self, features: Sequence[dict[str, Any]], collate: Callable[[list[dict]], dict[str, Tensor]],
@@ -384,7 +391,7 @@ class ExampleBatches:
         self.features, self.collate, self.batch_size = features, collate, batch_size
         self.epochs, self.shuffle, self.seed = epochs, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = self.batch = self.items = 0
+        self.epoch = self.offset = self.items = 0
         self._order: np.ndarray | None = None
 
     @property
@@ -401,30 +408,36 @@ class ExampleBatches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        if self.batch >= self.batches_per_epoch:
-            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
+        g = self.batch_size * self.world_size
+        if len(self.features) - self.offset < self.world_size:  # the epoch is over
+            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
         if self.epoch >= self.epochs:
             raise StopIteration
         if self._order is None:
             self._order = self._epoch_order()
-        g = self.batch_size * self.world_size
-        chunk = self._order[self.batch * g:(self.batch + 1) * g]
+        chunk = self._order[self.offset:self.offset + g]
         mine = [int(i) for i in chunk[self.rank::self.world_size]]
-        self.batch += 1
+        self.offset += g
         self.items += len(mine)
         return with_index(self.collate([self.features[i] for i in mine]), mine)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": len(self.features),
-                "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "n": len(self.features),
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"seed": self.seed, "n": len(self.features), "batch_size": self.batch_size}
+        if "offset" not in state:  # written before positions were global: batches of this batch size
+            state = {**state, "offset": state["batch"] * state["batch_size"] * self.world_size}
+        mine = {"seed": self.seed, "n": len(self.features)}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"cannot resume: the checkpoint's data has {key}={state.get(key)!r}, this run "
                                  f"{value!r} (resuming needs the same data and options, or resume=none)")
-        self.epoch, self.batch, self._order = state["epoch"], state["batch"], None
+        self.epoch, self.offset, self._order = state["epoch"], state["offset"], None
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Continue where a run of len(states) processes stopped (the position is global)."""
+        self.load_state_dict(same_position(states, "offset", "ExampleBatches"))
 
 
 def eval_batches(features: Sequence[dict[str, Any]], collate: Callable[[list[dict]], dict[str, Tensor]],

@@ -61,12 +61,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 
 from lmforge.config import (
     CheckpointConfig,
     DataConfig,
+    DistConfig,
     EvalConfig,
     LogConfig,
     ModelSpec,
@@ -111,14 +113,20 @@ def evaluate_task(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor
                   precision: str, progress: bool = False) -> dict[str, Any]:
     """The task's full metrics and its loss over prepared validation batches, from one
     forward pass each (the model in eval mode): `setup.step` gives the summed loss and the
-    per-item outputs, which go to `setup.score` keyed by feature position."""
+    per-item outputs, which go to `setup.score` keyed by feature position.
+
+    Under torchrun each process runs every world_size-th batch of a plain (unwrapped, or
+    FSDP2-gathered) model, and the processes exchange their outputs: each example counts
+    exactly once. `score` then runs on every process on the same outputs (a generative task
+    generates there), and rank 0's metrics are everyone's."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     parts: list[tuple[Tensor, Any]] = []
     with torch.no_grad():
-        for batch in progress_bar(batches, progress, "evaluation"):
+        for batch in progress_bar(batches[rank::world], progress, "evaluation"):
             with loop.autocast(precision, device):
                 out, items = setup.step(model, loop.to_device(batch, device))
             loss += out.loss.double()
@@ -131,7 +139,13 @@ def evaluate_task(setup: Setup, model: nn.Module, batches: list[dict[str, Tensor
         per_item = (items.float().cpu().unbind(0) if isinstance(items, Tensor)
                     else list(zip(*(o.float().cpu().unbind(0) for o in items))))
         outputs.update(zip(index.tolist(), per_item))
-    return {**setup.score(model, outputs), "loss": float(loss / count.clamp(min=1))}  # host sync (evaluation only)
+    sums = torch.stack([loss, count]).cpu()  # host sync (evaluation only)
+    if world > 1:
+        gathered = parallel.gather_objects((outputs, sums))
+        outputs = {k: v for part, _ in gathered for k, v in part.items()}
+        sums = sum(s for _, s in gathered)
+    metrics = {**setup.score(model, outputs), "loss": float(sums[0] / sums[1].clamp(min=1))}
+    return parallel.broadcast_object(metrics) if world > 1 else metrics
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -262,6 +276,7 @@ def _run_config(config: FinetuneConfig, family: str, out: Path, total: int, ever
         checkpoint=CheckpointConfig(every=every, keep_last=1, keep_best=config.keep_best, metric=f"val_{metric}",
                                     mode=mode),
         log=LogConfig(every=config.log_every, progress=config.progress, tensorboard=config.tensorboard),
+        dist=DistConfig(strategy=config.strategy),
     )
 
 
@@ -270,8 +285,7 @@ def _restore_best(model: nn.Module, result: TrainResult, out: Path) -> int:
     best = result.best
     if best is None or best["step"] == result.step:
         return result.step
-    state = checkpoint.load_weights(checkpoint.step_dir(out / "checkpoints", best["step"]) / "model.safetensors")
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint.model_weights(checkpoint.step_dir(out / "checkpoints", best["step"])))
     log.info("best %s %.4g at step %d: exporting those weights", best["metric"], best["value"], best["step"])
     return best["step"]
 
@@ -364,12 +378,15 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
     FinetuneConfig's fields. Returns the final validation metrics (those in metrics.json)."""
     task, config = _resolve(task, config, options)
     out = Path(out)
-    env = parallel.init_distributed("ddp", "auto", config.device)
-    with rundir.open_run(out, fresh=rundir.starts_fresh(config.resume, out), main=env.is_main) as run:
-        check_writable(out / "model", MODEL_DIR)  # before training, not after it
-        if config.lora_rank:
-            check_writable(out / "adapter", ADAPTER_DIR)
-        return _finetune(task, model, Path(train), Path(valid), out, config, env, run)
+    env = parallel.init_distributed(config.strategy, "auto", config.device)
+    try:
+        with rundir.open_run(out, fresh=rundir.starts_fresh(config.resume, out), main=env.is_main) as run:
+            check_writable(out / "model", MODEL_DIR)  # before training, not after it
+            if config.lora_rank:
+                check_writable(out / "adapter", ADAPTER_DIR)
+            return _finetune(task, model, Path(train), Path(valid), out, config, env, run)
+    finally:
+        parallel.shutdown()
 
 
 def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, out: Path, config: FinetuneConfig,
@@ -401,23 +418,35 @@ def _finetune(task: Task, model: str | os.PathLike, train: Path, valid: Path, ou
     started, cpu_started = time.perf_counter(), time.process_time()
     result = loop.train(setup.model, objective, batches, run_config, evaluate_fn=evaluate_fn)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    best_step = _restore_best(setup.model, result, out) if config.keep_best else result.step
-    metrics = evaluate_task(setup, setup.model, val, env.device, precision, config.progress)
+    trained = result.model.to(env.device)  # plain on every process (gathered whole under FSDP2)
+    best_step = _restore_best(trained, result, out) if config.keep_best else result.step
+    metrics = evaluate_task(setup, trained, val, env.device, precision, config.progress)
+    samples = sum(parallel.gather_objects(batches.items))  # all processes
     metrics["run"] = {"steps": result.step, "best_step": best_step, "stopped": result.stopped,
-                      "epochs": round(result.step / steps_per_epoch, 3), "train_samples": batches.items,
-                      "train_seconds": seconds, "train_samples_per_s": batches.items / max(seconds, 1e-9),
-                      "train_cpu_seconds": cpu_seconds,
-                      "trainable": scope}
-    if env.is_main:
-        run.record("model", "finetune.yaml")
-        metrics["run"]["model_format"] = export_model(setup.model, setup, base, out / "model", config.save_format,
-                                                       config.merge_lora)
-        atomic_write_text(out / "finetune.yaml", run_yaml(task.name, model, train, valid, out, config))
-        write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {train.name}", metrics, setup,
-                      {"run": {k: v for k, v in metrics["run"].items()}})
-        if not config.keep_checkpoints:
-            checkpoint.remove_run_checkpoints(out / "checkpoints", run.run_id)
+                      "epochs": round(result.step / steps_per_epoch, 3), "train_samples": samples,
+                      "train_seconds": seconds, "train_samples_per_s": samples / max(seconds, 1e-9),
+                      "train_cpu_seconds": cpu_seconds, "processes": env.world_size, "trainable": scope}
+    failure = None
+    if env.is_main:  # rank 0 writes; the others wait for it below
+        try:
+            _write_run(trained, setup, base, task, model, train, valid, out, config, metrics, run)
+        except Exception as e:  # noqa: BLE001 (the other processes learn of it)
+            failure = e
+    parallel.raise_if_failed(failure, "writing the fine-tuned model")
     return metrics
+
+
+def _write_run(trained: nn.Module, setup: Setup, base, task: Task, model: str | os.PathLike, train: Path,
+               valid: Path, out: Path, config: FinetuneConfig, metrics: dict[str, Any], run: rundir.RunDir) -> None:
+    """model/ (and adapter/), finetune.yaml, metrics.json, report.md; the checkpoints go unless kept."""
+    run.record("model", "finetune.yaml")
+    metrics["run"]["model_format"] = export_model(trained, setup, base, out / "model", config.save_format,
+                                                   config.merge_lora)
+    atomic_write_text(out / "finetune.yaml", run_yaml(task.name, model, train, valid, out, config))
+    write_outputs(out, f"{task.name}: {_shown(model)} fine-tuned on {train.name}", metrics, setup,
+                  {"run": {k: v for k, v in metrics["run"].items()}})
+    if not config.keep_checkpoints:
+        checkpoint.remove_run_checkpoints(out / "checkpoints", run.run_id)
 
 
 def run_yaml(task: str, model: Path, train: Path, valid: Path, out: Path, config: FinetuneConfig) -> str:

@@ -1,17 +1,28 @@
 """Checkpoints that resume a run exactly and survive being killed while written.
 
-    out_dir/checkpoints/step_00001000/
+    out_dir/checkpoints/step_00001000/          written by one process
         model.safetensors   weights; each tied tensor stored once (metadata "tied" lists the aliases)
         optimizer.pt        AdamW state (keyed by parameter name), scheduler, grad scaler
         trainer.pt          step, tokens seen, best metric, and per process: RNG states
                             (python, numpy, torch, CUDA) and the data loader's position
         config.yaml         the resolved RunConfig
-        manifest.json       written last: step, metrics, and the size and sha256 of every file
+        manifest.json       written last: step, metrics, world_size, and the size and sha256 of every file
+
+    out_dir/checkpoints/step_00001000/          written by several processes (torchrun)
+        dcp/                torch.distributed.checkpoint: model and AdamW state, each process
+                            writing its own shards (.metadata last, by rank 0)
+        optimizer.pt        scheduler, grad scaler
+        trainer.pt, config.yaml, manifest.json   as above (rank 0), the manifest listing every shard
+
+Either kind resumes on any number of processes: DCP reshards on load, and a single file is
+loaded whole by each process (see lmforge.train.loop for the data position and RNG).
 
 The directory is assembled under a temporary name, every file fsynced, then renamed
-into place: a SIGKILL leaves either the whole checkpoint or none. The manifest catches
-the rest (a truncated copy, a flipped bit): `verify` names the bad file, and
-`latest_good` steps back to the previous checkpoint.
+into place: a SIGKILL leaves either the whole checkpoint or none. Under torchrun rank 0
+owns the temporary directory, the other processes write their shards into it, and only
+when every process has finished (and sent the sha256 of its shards) does rank 0 write the
+manifest and rename. The manifest catches the rest (a truncated copy, a flipped bit):
+`verify` names the bad file, and `latest_good` steps back to the previous checkpoint.
 
 .pt files hold only tensors and plain Python values and load with weights_only=True.
 """
@@ -34,17 +45,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.config import RunConfig, save_config
+from lmforge.dist import parallel
+from lmforge.dist import state as dist_state
 from lmforge.files import Ownership, atomic_write_json, owned_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SHARDS = "dcp"  # the torch.distributed.checkpoint directory of a checkpoint written by several processes
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -186,17 +201,113 @@ def save(root: str | Path, step: int, *, model_state: dict[str, Tensor], aliases
     path = step_dir(root, step)
     with owned_dir(path, CHECKPOINT) as tmp:
         save_weights(model_state, tmp / "model.safetensors", aliases)
-        torch.save(_saveable(optimizer_state), tmp / "optimizer.pt")
-        torch.save(_saveable(trainer_state), tmp / "trainer.pt")
-        if config is not None:
-            save_config(config, tmp / "config.yaml")
-        if extra is not None:
-            extra(tmp)
-        files = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                 for f in sorted(tmp.rglob("*")) if f.is_file()}
-        atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "run_id": run_id,
-                                           "metrics": metrics or {}, "files": files})
+        _finish(tmp, step, optimizer_state, trainer_state, config, metrics, extra, run_id, {})
     return path
+
+
+def _finish(tmp: Path, step: int, optimizer_state: dict[str, Any], trainer_state: dict[str, Any],
+            config: RunConfig | None, metrics: dict[str, float] | None, extra: Callable[[Path], None] | None,
+            run_id: str | None, hashed: dict[str, dict[str, Any]]) -> None:
+    """Everything but the weights, then the manifest (files already in `hashed` are not read again)."""
+    torch.save(_saveable(optimizer_state), tmp / "optimizer.pt")
+    torch.save(_saveable(trainer_state), tmp / "trainer.pt")
+    if config is not None:
+        save_config(config, tmp / "config.yaml")
+    if extra is not None:
+        extra(tmp)
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        name = f.relative_to(tmp).as_posix()
+        if f.is_file():
+            files[name] = hashed.get(name) or _describe(f)
+    atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "run_id": run_id,
+                                       "world_size": trainer_state.get("world_size", 1), "metrics": metrics or {},
+                                       "files": files})
+
+
+def _describe(f: Path) -> dict[str, Any]:
+    return {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+
+
+def save_sharded(root: str | Path, step: int, *, state: dict[str, Any], optimizer_state: dict[str, Any],
+                 trainer_state: dict[str, Any], config: RunConfig | None = None,
+                 metrics: dict[str, float] | None = None, extra: Callable[[Path], None] | None = None,
+                 run_id: str | None = None) -> Path:
+    """`save` for a run of several processes (collective: every process calls it).
+
+    state: `lmforge.dist.state.sharded_state` (model and AdamW state, this process's shards);
+    optimizer_state: the scheduler's and grad scaler's (rank 0's is written); the rest as in
+    `save`. Rank 0 owns the temporary directory; each process writes and hashes its shards;
+    rank 0 writes the rest and the manifest, then renames. A failure on any process raises on
+    every process (an OSError keeps its errno: a full disk is still ENOSPC), and leaves the
+    previous checkpoints as they were."""
+    path = step_dir(root, step)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with contextlib.ExitStack() as stack:
+        tmp, failure = None, None
+        if rank == 0:
+            try:
+                tmp = stack.enter_context(owned_dir(path, CHECKPOINT))
+            except Exception as e:  # noqa: BLE001 (every process must learn of it)
+                failure = e
+        where = parallel.broadcast_object(None if tmp is None else str(tmp))
+        if where is None:
+            raise failure or CheckpointError(f"{path}: rank 0 could not start writing the checkpoint")
+        tmp = Path(where)
+        try:
+            dist_state.save_sharded(state, tmp / SHARDS)  # raises on every process when one fails
+        except Exception as e:  # noqa: BLE001
+            code = _errno_of(e)
+            if code is not None and not isinstance(e, OSError):
+                raise OSError(code, os.strerror(code), f"{tmp / SHARDS}: {e}") from e
+            raise
+        mine, failure = {}, None
+        try:
+            shards = sorted(f for f in (tmp / SHARDS).rglob("*") if f.is_file())
+            mine = {f.relative_to(tmp).as_posix(): _describe(f) for f in shards[rank::world]}
+        except OSError as e:
+            failure = e
+        reports = parallel.gather_objects((mine, _report(failure)))
+        _raise_reported([r for _, r in reports], failure)
+        if rank == 0:
+            try:
+                with stack.pop_all():  # sealed and renamed into place when this block ends without an error
+                    hashed = {k: v for part, _ in reports for k, v in part.items()}
+                    _finish(tmp, step, optimizer_state, trainer_state, config, metrics, extra, run_id, hashed)
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        _raise_reported([parallel.broadcast_object(_report(failure))], failure)
+    return path
+
+
+def _report(e: BaseException | None) -> tuple[int | None, str] | None:
+    return None if e is None else (_errno_of(e), f"{type(e).__name__}: {e}")
+
+
+def _raise_reported(reports: list[tuple[int | None, str] | None], own: BaseException | None) -> None:
+    """Raise this process's own failure, else the first reported one (an OSError keeps its
+    errno: a full disk is ENOSPC on every process)."""
+    if own is not None:
+        raise own
+    for report in reports:
+        if report is not None:
+            code, text = report
+            if code is not None:
+                raise OSError(code, os.strerror(code), text)
+            raise CheckpointError(f"writing the checkpoint failed on another process: {text}")
+
+
+def _errno_of(e: BaseException | None, depth: int = 0) -> int | None:
+    """The errno of an OSError, also of one DCP wrapped in its CheckpointException."""
+    if e is None or depth > 4:
+        return None
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    for inner in getattr(e, "failures", {}).values():  # DCP: {rank: WrappedException(exc, traceback)}
+        code = _errno_of(getattr(inner, "exc", inner), depth + 1)
+        if code is not None:
+            return code
+    return _errno_of(e.__cause__ or e.__context__, depth + 1)
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -231,12 +342,42 @@ def _load_pt(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Was the checkpoint written by several processes (torch.distributed.checkpoint shards)?"""
+    return (Path(path) / SHARDS / ".metadata").is_file()
+
+
+def world_size(path: str | Path) -> int:
+    """How many processes wrote the checkpoint (its manifest says; older ones: trainer.pt)."""
+    manifest = _manifest(Path(path)) or {}
+    if "world_size" in manifest:
+        return int(manifest["world_size"])
+    return int(_load_pt(Path(path) / "trainer.pt").get("world_size", 1))
+
+
+def model_weights(path: str | Path) -> dict[str, Tensor]:
+    """The whole model state dict of a (verified) checkpoint of either kind, on the CPU."""
+    path = Path(path)
+    if is_sharded(path):
+        try:
+            return dist_state.read_sharded_model(path / SHARDS)
+        except Exception as e:  # noqa: BLE001 (DCP's reader raises many types; each means "unreadable")
+            raise CheckpointError(f"{path / SHARDS}: unreadable shards ({type(e).__name__}: {e})") from None
+    return load_weights(path / "model.safetensors")
+
+
 def load(path: str | Path) -> Checkpoint:
-    """Verify, then read every part of a checkpoint onto the CPU."""
+    """Verify, then read every part of a checkpoint onto the CPU (a sharded one's model
+    gathered whole; its AdamW state stays in the shards: `lmforge.dist.state.load_sharded`)."""
     path = Path(path)
     manifest = verify(path)
-    return Checkpoint(path, int(manifest["step"]), load_weights(path / "model.safetensors"),
-                      _load_pt(path / "optimizer.pt"), _load_pt(path / "trainer.pt"), manifest)
+    return Checkpoint(path, int(manifest["step"]), model_weights(path), _load_pt(path / "optimizer.pt"),
+                      _load_pt(path / "trainer.pt"), manifest)
+
+
+def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, optimizer.pt) of a verified checkpoint, without its weights."""
+    return _load_pt(Path(path) / "trainer.pt"), _load_pt(Path(path) / "optimizer.pt")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

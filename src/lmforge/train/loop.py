@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import random
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from lmforge.config import RunConfig, config_changes, save_config
 from lmforge.data.batching import BatchIterator
 from lmforge.dist import parallel
+from lmforge.dist import state as dist_state
 from lmforge.dist.parallel import DistEnv, all_reduce_sum
 from lmforge.train import checkpoint, rundir
 from lmforge.train.logging import RunLogger, flops_per_token, peak_flops, progress_bar
@@ -54,7 +56,9 @@ class TrainingError(RuntimeError):
 class TrainResult:
     """How a run ended. stopped: max_steps, max_tokens, max_time, early_stopping (eval.patience
     evaluations without improving checkpoint.metric), data_exhausted or interrupted
-    (SIGINT/SIGTERM; a checkpoint was written first)."""
+    (SIGINT/SIGTERM; a checkpoint was written first). model: the trained model, plain
+    (unwrapped) on every process: the model passed in, or under FSDP2 a copy gathered whole
+    onto the CPU (the one passed in stays sharded)."""
 
     out_dir: Path
     step: int
@@ -64,6 +68,7 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] | None = None
     checkpoint: Path | None = None
+    model: nn.Module | None = None
 
 
 @dataclass
@@ -90,6 +95,7 @@ class _Run:
     stale: int = 0  # evaluations in a row without a better checkpoint.metric (early stopping)
     last_val: dict[str, float] = field(default_factory=dict)
     last_eval_step: int = -1
+    skeleton: nn.Module | None = None  # FSDP2: the model's structure on the meta device (dist.state.meta_skeleton)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -279,50 +285,64 @@ def evaluate(runner: nn.Module, batches: Iterable[dict[str, Tensor]], device: to
 
 
 def _save(run: _Run, save_extra: Callable[[Path], None] | None) -> Path:
-    """Write a checkpoint of the current step (rank 0 writes; every process takes part)."""
-    model_state = parallel.full_model_state(run.model)  # collective under FSDP
-    optimizer_state = parallel.full_optimizer_state(run.root, run.optimizer)
+    """Write a checkpoint of the current step (every process takes part): one file by one
+    process, torch.distributed.checkpoint shards under torchrun (lmforge.train.checkpoint)."""
     ranks = parallel.gather_objects({"rng": checkpoint.rng_state(run.env.device),
                                      "data": run.batches.state_dict()})
     root = Path(run.config.train.out_dir) / "checkpoints"
+    trainer = {"step": run.step, "tokens": run.tokens, "best": run.best, "stale": run.stale,
+               "world_size": run.env.world_size, "ranks": ranks}
+    schedule = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict()}
+    common = {"trainer_state": trainer, "config": run.config, "extra": save_extra, "run_id": run.run_dir.run_id,
+              "metrics": run.last_val if run.last_eval_step == run.step else None}
+    try:
+        if run.env.distributed:
+            checkpoint.save_sharded(root, run.step, state=dist_state.sharded_state(run.model, run.root, run.optimizer),
+                                    optimizer_state=schedule, **common)
+        else:
+            checkpoint.save(root, run.step, model_state=run.model.state_dict(), aliases=run.aliases,
+                            optimizer_state={"optimizer": dist_state.full_optimizer_state(run.root, run.optimizer),
+                                             **schedule}, **common)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        previous = checkpoint.latest_good(root)
+        raise TrainingError(
+            f"{root}: no space left on the device for the step {run.step} checkpoint ({e.strerror}); the "
+            f"previous checkpoint {previous.name if previous else '(none)'} is intact: free space, then run "
+            "again with train.resume=auto") from None
     if run.env.is_main:
         ck = run.config.checkpoint
-        try:
-            _write_checkpoint(run, root, model_state, optimizer_state, ranks, save_extra)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            previous = checkpoint.latest_good(root)
-            raise TrainingError(
-                f"{root}: no space left on the device for the step {run.step} checkpoint ({e.strerror}); the "
-                f"previous checkpoint {previous.name if previous else '(none)'} is intact: free space, then run "
-                "again with train.resume=auto") from None
         checkpoint.prune(root, ck.keep_last, keep_best=ck.keep_best, metric=ck.metric, mode=ck.mode,
                          run_id=run.run_dir.run_id)
     parallel.barrier()
     return checkpoint.step_dir(root, run.step)
 
 
-def _write_checkpoint(run: _Run, root: Path, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
-                      ranks: list[Any], save_extra: Callable[[Path], None] | None) -> None:
-    checkpoint.save(
-        root, run.step, model_state=model_state, aliases=run.aliases,
-        optimizer_state={"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
-                         "scaler": run.scaler.state_dict()},
-        trainer_state={"step": run.step, "tokens": run.tokens, "best": run.best, "stale": run.stale,
-                       "world_size": run.env.world_size, "ranks": ranks},
-        config=run.config, metrics=run.last_val if run.last_eval_step == run.step else None, extra=save_extra,
-        run_id=run.run_dir.run_id)
+def _global_batch(train: dict[str, Any], world_size: int) -> int:
+    """Sequences per optimizer step, all processes together."""
+    return int(train.get("micro_batch_size", 1)) * int(train.get("grad_accum", 1)) * world_size
 
 
-def resume_changes(path: Path, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+def resume_changes(path: Path, config: RunConfig, world_size: int = 1) -> dict[str, tuple[Any, Any]]:
     """What `config` changes against the checkpoint's config.yaml (see config.config_changes);
-    CheckpointError naming the fields and both values unless train.accept_changes."""
+    CheckpointError naming the fields and both values unless train.accept_changes.
+
+    The number of processes may change (world_size: this run's): train.micro_batch_size and
+    train.grad_accum may change with it as long as the global batch (their product with the
+    processes) stays the same; a different global batch is a change like any other."""
     try:
         old = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}  # a checkpoint written without its config: nothing to compare against
     changes = config_changes(old, config)
+    before = _global_batch(old.get("train") or {}, checkpoint.world_size(path))
+    after = _global_batch(config.to_dict()["train"], world_size)
+    layout = ("train.micro_batch_size", "train.grad_accum")
+    if before == after:
+        changes = {k: v for k, v in changes.items() if k not in layout}
+    elif not any(k in changes for k in layout):
+        changes["global batch (train.micro_batch_size x train.grad_accum x processes)"] = (before, after)
     if changes and not config.train.accept_changes:
         shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
         raise checkpoint.CheckpointError(
@@ -334,40 +354,58 @@ def resume_changes(path: Path, config: RunConfig) -> dict[str, tuple[Any, Any]]:
 def _restore(run: _Run, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
     """Continue from a checkpoint: weights, optimizer, scheduler, RNG, data position, counters.
     The optimizer's and schedule's hyperparameters are this run's config's (the same values
-    unless accepted changes altered them)."""
-    ck = checkpoint.load(path)
-    trainer = ck.trainer
-    if trainer["world_size"] != run.env.world_size:
-        raise checkpoint.CheckpointError(
-            f"{path}: written by {trainer['world_size']} processes, resumed with {run.env.world_size}; the data "
-            "position is per process: resume with the same number, or start a new run with model.init_from")
-    try:
-        parallel.load_model_state(run.model, ck.model)
-    except RuntimeError as e:
-        changed = ", ".join(k for k in changes if k.startswith("model.")) or "the architecture"
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
-                      or "Unexpected" in line), str(e).splitlines()[0] if str(e) else "")
-        raise checkpoint.CheckpointError(
-            f"{path}: its weights do not fit this model ({changed} changed: {first}); a run cannot continue with "
-            "another architecture: start a new run with model.init_from") from None
+    unless accepted changes altered them). A checkpoint of another number of processes
+    continues at the same global data position (see `_restore_positions`)."""
+    trainer, schedule = checkpoint.load_state(path)
     # This run's hyperparameters (the scheduler keeps the peak lr as initial_lr), put back after loading.
     hyper = [{"lr": g["initial_lr"], **{k: g[k] for k in ("betas", "eps", "weight_decay")}}
              for g in run.optimizer.param_groups]
-    parallel.load_optimizer_state(run.root, run.optimizer, ck.optimizer["optimizer"])
-    run.scheduler.load_state_dict(ck.optimizer["scheduler"])
+    try:
+        if checkpoint.is_sharded(path):
+            dist_state.load_sharded(run.model, run.root, run.optimizer, path / checkpoint.SHARDS)
+        else:
+            dist_state.set_full_state(run.model, checkpoint.load_weights(path / "model.safetensors"))
+            dist_state.set_full_optimizer_state(run.root, run.optimizer, schedule["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        changed = ", ".join(k for k in changes if k.startswith("model.")) or "the architecture"
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
+                      or "Unexpected" in line or "Size mismatch" in line), str(e).splitlines()[0] if str(e) else "")
+        raise checkpoint.CheckpointError(
+            f"{path}: its weights do not fit this model ({changed} changed: {first}); a run cannot continue with "
+            "another architecture: start a new run with model.init_from") from None
+    run.scheduler.load_state_dict(schedule["scheduler"])
     run.scheduler.base_lrs = [h["lr"] for h in hyper]
     for group, h, factor in zip(run.optimizer.param_groups, hyper, run.scheduler.lr_lambdas):
         group.update(h, initial_lr=h["lr"], lr=h["lr"] * factor(run.scheduler.last_epoch))
-    run.scaler.load_state_dict(ck.optimizer["scaler"])
-    mine = trainer["ranks"][run.env.rank]
+    run.scaler.load_state_dict(schedule["scaler"])
+    _restore_positions(run, path, trainer["ranks"], trainer["step"])
+    run.step, run.tokens, run.best = trainer["step"], trainer["tokens"], trainer["best"]
+    run.stale = trainer.get("stale", 0)
+
+
+def _restore_positions(run: _Run, path: Path, ranks: list[dict[str, Any]], step: int) -> None:
+    """Each process's data position and RNG streams. The same number of processes: each
+    continues its own. Another number: the data continues at the global position all of them
+    had reached (the loader's load_state_dicts, given every process's saved state); rank r
+    continues rank r's RNG streams where the checkpoint has them, a new rank starts streams
+    seeded from (train.seed, rank, step)."""
+    rank, world = run.env.rank, run.env.world_size
+    if len(ranks) != world and not hasattr(run.batches, "load_state_dicts"):
+        raise checkpoint.CheckpointError(
+            f"{path}: written by {len(ranks)} processes, resumed with {world}, and this run's data "
+            f"({type(run.batches).__name__}) keeps a position per process: resume with {len(ranks)} processes")
     try:
-        run.batches.load_state_dict(mine["data"])
+        if len(ranks) == world:
+            run.batches.load_state_dict(ranks[rank]["data"])
+        else:
+            run.batches.load_state_dicts([r["data"] for r in ranks])
     except (ValueError, KeyError) as e:
         raise checkpoint.CheckpointError(f"{path}: the data position does not carry over to this run's data ({e})"
                                          ) from None
-    checkpoint.set_rng_state(mine["rng"], run.env.device)
-    run.step, run.tokens, run.best = trainer["step"], trainer["tokens"], trainer["best"]
-    run.stale = trainer.get("stale", 0)
+    if rank < len(ranks):
+        checkpoint.set_rng_state(ranks[rank]["rng"], run.env.device)
+    else:
+        seed_everything(int(np.random.SeedSequence([run.config.train.seed, rank, step]).generate_state(1)[0]))
 
 
 def _update_best(run: _Run, val: dict[str, float]) -> str | None:
@@ -418,25 +456,32 @@ def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, confi
     t = config.train
     seed_everything(t.seed + env.rank)  # dropout differs per process; the model was initialised before
     aliases = checkpoint.tied_aliases(model)
+    fsdp = env.distributed and config.dist.strategy == "fsdp"
+    skeleton = dist_state.meta_skeleton(model) if fsdp else None  # the plain model rebuilt after training
     model.to(env.device).train()
     root = LossModule(model, objective)
-    runner = parallel.parallelize(root, model, env, strategy=config.dist.strategy, compile=t.compile,
-                                  activation_checkpointing=t.activation_checkpointing,
-                                  reshard_after_forward=config.dist.reshard_after_forward)
+    precision = resolve_precision(t.precision, env.device)
+    runner = root  # DDP wraps it when the loop starts (after looking for unused parameters: _start_ddp)
+    if not env.distributed or fsdp:
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if config.dist.mixed_precision else None
+        runner = parallel.parallelize(root, model, env, strategy=config.dist.strategy, compile=t.compile,
+                                      activation_checkpointing=t.activation_checkpointing,
+                                      reshard_after_forward=config.dist.reshard_after_forward, param_dtype=low)
     optimizer = build_optimizer(root, config.optim)
     steps = total_steps(config, env.world_size)
-    precision = resolve_precision(t.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     fused = bool(optimizer.defaults.get("fused"))
     run = _Run(config, env, model, root, runner, optimizer, build_scheduler(optimizer, config.optim, steps), scaler,
-               precision, fused, batches, steps, aliases, run_dir)
+               precision, fused, batches, steps, aliases, run_dir, skeleton=skeleton)
     ckpt_root = Path(t.out_dir) / "checkpoints"
     if env.is_main:
         checkpoint.remove_stale_temporaries(ckpt_root)
-    parallel.barrier()
-    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    # Rank 0 chooses (and verifies) the checkpoint, so that every process resumes from the same one.
+    resume_from = parallel.broadcast_object(str(checkpoint.resolve_resume(t.resume, ckpt_root) or "")
+                                            if env.is_main else None)
+    resume_from = Path(resume_from) if resume_from else None
     if resume_from is not None:
-        changes = resume_changes(resume_from, config)
+        changes = resume_changes(resume_from, config, env.world_size)
         _restore(run, resume_from, changes)
         run_dir.event("resume", step=run.step, checkpoint=str(resume_from),
                       **({"changes": {k: list(v) for k, v in changes.items()}} if changes else {}))
@@ -446,6 +491,31 @@ def _setup(model: nn.Module, objective: Objective, batches: BatchIterator, confi
         save_config(config, Path(t.out_dir) / "config.yaml")
         run_dir.record("config.yaml", "checkpoints")
     return run
+
+
+def _start_ddp(run: _Run, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+    """Wrap the model in DDP (under torchrun with dist.strategy=ddp), looking first for
+    parameters a step leaves unused: one forward + backward of the first batch, unwrapped,
+    on every process (its RNG draws undone). Only when some process finds one does DDP
+    search every step's graph for them (find_unused_parameters). Returns the batches, the
+    first one put back."""
+    env, t = run.env, run.config.train
+    if not env.distributed or run.config.dist.strategy != "ddp":
+        return batches
+    first = next(batches, None)
+    unused: list[str] = []
+    if first is not None:
+        rng = checkpoint.rng_state(env.device)
+        unused = parallel.unused_parameters(run.root, to_device(first, env.device))
+        checkpoint.set_rng_state(rng, env.device)
+    unused = sorted({name for names in parallel.gather_objects(unused) for name in names})
+    if unused and env.is_main:
+        shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
+        log.info("DDP: %d parameter(s) take no part in the loss (%s): searching each step for them", len(unused), shown)
+    run.runner = parallel.parallelize(run.root, run.model, env, strategy="ddp", compile=t.compile,
+                                      activation_checkpointing=t.activation_checkpointing,
+                                      find_unused_parameters=bool(unused))
+    return batches if first is None else itertools.chain([first], batches)
 
 
 def _log_train(run: _Run, window: dict[str, Any], last: _StepStats, bad_run: Tensor, skipped: Tensor,
@@ -517,7 +587,8 @@ def train(
     The run holds config.train.out_dir (lmforge.train.rundir): a second run there is refused,
     and a fresh run moves an earlier one aside to out_dir/previous/.
     """
-    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device)
+    env = parallel.init_distributed(config.dist.strategy, config.dist.backend, config.train.device,
+                                     config.dist.timeout_minutes)
     out = config.train.out_dir
     with rundir.open_run(out, fresh=rundir.starts_fresh(config.train.resume, out), main=env.is_main) as run_dir:
         run = _setup(model, objective, train_batches, config, env, run_dir)
@@ -536,7 +607,7 @@ def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, evaluate_f
     logger.write(f"training {sum(p.numel() for p in run.root.parameters() if p.requires_grad):,} parameters on "
                  f"{env.world_size} x {env.device} ({run.precision}), {steps}"
                  + (f", resumed from step {run.step}" if run.step else ""))
-    batches = iter(run.batches)  # after load_state_dict, so that the restored position is where it starts
+    batches = _start_ddp(run, iter(run.batches))  # after load_state_dict: the restored position is where it starts
     device = env.device
     window = _new_window(device)
     bad_run = torch.zeros((), device=device)
@@ -598,6 +669,8 @@ def _loop(run: _Run, val_batches: Iterable[dict[str, Tensor]] | None, evaluate_f
             logger.write(f"stopped at step {run.step} ({signals.reason or 'stop requested by another process'}); "
                          f"checkpoint {result.checkpoint}; run again with train.resume=auto to continue")
     result.step, result.tokens, result.val, result.best = run.step, run.tokens, run.last_val, run.best
+    result.model = run.model if run.skeleton is None else dist_state.plain_copy(
+        run.skeleton, dist_state.full_model_state(run.model))  # collective under FSDP2
     return result
 
 
@@ -616,7 +689,8 @@ def _evaluate_and_log(run: _Run, val_batches: Iterable | None, evaluate_fn: Call
         val = evaluate(run.runner, val_batches, run.env.device, max_batches=run.config.eval.steps,
                        precision=run.precision, progress=run.config.log.progress and run.env.is_main)
     if evaluate_fn is not None:
-        val.update(evaluate_fn(run.model))
+        with dist_state.unsharded(run.root):  # FSDP2: processes may run different numbers of forward passes
+            val.update(evaluate_fn(run.model))
     run.last_val, run.last_eval_step = val, run.step
     stop = _update_best(run, val)
     logger.log({"step": run.step, **val})
