@@ -358,8 +358,8 @@ def _restore(run: _Run, path: Path, changes: dict[str, tuple[Any, Any]]) -> None
     continues at the same global data position (see `_restore_positions`)."""
     trainer, schedule = checkpoint.load_state(path)
     # This run's hyperparameters (the scheduler keeps the peak lr as initial_lr), put back after loading.
-    hyper = [{"lr": g["initial_lr"], **{k: g[k] for k in ("betas", "eps", "weight_decay")}}
-             for g in run.optimizer.param_groups]
+    hyper = [{**{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}, "lr": g["initial_lr"]}
+             for g in run.optimizer.param_groups]  # betas, eps, weight_decay, Muon's momentum, ...
     try:
         if checkpoint.is_sharded(path):
             dist_state.load_sharded(run.model, run.root, run.optimizer, path / checkpoint.SHARDS)
