@@ -156,3 +156,19 @@ def test_continued_pretraining_and_finetuning_start_from_a_hub_id(tiny_gpt, offl
     with torch.no_grad():
         assert_close(again.model(ids), ref.model(ids), atol=1e-5, rtol=1e-5)  # the Hub weights, a tiny step on
     assert load_base("someone/tiny-gpt").family == "gpt"
+
+
+def test_a_lora_run_from_a_hub_id_names_the_id_as_its_adapters_base(tiny_gpt, offline_cache, tmp_path):
+    import json
+
+    from lmforge.tasks import FinetuneConfig, finetune
+
+    lay_out(offline_cache, "someone/tiny-gpt", tiny_gpt)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a stitch", "response": "in time"}) + "\n" for _ in range(4)))
+    config = FinetuneConfig(epochs=1, batch_size=2, device="cpu", lora_rank=2, progress=False, tensorboard=False,
+                            options={"n_samples": 0})
+    finetune("sft", "someone/tiny-gpt", data, data, tmp_path / "run", config=config)
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "someone/tiny-gpt"  # not the cache's snapshot path
+    assert lmforge.load("someone/tiny-gpt", adapter=tmp_path / "run" / "adapter").model is not None

@@ -206,7 +206,8 @@ def test_bad_models(ag_news, make_model, fast, write_csv, tmp_path):
     model, head, tok, special = load_model_dir(base)
     small = build(BertConfig(vocab_size=100, max_seq_len=128, dim=32, n_layers=2, n_heads=2))
     save_model_dir(tmp_path / "small", small, tokenizer=tok, format="hf")
-    with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is 100"):
+    with pytest.raises(ValueError, match=rf"tokenizer \(tokenizer.json\) has {tok.vocab_size} ids but the model's "
+                                         "vocabulary has 100 rows"):
         finetune("classify", tmp_path / "small", ag_news["train"], ag_news["valid"], tmp_path / "r2", **fast)
     save_model_dir(tmp_path / "bare", model, format="hf")
     with pytest.raises(ValueError, match="no tokenizer in the model directory"):

@@ -65,6 +65,7 @@ class LoadedModel:
     head: the HeadSpec of a task head, or None;
     special: bos/eos/pad token ids known from the checkpoint (used when there is no tokenizer);
     path: where it was loaded from (None for a model built in memory);
+    name: what the user named it (a directory, or a Hub id: then path is its cached snapshot);
     generation: the settings of its generation_config.json (GENERATION_KEYS; Hugging Face's
         names): several eos ids, default sampling. Written back on save.
     """
@@ -75,6 +76,7 @@ class LoadedModel:
     special: dict[str, int | None] = field(default_factory=dict)
     path: Path | None = None
     generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json's settings
+    name: str | None = None  # what it was loaded as: a directory, or a Hub id ("org/name[@revision]")
 
     @property
     def backbone(self) -> nn.Module:
@@ -118,7 +120,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None) 
     eos = generation.get("eos_token_id", special.get("eos_token_id"))
     if tokenizer is not None and isinstance(eos, list):  # e.g. end of text and end of turn
         tokenizer.end_ids = [int(i) for i in eos]
-    return LoadedModel(model, tokenizer, head, dict(special), local, generation)
+    return LoadedModel(model, tokenizer, head, dict(special), local, generation, name=str(path))
 
 
 GENERATION_FILE = "generation_config.json"

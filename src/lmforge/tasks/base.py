@@ -272,7 +272,7 @@ def load_base(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
                          "this tokenizer does not belong to this model")
     if special.get("pad_token_id") is None and tok.pad_id is None and tok.eos_id is not None:
         special["pad_token_id"] = tok.eos_id  # exported GPT-2 classifiers find the last token by it
-    return Base(model, tok, head, special, path)
+    return dataclasses.replace(base, tokenizer=tok, special=special)
 
 
 def model_with_head(base: Base, spec: HeadSpec) -> nn.Module:

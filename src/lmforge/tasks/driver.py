@@ -334,7 +334,9 @@ def export_adapter(model: nn.Module, setup: Setup, base, path: Path) -> bool:
                  setup.head.pooling)
         return False
     try:
-        save_adapter(model, setup.head, path, base_model=str(base.path), tokenizer=base.tokenizer)
+        # a Hub id stays one (peft users load the base from the Hub), a directory is named as it is
+        named = base.name if base.name and not Path(base.name).exists() else str(base.path)
+        save_adapter(model, setup.head, path, base_model=named, tokenizer=base.tokenizer)
     except ConversionError as e:
         log.info("no PEFT adapter written: %s", e)
         return False
