@@ -68,6 +68,11 @@ def test_generate_inspect_and_plan(gpt_dir, tmp_path, capsys):
                          "--max-new-tokens", "5", "--device", "cpu")
     assert code == 0, err
     assert out.count("the cat") == 1 and out.count("the dog") == 1
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "3",
+                         "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8")
+    assert code == 0, err
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat", "--quantize", "int3")
+    assert code == 2 and "--quantize" in err
     code, out, err = run(capsys, "inspect", "next-token", "--model", str(gpt_dir), "--text", "the cat sat",
                          "--device", "cpu", "--json")
     assert code == 0, err

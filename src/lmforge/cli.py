@@ -78,10 +78,15 @@ def _convert(a: Namespace) -> None:
     print(f"wrote {out} ({a.to} format{f', {a.dtype}' if a.dtype else ''})")
 
 
+DTYPE_CHOICES = [None, "auto", "float32", "bfloat16", "float16"]
+QUANTIZE_CHOICES = [None, "int8", "int4"]
+
+
 def _model_args(p: ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face) or Hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 / int4 for decoding")
     if adapter:
         p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for this model (merged on load)")
 
@@ -92,7 +97,7 @@ def _load(a: Namespace):
     from lmforge.api import load
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter)
+    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter, quantize=a.quantize)
 
 
 def _pretrain_args(p: ArgumentParser) -> None:
@@ -220,7 +225,8 @@ def _serve_args(p: ArgumentParser) -> None:
     p.add_argument("--served-model-name", action="append", default=None,
                    help="the name clients use for a model, one per --model (default: the directory's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 / int4 for decoding")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000, help="0..65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")
@@ -249,8 +255,8 @@ def _serve(a: Namespace) -> None:
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_names=a.served_model_name,
           max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
           max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
-          dtype=a.dtype, backends=a.backend or (), backend_keys=a.backend_key or (), arena_db=a.arena_db,
-          study=a.study)
+          dtype=a.dtype, quantize=a.quantize, backends=a.backend or (), backend_keys=a.backend_key or (),
+          arena_db=a.arena_db, study=a.study)
 
 
 def _arena_report_args(p: ArgumentParser) -> None:

@@ -35,6 +35,7 @@ from lmforge.generate import sampling
 from lmforge.generate.direct_attributes import direct_attributes
 from lmforge.models.encdec import EncoderDecoderBase
 from lmforge.models.gpt import GPT
+from lmforge.nn.quant import compute_dtype
 
 BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
 
@@ -257,7 +258,7 @@ class _SlotMask:
 def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
     """A KV cache for max_len slots; for a CUDA graph, always max_seq_len slots, so that one
     captured graph serves every prompt length (only the batch size changes its shapes)."""
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)  # the KV cache in the compute dtype (weights may be int8)
     if isinstance(decode_step, CompiledDecodeStep):
         max_len = model.config.max_seq_len if device.type == "cuda" else max_len
         return decode_step.make_cache(model, batch, max_len, dtype, device)

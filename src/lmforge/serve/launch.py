@@ -109,7 +109,8 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
           api_key: str | None = None, *, served_model_names: Sequence[str] | None = None, max_tokens: int = 512,
           max_prompt_tokens: int = 2048, max_body_bytes: int = 1 << 20, max_queue: int = 256, max_active: int = 64,
           body_timeout_s: float = 30.0, device: str | None = None, dtype: str | None = None,
-          backends: Sequence[str] = (), backend_keys: Sequence[str] = (), arena_db: str | os.PathLike | None = None,
+          quantize: str | None = None, backends: Sequence[str] = (), backend_keys: Sequence[str] = (),
+          arena_db: str | os.PathLike | None = None,
           study: str | os.PathLike | None = None, log_level: str = "info") -> None:
     """Load model directories (lmforge or Hugging Face, with their tokenizers) and serve
     them until interrupted. Binds to loopback by default; api_key (or the LMFORGE_API_KEY
@@ -118,7 +119,8 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
     backends: "NAME=URL" models of other OpenAI-compatible servers, for the arena, with
     keys as "NAME=KEY" in backend_keys; arena_db: where the arena keeps its ratings
     (default arena.db when two models or more are served); study: a JSONL file of prompts
-    for it (serve/study.py)."""
+    for it (serve/study.py). dtype, quantize: as lmforge.load (e.g. "bfloat16", "int8"): every
+    request decodes in them."""
     dirs = [model_dirs] if isinstance(model_dirs, str | os.PathLike) else list(model_dirs or [])
     names = served_names(dirs, served_model_names) if dirs else []
     api_key = api_key_from(api_key)
@@ -136,7 +138,7 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
             arena_db = "arena.db"
         if study is not None:
             load_study(study, names + [b.name for b in remote])  # its mistakes, before the models load
-        app = create_app({name: load(d, device=device, dtype=dtype) for name, d in zip(names, dirs)},
+        app = create_app({name: load(d, device=device, dtype=dtype, quantize=quantize) for name, d in zip(names, dirs)},
                          api_key=api_key, limits=limits, backends=remote, arena_db=arena_db, study=study)
         if api_key is None and not _is_loopback(host):
             log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
