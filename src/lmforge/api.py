@@ -62,7 +62,13 @@ class LM(LoadedModel):
         return self.generate(prompt, max_new_tokens, add_special_tokens=False, **options)[0]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
-        self.model.to(device=device, dtype=dtype)
+        self.model.to(device=device, dtype=dtype)  # quantised (integer) weights keep their type
+        return self
+
+    def quantize(self, kind: str) -> LM:
+        """Weight-only int8 / int4 linear layers for decoding, in place (as load(quantize=))."""
+        if kind != "none":
+            _quantize(self.model, kind)
         return self
 
     def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False,
@@ -108,10 +114,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart).
 
     dtype: the compute dtype, the weights kept in it (None: float32; "float32", "bfloat16",
-    "float16", or "auto": the checkpoint's own). quantize: "int8" (weight-only, per output
+    "float16", or "auto": the checkpoint's own). quantize: None / "none", "int8" (weight-only, per output
     channel) or "int4" (groupwise, CPU) for decoding -- the linear layers' weights in that many
     bits, activations, norms and the KV cache in `dtype` (lmforge.nn.quant); a quantised model
     generates, serves and evaluates but is not saved or trained."""
+    quantize = None if quantize == "none" else quantize
     if quantize is not None and quantize not in quant.QUANTIZATIONS:
         raise ValueError(f"quantize: unknown {quantize!r} (expected one of {', '.join(quant.QUANTIZATIONS)})")
     loaded = load_model(path, dtype)
@@ -120,12 +127,12 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
         merge_lora(loaded.model)
     lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path, loaded.generation)
     lm.to(device, None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    if quantize is not None:
-        _quantize(lm.model, quantize)
-    return lm
+    return lm if quantize is None else lm.quantize(quantize)
 
 
 def _quantize(model: torch.nn.Module, kind: str) -> None:
+    if quant.quantization_of(model) is not None:
+        raise ValueError(f"quantize: this model is already quantised ({quant.quantization_of(model)})")
     if kind == "int4" and next(model.parameters()).device.type != "cpu":
         raise ValueError("quantize='int4' runs on the CPU only (torch's int4 kernel for it); use int8 or a dtype")
     quant.quantize(model, kind)

@@ -78,8 +78,8 @@ def _convert(a: Namespace) -> None:
     print(f"wrote {out} ({a.to} format{f', {a.dtype}' if a.dtype else ''})")
 
 
-DTYPE_CHOICES = [None, "auto", "float32", "bfloat16", "float16"]
-QUANTIZE_CHOICES = [None, "int8", "int4"]
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # default (none given): float32
+QUANTIZE_CHOICES = ["none", "int8", "int4"]
 
 
 def _model_args(p: ArgumentParser, adapter: bool = True) -> None:
