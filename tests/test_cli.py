@@ -73,6 +73,13 @@ def test_generate_inspect_and_plan(gpt_dir, tmp_path, capsys):
     assert code == 0, err
     code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat", "--quantize", "int3")
     assert code == 2 and "--quantize" in err
+    plain = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat sat. the cat", "--device", "cpu",
+                "--max-new-tokens", "16")
+    fast = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat sat. the cat", "--device", "cpu",
+               "--max-new-tokens", "16", "--prompt-lookup", "4", "--prefill-chunk", "2")
+    assert fast == plain and plain[0] == 0
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "a", "--prompt-lookup", "-1")
+    assert code == 2 and "prompt_lookup" in err and err.count("\n") == 1
     code, out, err = run(capsys, "inspect", "next-token", "--model", str(gpt_dir), "--text", "the cat sat",
                          "--device", "cpu", "--json")
     assert code == 0, err

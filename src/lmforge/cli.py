@@ -133,13 +133,18 @@ def _generate_args(p: ArgumentParser) -> None:
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", nargs="+", default=[], help="stop strings")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt-lookup", type=int, default=0,
+                   help="greedy, one prompt: check up to N tokens that follow an earlier match of the latest "
+                        "n-gram in one forward pass (same output, faster on text that repeats its prompt; 0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="run long prompts through the model N tokens "
+                   "at a time (less memory; same output)")
 
 
 def _generate(a: Namespace) -> None:
     lm = _load(a)
     given = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty)
     options = dict({k: v for k, v in given.items() if v is not None}, no_repeat_ngram_size=a.no_repeat_ngram_size,
-                   stop=a.stop or None, seed=a.seed)
+                   stop=a.stop or None, seed=a.seed, prompt_lookup=a.prompt_lookup, prefill_chunk=a.prefill_chunk)
     if a.chat:
         return _chat_loop(lm, a.max_new_tokens, options)
     if not a.prompt:
