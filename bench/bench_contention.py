@@ -56,10 +56,22 @@ def pretrain_batches(steps: int, batch: int, seq: int) -> list[dict]:
              "labels": torch.stack([data[s + 1: s + seq + 1] for s in row.tolist()])} for row in starts]
 
 
+def _imports(framework: str) -> None:
+    """As a user's program starts: lmforge first (its thread defaults apply before torch loads
+    OpenMP); "lmforge-torch-first": torch first, so OpenMP keeps its own defaults (spinning idle
+    threads), as lmforge ran before it set them; transformers' users import torch first."""
+    if framework == "lmforge":
+        import lmforge  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lmforge  # noqa: F401, F811
+
+
 def worker_pretrain(framework: str, a: argparse.Namespace) -> float:
     shape = dict(vocab_size=256, dim=a.dim, n_layers=a.layers, n_heads=max(2, a.dim // 64), max_seq_len=a.seq)
-    if framework == "lmforge":
-        import lmforge  # noqa: F401  (first: its thread defaults, before torch loads OpenMP)
+    _imports(framework)
+    if framework.startswith("lmforge"):
 
         sys.path.insert(0, str(HERE))
         import torch
@@ -75,7 +87,7 @@ def worker_pretrain(framework: str, a: argparse.Namespace) -> float:
         with tempfile.TemporaryDirectory() as out:
             steps = run_lmforge(model, batches, ns, Setting({}, a.batch, a.seq, 1e-3, 0.0), out, objective=clm)
         return sum(w for w, _ in steps)
-    import torch  # first, as a user of transformers would
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -96,11 +108,7 @@ def worker_pretrain(framework: str, a: argparse.Namespace) -> float:
 
 
 def worker_finetune(framework: str, a: argparse.Namespace) -> float:
-    if framework == "lmforge":
-        import lmforge  # noqa: F401
-    else:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+    _imports(framework)
     sys.path.insert(0, str(HERE))
     import bench_finetune as bf
 
@@ -108,7 +116,7 @@ def worker_finetune(framework: str, a: argparse.Namespace) -> float:
     hp = {"batch_size": 16, "warmup": 0.1, "weight_decay": 0.01, "device": "cpu", "max_length": 128,
           "lr": 5e-4, "seed": 42, "epochs": a.epochs}
     out = Path(tempfile.mkdtemp(dir=root))
-    if framework == "lmforge":
+    if framework.startswith("lmforge"):
         return bf.lmforge_run("classify", root / "base_classify", root / "ag_train.csv", root / "ag_valid.csv", out,
                               hp, a.ag[0])["seconds"]
     return bf.hf_classify(root / "base_classify", root / "ag_train.csv", root / "ag_valid.csv", out, hp)["seconds"]
@@ -150,6 +158,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 cores)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--jobs", nargs="+", default=["finetune", "pretrain"], choices=["finetune", "pretrain"])
+    p.add_argument("--frameworks", nargs="+", default=["lmforge", "transformers"],
+                   choices=["lmforge", "lmforge-torch-first", "transformers"],
+                   help="lmforge-torch-first: lmforge without its OpenMP defaults (torch imported first), for an A/B")
     p.add_argument("--competitor-nice", type=int, default=0, help="niceness of the competing process")
     p.add_argument("--competitor-max-s", type=int, default=1800, help="the competitor stops itself after this")
     p.add_argument("--steps", type=int, default=60, help="pretraining steps")
@@ -181,8 +192,8 @@ def main() -> None:
         for r in range(a.rounds):
             for job in a.jobs:
                 for busy in (False, True):
-                    order = ("lmforge", "transformers") if r % 2 == 0 else ("transformers", "lmforge")
-                    for framework in order:
+                    k = r % len(a.frameworks)
+                    for framework in a.frameworks[k:] + a.frameworks[:k]:  # rotating who goes first
                         t = run_one(job, framework, busy, a, root)
                         times.setdefault((job, framework, busy), []).append(t)
                         print(json.dumps({"round": r, "job": job, "framework": framework, "busy": busy,
@@ -206,7 +217,7 @@ def report(times: dict, a: argparse.Namespace, loads: list[str]) -> None:
     for job in a.jobs:
         what = (f"finetune (BERT dim {a.bert_dim}, AG News {a.ag[0]}, {a.epochs} ep)" if job == "finetune" else
                 f"pretrain (GPT dim {a.dim}, {a.layers} layers, {a.steps} steps of {a.batch}x{a.seq})")
-        for framework in ("lmforge", "transformers"):
+        for framework in a.frameworks:
             quiet, busy = (statistics.median(times[job, framework, b]) for b in (False, True))
             print(f"| {what} | {framework} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f}x |")
     print(f"\ncommand: {' '.join([Path(sys.executable).name, *sys.argv])}")
