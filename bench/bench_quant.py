@@ -24,6 +24,7 @@ random-init model, whose logits are close together, differ quickly).
 for fp32 and int8 (int8 then runs the written-out dequantise-multiply-sum that the compiler
 fuses, instead of torch's int8 kernel); compilation is not timed (the warm-up calls).
 The load average is printed before and after: on a shared machine every number is a lower bound.
+Both sides run with lmforge's thread defaults (set before torch is imported: lmforge.hardware).
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ import platform
 import statistics
 import time
 
-import torch
-import transformers
+from lmforge import hardware
 
-import lmforge
-from lmforge.generate import CompiledDecodeStep, generate, gpt_decode_step
-from lmforge.interop.hf import to_hf
-from lmforge.models import GPTConfig, build, count_params, preset
-from lmforge.nn.quant import quantize
+hardware.cpu_thread_env()  # lmforge's thread defaults (OMP_WAIT_POLICY=PASSIVE) before torch loads OpenMP
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.generate import CompiledDecodeStep, generate, gpt_decode_step  # noqa: E402
+from lmforge.interop.hf import to_hf  # noqa: E402
+from lmforge.models import GPTConfig, build, count_params, preset  # noqa: E402
+from lmforge.nn.quant import quantize  # noqa: E402
 
 MODELS = {
     "gpt2-124m": lambda: preset("gpt2-124m"),
