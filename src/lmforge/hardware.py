@@ -1,6 +1,7 @@
 """Accelerators by their datasheets: dense peak matmul FLOP/s per precision (no sparsity),
 memory and memory bandwidth, of the SXM parts. The one table behind the training log's MFU
-and the planner's GPU devices.
+and the planner's GPU devices. And the CPUs this process may use (affinity, cgroup quota),
+which size lmforge's thread pools (below).
 
 fp32 is plain fp32 (PyTorch leaves TF32 off by default, and so does lmforge).
 """
