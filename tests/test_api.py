@@ -167,3 +167,52 @@ def test_cli_convert_both_ways_and_bad_input(tmp_path, bpe, wordpiece):
     assert_close(_logits(api.load(tmp_path / "back").model, ids), _logits(model, ids), atol=1e-6, rtol=1e-6)
     r = run("convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "hf")
     assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- dtype and quantize on load ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory, bpe):
+    """One small Llama saved four ways: fp32 and bf16, each in both formats."""
+    torch.manual_seed(0)
+    model = build(preset("llama-tiny", vocab_size=bpe.vocab_size, n_layers=2, dim=32, n_heads=4, hidden_dim=64,
+                         max_seq_len=64)).eval()
+    root = tmp_path_factory.mktemp("dtypes")
+    dirs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in ("hf", "lmforge"):
+            m = build(model.config).eval()
+            m.load_state_dict(model.state_dict())
+            dirs[str(dtype).removeprefix("torch."), fmt] = api.LM(m.to(dtype), bpe).save(root / f"{dtype}-{fmt}",
+                                                                                      format=fmt)
+    return model, dirs
+
+
+@pytest.mark.parametrize("fmt", ["hf", "lmforge"])
+def test_dtype_auto_keeps_the_checkpoints_own(llama_dirs, fmt):
+    _, dirs = llama_dirs
+    assert api.load(dirs["bfloat16", fmt], dtype="auto").model.lm_head.weight.dtype == torch.bfloat16
+    assert api.load(dirs["float32", fmt], dtype="auto").model.lm_head.weight.dtype == torch.float32
+    assert api.load(dirs["bfloat16", fmt]).model.lm_head.weight.dtype == torch.float32  # None: fp32, as before
+    lm = api.load(dirs["float32", fmt], dtype="bfloat16")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert lm.model.make_cache(1, 4)[0].k.dtype == torch.bfloat16  # the KV cache in the compute dtype
+    assert isinstance(lm.generate("the lazy dog", max_new_tokens=4)[0], str)
+
+
+def test_quantize_on_load_generates_and_refuses_to_save(llama_dirs, tmp_path):
+    model, dirs = llama_dirs
+    lm = api.load(dirs["float32", "hf"], quantize="int8")
+    ids = torch.tensor([lm.tokenizer.encode("the lazy dog saves nine")])
+    with torch.no_grad():
+        ref, got = model(ids), lm.model(ids)
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()  # weight-only int8: close, not equal
+    assert len(lm.generate(["to be", "a stitch in"], max_new_tokens=4)) == 2
+    with pytest.raises(ValueError, match="quantised"):
+        lm.save(tmp_path / "q")
+    with pytest.raises(ValueError, match="quantize: unknown 'int2'"):
+        api.load(dirs["float32", "hf"], quantize="int2")
+    with pytest.raises(ValueError, match="dtype: expected auto.*'float8'"):
+        api.load(dirs["float32", "hf"], dtype="float8")
+    assert api.load(dirs["bfloat16", "hf"], dtype="auto", quantize="int8").model.make_cache(1, 4)[0].k.dtype \
+        == torch.bfloat16

@@ -68,6 +68,18 @@ def test_generate_inspect_and_plan(gpt_dir, tmp_path, capsys):
                          "--max-new-tokens", "5", "--device", "cpu")
     assert code == 0, err
     assert out.count("the cat") == 1 and out.count("the dog") == 1
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "3",
+                         "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8")
+    assert code == 0, err
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat", "--quantize", "int3")
+    assert code == 2 and "--quantize" in err
+    plain = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat sat. the cat", "--device", "cpu",
+                "--max-new-tokens", "16")
+    fast = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "the cat sat. the cat", "--device", "cpu",
+               "--max-new-tokens", "16", "--prompt-lookup", "4", "--prefill-chunk", "2")
+    assert fast == plain and plain[0] == 0
+    code, out, err = run(capsys, "generate", "--model", str(gpt_dir), "--prompt", "a", "--prompt-lookup", "-1")
+    assert code == 2 and "prompt_lookup" in err and err.count("\n") == 1
     code, out, err = run(capsys, "inspect", "next-token", "--model", str(gpt_dir), "--text", "the cat sat",
                          "--device", "cpu", "--json")
     assert code == 0, err
@@ -139,3 +151,20 @@ def test_every_command_prints_its_config_and_takes_both_spellings(capsys):
     assert code == 0 and "max_new_tokens: 5" in out
     code, _, err = run(capsys, "generate", "--model", "m", "--max_new_tokenz", "5")
     assert code == 2 and "--max_new_tokenz" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x"], ["generate", "--chat"], ["serve"],
+                                  ["evaluate", "wikitext", "--data", "w.raw"]])
+def test_dtype_and_quantize_flags_on_every_decoding_command(argv, capsys):
+    from lmforge.cli import COMMANDS, _resolve, build_parser
+
+    def parsed(*extra):
+        return _resolve(COMMANDS, build_parser().parse_args([*argv, "--model", "m", *extra]))[1]
+
+    a = parsed("--dtype", "bfloat16", "--quantize", "int8")
+    assert (a.dtype, a.quantize) == ("bfloat16", "int8")
+    a = parsed()
+    assert (a.dtype, a.quantize) == (None, None)  # float32, unquantised
+    for bad in (["--quantize", "int3"], ["--dtype", "float8"]):
+        code, out, err = run(capsys, *argv, "--model", "m", *bad)
+        assert code == 2 and err.count("\n") == 1 and bad[0] in err and "Traceback" not in err

@@ -17,6 +17,7 @@ from lmforge.generate.chat import chat_prompt
 from lmforge.generate.text import generate_text, stream_text
 from lmforge.interop.model_dir import LoadedModel, load_model, save_model_dir
 from lmforge.interop.peft import load_adapter
+from lmforge.nn import quant
 from lmforge.nn.lora import merge_lora
 from lmforge.tokenizer import Tokenizer
 
@@ -61,7 +62,13 @@ class LM(LoadedModel):
         return self.generate(prompt, max_new_tokens, add_special_tokens=False, **options)[0]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
-        self.model.to(device=device, dtype=dtype)
+        self.model.to(device=device, dtype=dtype)  # quantised (integer) weights keep their type
+        return self
+
+    def quantize(self, kind: str) -> LM:
+        """Weight-only int8 / int4 linear layers for decoding, in place (as load(quantize=))."""
+        if kind != "none":
+            _quantize(self.model, kind)
         return self
 
     def save(self, path: str | os.PathLike, format: str = "lmforge", overwrite: bool = False,
@@ -75,6 +82,9 @@ class LM(LoadedModel):
         replaced and nothing is deleted). format="hf" writes shards with an index above
         max_shard_size, as transformers does.
         """
+        if quant.quantization_of(self.model) is not None:
+            raise ValueError(f"this model is quantised ({quant.quantization_of(self.model)}) for decoding; save the "
+                             "checkpoint it was loaded from (load it without quantize=) instead")
         return save_model_dir(path, self.model, head=self.head, tokenizer=self.tokenizer, format=format,
                               special=self.special, overwrite=overwrite, max_shard_size=max_shard_size,
                               generation=self.generation)
@@ -96,18 +106,36 @@ def sampling_defaults(generation: dict) -> dict:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None, adapter: str | os.PathLike | None = None) -> LM:
+         dtype: torch.dtype | str | None = None, adapter: str | os.PathLike | None = None,
+         quantize: str | None = None) -> LM:
     """Load an lmforge checkpoint directory or a Hugging Face model directory
     (model_type gpt2, llama, bert or bart, or a Hub id) into an LM. adapter: a PEFT LoRA adapter
     directory (adapter_config.json + adapter_model.safetensors, from peft or lmforge finetune) for
-    this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart)."""
+    this base, merged into the weights (lmforge.interop.peft.load_adapter keeps it apart).
+
+    dtype: the compute dtype, the weights kept in it (None: float32; "float32", "bfloat16",
+    "float16", or "auto": the checkpoint's own). quantize: None / "none", "int8" (weight-only, per output
+    channel) or "int4" (groupwise, CPU) for decoding -- the linear layers' weights in that many
+    bits, activations, norms and the KV cache in `dtype` (lmforge.nn.quant); a quantised model
+    generates, serves and evaluates but is not saved or trained."""
+    quantize = None if quantize == "none" else quantize
+    if quantize is not None and quantize not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantize: unknown {quantize!r} (expected one of {', '.join(quant.QUANTIZATIONS)})")
     loaded = load_model(path, dtype)
     if adapter is not None:
         loaded.model, loaded.head = load_adapter(loaded.model, loaded.head, adapter)
         merge_lora(loaded.model)
-    dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     lm = LM(loaded.model.eval(), loaded.tokenizer, loaded.head, loaded.special, loaded.path, loaded.generation)
-    return lm.to(device, dtype)
+    lm.to(device, None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return lm if quantize is None else lm.quantize(quantize)
+
+
+def _quantize(model: torch.nn.Module, kind: str) -> None:
+    if quant.quantization_of(model) is not None:
+        raise ValueError(f"quantize: this model is already quantised ({quant.quantization_of(model)})")
+    if kind == "int4" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("quantize='int4' runs on the CPU only (torch's int4 kernel for it); use int8 or a dtype")
+    quant.quantize(model, kind)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False,

@@ -87,10 +87,15 @@ def _convert(a: Namespace) -> None:
     print(f"wrote {out} ({a.to} format{f', {a.dtype}' if a.dtype else ''})")
 
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # default (none given): float32
+QUANTIZE_CHOICES = ["none", "int8", "int4"]
+
+
 def _model_args(p: ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--model", required=True, help="model directory (lmforge or Hugging Face) or Hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 / int4 for decoding")
     if adapter:
         p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for this model (merged on load)")
 
@@ -101,7 +106,7 @@ def _load(a: Namespace):
     from lmforge.api import load
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter)
+    return load(a.model, device=device, dtype=a.dtype, adapter=a.adapter, quantize=a.quantize)
 
 
 def _pretrain_args(p: ArgumentParser) -> None:
@@ -139,13 +144,18 @@ def _generate_args(p: ArgumentParser) -> None:
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", nargs="+", default=[], help="stop strings")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt-lookup", type=int, default=0,
+                   help="greedy, one prompt: check up to N tokens that follow an earlier match of the latest "
+                        "n-gram in one forward pass (same output, faster on text that repeats its prompt; 0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="run long prompts through the model N tokens "
+                   "at a time (less memory; same output)")
 
 
 def _generate(a: Namespace) -> None:
     lm = _load(a)
     given = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty)
     options = dict({k: v for k, v in given.items() if v is not None}, no_repeat_ngram_size=a.no_repeat_ngram_size,
-                   stop=a.stop or None, seed=a.seed)
+                   stop=a.stop or None, seed=a.seed, prompt_lookup=a.prompt_lookup, prefill_chunk=a.prefill_chunk)
     if a.chat:
         return _chat_loop(lm, a.max_new_tokens, options)
     if not a.prompt:
@@ -234,7 +244,8 @@ def _serve_args(p: ArgumentParser) -> None:
                    help="a PEFT LoRA adapter directory merged into the model on load, one per --model in order "
                         "('none' for a model without one); the model is served under the adapter's name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 / int4 for decoding")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000, help="0..65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LMFORGE_API_KEY)")
@@ -263,8 +274,8 @@ def _serve(a: Namespace) -> None:
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_names=a.served_model_name,
           max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_body_bytes=a.max_body_bytes,
           max_queue=a.max_queue, max_active=a.max_active, body_timeout_s=a.body_timeout, device=a.device,
-          dtype=a.dtype, backends=a.backend or (), backend_keys=a.backend_key or (), arena_db=a.arena_db,
-          study=a.study, adapters=a.adapter or ())
+          dtype=a.dtype, quantize=a.quantize, backends=a.backend or (), backend_keys=a.backend_key or (),
+          arena_db=a.arena_db, study=a.study, adapters=a.adapter or ())
 
 
 def _arena_report_args(p: ArgumentParser) -> None:

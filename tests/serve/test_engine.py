@@ -285,3 +285,29 @@ def test_encoder_decoder_matches_generate_text(lm):
         eng.close()
     expected = generate_text(model, lm.tokenizer, UNICODE_LINE, max_new_tokens=12)
     assert [c.text for c in result.choices] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantised_model_serves_what_it_generates(lm, dtype):
+    """Serving uses the same path: the engine's batch decode of an int8 model (cache in the
+    compute dtype) gives what generate_text gives with that model, alone and interleaved."""
+    import copy
+
+    from lmforge.nn.quant import quantize
+
+    model = quantize(copy.deepcopy(lm.model).to(dtype), "int8")
+    cases = [("A: speak", dict(temperature=0.0)), ("BBB: what", dict(temperature=1.0, seed=7))]
+    reqs = [request(lm.tokenizer, prompt=p, max_tokens=12, **kw) for p, kw in cases]
+    eng = Engine(model, lm.tokenizer, max_active=2)
+    try:
+        results: list = [None] * len(reqs)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, eng.generate(reqs[i])))
+                   for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        eng.close()
+    for (prompt, kw), r in zip(cases, results):
+        assert [r.choices[0].text] == generate_text(model, lm.tokenizer, prompt, max_new_tokens=12, **kw)

@@ -33,14 +33,15 @@ import tokenizers
 from lmforge.data.shards import FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, read_meta, token_dtype
 from lmforge.data.sources import InputSpec, iter_documents, resolve_inputs
 from lmforge.files import Ownership, owned_dir
+from lmforge.hardware import usable_cpus
 from lmforge.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 18  # characters per task: amortises IPC; small, so the last tasks leave no core idle for long
 
 
 def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may keep busy (affinity and cgroup quota: lmforge.hardware.usable_cpus)."""
+    return usable_cpus()
 
 
 # ---- the work done on each chunk (in a worker, or in-process) -------------------------------------------------

@@ -35,6 +35,7 @@ from lmforge.generate import sampling
 from lmforge.generate.direct_attributes import direct_attributes
 from lmforge.models.encdec import EncoderDecoderBase
 from lmforge.models.gpt import GPT
+from lmforge.nn.quant import compute_dtype
 
 BIG = 1.0e9  # transformers' "impossible" beam score offset; kept equal for identical rankings
 
@@ -64,6 +65,13 @@ class GenerationConfig:
         logprobs: also return the log-probability of each generated token (not in beam search).
         top_logprobs: also return the k most likely tokens and their log-probs at each step.
         sync_every: check "all rows finished" every this many steps (the only host sync).
+        prompt_lookup: speculative decoding without a draft model, for greedy decoding of one
+            prompt (GPT): up to this many tokens that followed an earlier occurrence of the
+            latest n-gram (in the prompt or the output so far) are proposed and checked in one
+            forward pass; the output is what greedy decoding gives (0: off).
+        prefill_chunk: run the prompt through the model this many tokens at a time (GPT), each
+            chunk attending to the cache of those before: long prompts need attention scores of
+            (chunk x prompt) rather than (prompt x prompt), and activations of one chunk (None: at once).
     """
 
     max_new_tokens: int = 64
@@ -85,13 +93,18 @@ class GenerationConfig:
     logprobs: bool = False
     top_logprobs: int = 0
     sync_every: int = 1
+    prompt_lookup: int = 0
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_beams", "num_return_sequences", "sync_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("min_new_tokens", "no_repeat_ngram_size", "top_logprobs"):
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"GenerationConfig.prefill_chunk must be a positive integer or None, "
+                             f"got {self.prefill_chunk!r}")
+        for name in ("min_new_tokens", "no_repeat_ngram_size", "top_logprobs", "prompt_lookup"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"GenerationConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.temperature < 0:
@@ -105,6 +118,8 @@ class GenerationConfig:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"GenerationConfig.early_stopping must be True, False or 'never', "
                              f"got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.prompt_lookup:
+            raise ValueError("GenerationConfig: prompt_lookup speeds up greedy decoding, not beam search")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("GenerationConfig: beam search (num_beams > 1) is deterministic; set temperature=0")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -257,7 +272,7 @@ class _SlotMask:
 def _new_cache(model: nn.Module, decode_step, batch: int, max_len: int, device: torch.device) -> nn.ModuleList:
     """A KV cache for max_len slots; for a CUDA graph, always max_seq_len slots, so that one
     captured graph serves every prompt length (only the batch size changes its shapes)."""
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)  # the KV cache in the compute dtype (weights may be int8)
     if isinstance(decode_step, CompiledDecodeStep):
         max_len = model.config.max_seq_len if device.type == "cuda" else max_len
         return decode_step.make_cache(model, batch, max_len, dtype, device)
@@ -283,12 +298,8 @@ class _GPTSession:
         self.slot = torch.tensor([P], device=ids.device)  # (1,) next cache slot
         self.context, self.context_mask = ids, mask
 
-    def prefill(self) -> Tensor:
-        # Always eager: the prompt attends over its own P slots only.
-        P = self.ids.size(1)
-        hidden = self.model.encode(self.ids, self.slot_mask.slots[:, :P], position_ids=self.position_ids,
-                                   cache=self.cache, cache_pos=torch.arange(P, device=self.ids.device))
-        return self.model.logits(hidden[:, -1]).float()
+    def prefill(self, chunk: int | None = None) -> Tensor:
+        return gpt_prefill(self.model, self.cache, self.ids, self.slot_mask.slots, self.position_ids, chunk)
 
     def step(self, tokens: Tensor) -> Tensor:
         logits = self.step_fn(self.model, self.cache, tokens[:, None], self.slot, self.next_pos,
@@ -301,6 +312,22 @@ class _GPTSession:
         # Beams of one prompt share positions and mask; only their keys/values differ.
         for layer in self.cache:
             layer.reorder(index)
+
+
+def gpt_prefill(model: GPT, cache: nn.ModuleList, ids: Tensor, slots: Tensor, position_ids: Tensor,
+                chunk: int | None = None) -> Tensor:
+    """The prompt ids (N, P) into cache slots 0..P-1 -> logits of its last position (N, V) fp32.
+    Always eager. slots (N, >= P): which slots hold tokens (left padding is not);
+    position_ids (N, P). chunk: that many tokens per forward pass, each chunk's queries
+    attending to the cache slots before them and to their own (causally): the same
+    attention as all at once, with (chunk x P) scores and one chunk's activations."""
+    P = ids.size(1)
+    chunk = chunk or P
+    for start in range(0, P, chunk):
+        end = min(start + chunk, P)
+        hidden = model.encode(ids[:, start:end], slots[:, :end], position_ids=position_ids[:, start:end],
+                              cache=cache, cache_pos=torch.arange(start, end, device=ids.device))
+    return model.logits(hidden[:, -1]).float()
 
 
 class _EncDecSession:
@@ -322,7 +349,7 @@ class _EncDecSession:
         self.context = torch.full((N, 1), start_id, dtype=torch.long, device=device)
         self.context_mask = torch.ones(N, 1, dtype=torch.bool, device=device)
 
-    def prefill(self) -> Tensor:
+    def prefill(self, chunk: int | None = None) -> Tensor:  # the source is encoded whole; one start token
         return self.step(self.context[:, 0])
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -424,6 +451,8 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     cfg = _resolve(config, options)
     if cfg.num_beams > 1:
         raise ValueError("iter_generate does not do beam search; use generate(num_beams=...)")
+    if cfg.prompt_lookup:
+        _check_prompt_lookup(model, input_ids, cfg, decode_step)
     was_training = model.training
     model.eval()
     fast = contextlib.ExitStack()
@@ -437,7 +466,10 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
                                                                      device=device)], 1)
         finished = torch.zeros(N, dtype=torch.bool, device=device)
         needs_context = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
-        logits = session.prefill()
+        if cfg.prompt_lookup:
+            yield from _prompt_lookup_steps(session, cfg)
+            return
+        logits = session.prefill(cfg.prefill_chunk)
         for t in range(cfg.max_new_tokens):
             scores = _process(logits, context, context_mask, L0 + t, t, cfg)
             tokens = _choose(scores, cfg, generator)
@@ -458,6 +490,76 @@ def iter_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     finally:
         fast.close()
         model.train(was_training)
+
+
+# ---- prompt lookup: speculative decoding with drafts from the context ------------------------
+
+MAX_NGRAM = 3  # the longest n-gram looked up (then shorter ones)
+
+
+def _check_prompt_lookup(model: nn.Module, input_ids: Tensor, cfg: GenerationConfig, decode_step) -> None:
+    plain = (cfg.temperature == 0 and cfg.num_return_sequences == 1 and cfg.repetition_penalty == 1.0
+             and not cfg.no_repeat_ngram_size and not cfg.min_new_tokens and cfg.forced_bos_token_id is None
+             and cfg.forced_eos_token_id is None and not cfg.logprobs and not cfg.top_logprobs)
+    if not plain:
+        raise ValueError("prompt_lookup speeds up plain greedy decoding only (temperature 0, one sequence, no "
+                         "penalties, forced tokens, min_new_tokens or logprobs)")
+    if not isinstance(model, GPT) or input_ids.size(0) != 1 or decode_step is not None:
+        raise ValueError("prompt_lookup decodes one prompt at a time with a GPT (eager decode step)")
+
+
+def lookup_draft(seq: list[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of seq's last n tokens, for
+    the longest n <= max_ngram that occurs earlier ([] when none does)."""
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + k]
+    return []
+
+
+def _prompt_lookup_steps(session: _GPTSession, cfg: GenerationConfig) -> Iterator[Step]:
+    """Greedy decoding of one prompt that emits what plain greedy decoding emits, several tokens
+    per forward pass when the context predicts them.
+
+    The newest token t (not yet in the cache) and a draft d_1..d_k go through the model in one
+    pass at the next k+1 slots; its argmaxes g_0..g_k are greedy's choices after t, d_1, ...
+    Drafts are accepted while d_i == g_(i-1); with m accepted, d_1..d_m, g_m are emitted. The
+    cache then holds t, d_1..d_m; the rejected drafts' slots are written over next time (and
+    attention reads only the slots before the newest token's)."""
+    model, device = session.model, session.ids.device
+    seq = session.ids[0].tolist()  # host sync: drafts are looked up on the host
+    filled = session.slot_mask.slots  # (1, S_max): the prompt's slots, left padding not
+    padding = len(seq) - 1 - int(session.position_ids[0, -1])  # slots before the first real token
+    token = int(sampling.greedy(session.prefill(cfg.prefill_chunk))[0])
+    eos, emitted = set(cfg.eos_ids), 0
+    while True:
+        yield Step(torch.tensor([token], device=device))
+        emitted += 1
+        seq.append(token)
+        if emitted == cfg.max_new_tokens or token in eos:
+            return
+        draft = lookup_draft(seq, min(cfg.prompt_lookup, cfg.max_new_tokens - emitted - 1))
+        L = len(seq) - 1  # slots in the cache; t goes to slot L
+        block = torch.tensor([[token, *draft]], device=device)
+        slots = torch.arange(L, L + block.size(1), device=device)
+        filled[:, L:L + block.size(1)] = True
+        hidden = model.encode(block, filled[:, :L + block.size(1)], position_ids=slots[None] - padding,
+                              cache=session.cache, cache_pos=slots)
+        greedy = model.logits(hidden[0]).float().argmax(-1).tolist()  # host sync, once per pass
+        m = 0
+        while m < len(draft) and draft[m] == greedy[m]:
+            m += 1
+        for tok in draft[:m]:
+            yield Step(torch.tensor([tok], device=device))
+            emitted += 1
+            seq.append(tok)
+            if tok in eos:
+                return
+        token = greedy[m]
 
 
 def _stack_steps(steps: list[Step], cfg: GenerationConfig) -> GenerationOutput:

@@ -105,6 +105,8 @@ def generate_text(
     add_special_tokens: bool = True,
     max_prompt_tokens: int | None = None,
     decode_step: Callable[..., Tensor] | None = None,
+    prompt_lookup: int = 0,
+    prefill_chunk: int | None = None,
 ) -> list[str] | list[list[str]]:
     """Continue each prompt (GPT) or transform each source (EncoderDecoder).
 
@@ -114,6 +116,8 @@ def generate_text(
     returned, cut at EOS and before the first stop string; with stop strings, greedy
     and sampled generation end as soon as every row has hit one (beam search cuts after).
     max_prompt_tokens: left-truncate longer prompts to their last that many ids.
+    prompt_lookup, prefill_chunk: as GenerationConfig (n-gram speculative greedy decoding of
+    one prompt; the prompt in chunks).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -122,7 +126,8 @@ def generate_text(
     cfg = _config(tokenizer, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                   no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
-                  early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+                  early_stopping=early_stopping, num_return_sequences=num_return_sequences, prompt_lookup=prompt_lookup,
+                  prefill_chunk=prefill_chunk)
     input_ids, mask = encode_prompts(model, tokenizer, prompts, device, add_special_tokens, max_prompt_tokens)
     if stop and num_beams == 1:
         rows = _generate_until_stop(model, tokenizer, input_ids, mask, cfg, stop, _generator(seed, device),
@@ -174,6 +179,8 @@ def stream_text(
     min_new_tokens: int = 0,
     add_special_tokens: bool = True,
     decode_step: Callable[..., Tensor] | None = None,
+    prompt_lookup: int = 0,
+    prefill_chunk: int | None = None,
 ) -> Iterator[str]:
     """Yield the new text of one prompt in pieces as tokens are generated (greedy or sampled).
 
@@ -186,7 +193,7 @@ def stream_text(
     device = _device_of(model, device)
     cfg = _config(tokenizer, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                  no_repeat_ngram_size=no_repeat_ngram_size)
+                  no_repeat_ngram_size=no_repeat_ngram_size, prompt_lookup=prompt_lookup, prefill_chunk=prefill_chunk)
     input_ids, mask = encode_prompts(model, tokenizer, [prompt], device, add_special_tokens)
     steps = iter_generate(model, input_ids, mask, cfg, generator=_generator(seed, device), decode_step=decode_step)
     # host sync: streaming hands every token to the host as soon as it exists

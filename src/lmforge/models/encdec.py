@@ -22,6 +22,7 @@ from lmforge.nn.block import BlockSpec, PostNormBlock, PostNormDecoderBlock, Pre
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, SinusoidalPositions
+from lmforge.nn.quant import compute_dtype
 
 
 @dataclass
@@ -191,7 +192,7 @@ class EncoderDecoderBase(nn.Module):
                    device: torch.device | str | None = None) -> nn.ModuleList:
         """One preallocated self-attention KVCache per decoder block."""
         c = self.config
-        dtype = dtype or self.tok_emb.weight.dtype
+        dtype = dtype or compute_dtype(self)  # not the weights' own: they may be int8
         device = device or self.tok_emb.weight.device
         return nn.ModuleList(KVCache(batch_size, c.n_heads, max_len or c.max_seq_len, c.head_dim, dtype, device)
                              for _ in range(c.n_decoder_layers))

@@ -23,6 +23,7 @@ from lmforge.nn.block import BlockSpec, PreNormBlock
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.norm import make_norm
 from lmforge.nn.position import LearnedPositions, RotaryPositions, SinusoidalPositions
+from lmforge.nn.quant import compute_dtype
 
 
 @dataclass
@@ -184,7 +185,7 @@ class GPT(nn.Module):
                    device: torch.device | str | None = None) -> nn.ModuleList:
         """One preallocated KVCache per block, for up to max_len (default max_seq_len) tokens."""
         c = self.config
-        dtype = dtype or self.tok_emb.weight.dtype
+        dtype = dtype or compute_dtype(self)  # not the weights' own: they may be int8
         device = device or self.tok_emb.weight.device
         max_len = max_len or c.max_seq_len
         return nn.ModuleList(KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device)

@@ -138,9 +138,9 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
           api_key: str | None = None, *, served_model_names: Sequence[str] | None = None, max_tokens: int = 512,
           max_prompt_tokens: int = 2048, max_body_bytes: int = 1 << 20, max_queue: int = 256, max_active: int = 64,
           body_timeout_s: float = 30.0, device: str | None = None, dtype: str | None = None,
-          backends: Sequence[str] = (), backend_keys: Sequence[str] = (), arena_db: str | os.PathLike | None = None,
-          study: str | os.PathLike | None = None, adapters: Sequence[str | None] = (),
-          log_level: str = "info") -> None:
+          quantize: str | None = None, backends: Sequence[str] = (), backend_keys: Sequence[str] = (),
+          arena_db: str | os.PathLike | None = None, study: str | os.PathLike | None = None,
+          adapters: Sequence[str | None] = (), log_level: str = "info") -> None:
     """Load model directories (lmforge or Hugging Face, with their tokenizers) and serve
     them until interrupted. Binds to loopback by default; api_key (or the LMFORGE_API_KEY
     environment variable) makes /v1/* require `Authorization: Bearer <key>`.
@@ -149,7 +149,8 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
     keys as "NAME=KEY" in backend_keys; arena_db: where the arena keeps its ratings
     (default arena.db when two models or more are served); study: a JSONL file of prompts
     for it (serve/study.py); adapters: a PEFT LoRA adapter directory per model (None for
-    none), merged into its model on load, the model served under the adapter's name."""
+    none), merged into its model on load, the model served under the adapter's name.
+    dtype, quantize: as lmforge.load (e.g. "bfloat16", "int8"): every request decodes in them."""
     dirs = [model_dirs] if isinstance(model_dirs, str | os.PathLike) else list(model_dirs or [])
     per_model = adapters_for(dirs, adapters)
     names = served_names(dirs, served_model_names, per_model) if dirs else []
@@ -168,7 +169,7 @@ def serve(model_dirs: str | os.PathLike | Sequence[str | os.PathLike], host: str
             arena_db = "arena.db"
         if study is not None:
             load_study(study, names + [b.name for b in remote])  # its mistakes, before the models load
-        app = create_app({name: load(d, device=device, dtype=dtype, adapter=a)
+        app = create_app({name: load(d, device=device, dtype=dtype, quantize=quantize, adapter=a)
                           for name, d, a in zip(names, dirs, per_model)},
                          api_key=api_key, limits=limits, backends=remote, arena_db=arena_db, study=study)
         if api_key is None and not _is_loopback(host):
