@@ -422,7 +422,7 @@ def _task_args(task, evaluate: bool) -> Callable[[ArgumentParser], None]:
             p.add_argument("--train", required=True, help="training data")
             p.add_argument("--valid", required=True, help="validation data")
             p.add_argument("--out", required=True, help="run directory: metrics.json, report.md, model/, ...")
-        config_fields = _dataclass_flags(p, FinetuneConfig,
+        config_fields = _dataclass_flags(p, FinetuneConfig, skip=set() if evaluate else {"quantize"},
                                          only=set(FinetuneConfig.EVALUATE_FIELDS) if evaluate else None)
         if task.options_type is not None:
             _dataclass_flags(p, task.options_type, optional=True, skip=set(config_fields))
@@ -437,7 +437,7 @@ def _task_run(name: str, evaluate: bool) -> Callable[[Namespace], None]:
 
         task = get_task(name)
         config_names = set(FinetuneConfig.EVALUATE_FIELDS) if evaluate else \
-            {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options"}
+            {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options", "quantize"}
         option_names = {f.name for f in dataclasses.fields(task.options_type)} if task.options_type else set()
         options = {k: a[k] for k in option_names - config_names if a[k] is not None}
         config = FinetuneConfig(**{k: a[k] for k in config_names}, options=options)

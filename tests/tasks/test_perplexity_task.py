@@ -110,3 +110,25 @@ def test_bad_input_raises_clear_errors(registered, make_model, tmp_path):
     bert = make_model(tmp_path / "bert", TEXT.split("\n\n"), "bert")
     with pytest.raises(ValueError, match="perplexity needs a causal language model.*bert family"):
         evaluate("perplexity", bert, data)
+
+
+def test_quantized_evaluation_is_the_quantized_models_perplexity(registered, tmp_path, capsys):
+    import lmforge
+    from lmforge.cli import main
+
+    model_dir = _model(tmp_path / "model")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT[:2000], encoding="utf-8")
+    fp32 = evaluate("perplexity", model_dir, data, max_length=48, precision="fp32", options={"stride": 16})
+    int8 = evaluate("perplexity", model_dir, data, max_length=48, precision="fp32", quantize="int8",
+                    options={"stride": 16})
+    lm = lmforge.load(model_dir, quantize="int8")
+    ref = perplexity_of_text(lm.model, lm.tokenizer, TEXT[:2000], max_len=48, stride=16)
+    assert int8["perplexity"] == pytest.approx(ref["ppl"], rel=1e-5)
+    assert int8["perplexity"] != fp32["perplexity"]
+    assert int8["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.01)
+    main(["evaluate", "perplexity", "--model", str(model_dir), "--data", str(data), "--max-length", "48",
+          "--precision", "fp32", "--quantize", "int8", "--stride", "16", "--no-progress"])
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(int8["perplexity"], rel=1e-6)
+    with pytest.raises(ValueError, match="quantize: int8 is for evaluation"):
+        finetune("perplexity", model_dir, data, data, tmp_path / "run", quantize="int8")

@@ -232,3 +232,16 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.float32
+
+
+def head_weight(layer: nn.Module) -> Tensor:
+    """The (out, in) weight a linear layer computes with, for code that multiplies by it
+    directly (the chunked cross-entropy of evaluation): an nn.Linear's own, a quantised
+    layer's dequantised (int4: its outputs for the identity, minus its bias)."""
+    if isinstance(layer, Int8Linear):
+        return layer.dequantized()
+    if isinstance(layer, Int4Linear):
+        dtype = layer.scales_and_zeros.dtype
+        out = layer(torch.eye(layer.in_features, dtype=dtype, device=layer.weight.device))  # (in, out)
+        return (out if layer.bias is None else out - layer.bias.to(dtype)).T
+    return layer.weight

@@ -57,6 +57,8 @@ class FinetuneConfig:
         seed: seed of head initialisation, data order and dropout.
         grad_accum: micro-batches per optimizer step.
         precision: fp32, bf16, fp16 or auto (bf16 on a GPU that supports it, else fp32).
+        quantize: `lmforge evaluate` only: none, int8 or int4 weight-only linear layers (as
+            lmforge.load(quantize=)), to measure what quantisation costs a fine-tuned model.
         device: auto, cpu, cuda or cuda:N.
         tokenizer: tokenizer directory or file; None: the one in the model directory.
         columns: rename the data's columns first, OLD=NEW separated by commas (e.g.
@@ -99,6 +101,7 @@ class FinetuneConfig:
     seed: int = 42
     grad_accum: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    quantize: Literal["none", "int8", "int4"] = "none"
     device: str = "auto"
     tokenizer: str | None = None
     columns: str | None = None
@@ -125,7 +128,8 @@ class FinetuneConfig:
     options: Any = field(default_factory=dict)
 
     # The fields that mean something when only evaluating (lmforge evaluate TASK).
-    EVALUATE_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "max_length", "precision", "device", "tokenizer",
+    EVALUATE_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "max_length", "precision", "quantize", "device",
+                                                  "tokenizer",
                                                   "skip_bad", "progress")
 
     def __post_init__(self) -> None:
@@ -140,6 +144,7 @@ class FinetuneConfig:
         _check(self.max_length is None or self.max_length >= 8, "max_length", "must be >= 8", self.max_length)
         _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
         _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}", self.precision)
+        _check(self.quantize in ("none", "int8", "int4"), "quantize", "must be none, int8 or int4", self.quantize)
         _check(self.train_last_layers is None or self.train_last_layers >= 0, "train_last_layers", "must be >= 0",
                self.train_last_layers)
         _check(self.lora_rank >= 0, "lora_rank", "must be >= 0", self.lora_rank)

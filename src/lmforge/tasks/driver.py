@@ -85,6 +85,7 @@ from lmforge.interop.peft import ADAPTER_DIR, save_adapter
 from lmforge.models import HeadSpec, count_params
 from lmforge.models.provenance import mark_trainable_as_trained
 from lmforge.nn.lora import apply_lora, lora_layers, merge_lora
+from lmforge.nn.quant import quantize
 from lmforge.tasks.base import (
     ExampleBatches,
     FinetuneConfig,
@@ -379,6 +380,9 @@ def finetune(task: str | Task, model: str | os.PathLike, train: str | os.PathLik
     every epoch, and write the run to `out` (see the module docstring). Options are
     FinetuneConfig's fields. Returns the final validation metrics (those in metrics.json)."""
     task, config = _resolve(task, config, options)
+    if config.quantize != "none":
+        raise ValueError(f"quantize: {config.quantize} is for evaluation (lmforge evaluate); fine-tuning trains "
+                         "full-precision weights")
     out = Path(out)
     env = parallel.init_distributed(config.strategy, "auto", config.device)
     try:
@@ -456,6 +460,7 @@ def run_yaml(task: str, model: Path, train: Path, valid: Path, out: Path, config
     options, so `lmforge finetune TASK --config finetune.yaml` runs it again."""
     fields = config.to_dict()
     options = fields.pop("options")
+    fields.pop("quantize")  # evaluation's, not a finetune option
     resolved = {"model": str(model), "train": str(train), "valid": str(valid), "out": str(out), **fields, **options}
     return f"# lmforge finetune {task} --config finetune.yaml\n" + yaml.safe_dump(resolved, sort_keys=False)
 
@@ -470,6 +475,8 @@ def evaluate(task: str | Task, model: str | os.PathLike, data: str | os.PathLike
     setup = task.setup(base, config, None, Path(data))
     device = parallel.resolve_device(config.device)
     setup.model.to(device).eval()
+    if config.quantize != "none":
+        quantize(setup.model, config.quantize)
     batches = eval_batches(setup.valid, setup.collate, config.batch_size)
     metrics = evaluate_task(setup, setup.model, batches, device, resolve_precision(config.precision, device),
                             config.progress)

@@ -38,6 +38,7 @@ from lmforge.data.sources import iter_documents
 from lmforge.eval.loglikelihood import token_stats
 from lmforge.eval.metrics import bits_per_byte, bits_per_char, perplexity
 from lmforge.eval.perplexity import window_spans
+from lmforge.nn.quant import head_weight
 from lmforge.tasks.base import Base, FinetuneConfig, Outputs, Setup, task_options
 from lmforge.train.objectives import ObjectiveOutput
 
@@ -52,7 +53,7 @@ def row_token_stats(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX  # (B, T)
     rows = scored.nonzero()[:, 0]  # host sync (evaluation only): the scored positions' rows
-    nll, correct = token_stats(hidden[scored], model.lm_head.weight, labels[scored], model.config.vocab_size,
+    nll, correct = token_stats(hidden[scored], head_weight(model.lm_head), labels[scored], model.config.vocab_size,
                                model.config.logit_softcap)
     B = labels.size(0)
     zeros = torch.zeros(B, dtype=torch.float32, device=hidden.device)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lmforge.data.batching import IGNORE_INDEX
 from lmforge.models.gpt import soft_cap
+from lmforge.nn.quant import head_weight
 
 # Rows of logits per chunk: chunk_rows * V fp32 logits (~256 MiB) exist at a time, however long the batch.
 CHUNK_ELEMENTS = 2**26
@@ -177,7 +178,7 @@ def clm(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     hidden = model.encode(batch["input_ids"], batch.get("attention_mask"))  # (B, T, D)
     labels, _ = _lm_labels(batch)
     labels = labels.reshape(-1)
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), model.lm_head.weight, labels,
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight(model.lm_head), labels,
                                 model.config.vocab_size, softcap=model.config.logit_softcap)
     return ObjectiveOutput(loss, (labels != IGNORE_INDEX).sum(), {})
 
@@ -229,7 +230,7 @@ def denoise(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     hidden = model.decode(decoder_input_ids, memory, batch.get("attention_mask"),
                           decoder_attention_mask=batch.get("decoder_attention_mask"))  # (B, T, D)
     labels = labels.reshape(-1)
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), model.lm_head.weight, labels,
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight(model.lm_head), labels,
                                 model.config.vocab_size, bias=model.lm_bias)
     return ObjectiveOutput(loss, (labels != IGNORE_INDEX).sum(), {})
 
