@@ -187,6 +187,67 @@ def test_a_generative_task_under_fsdp_scores_what_its_exported_model_generates(t
     assert again[0]["loss"] == pytest.approx(written["loss"], rel=1e-5)
 
 
+def _ner_data(root: Path) -> tuple[Path, Path, Path]:
+    """CoNLL sentences whose entity tags follow from the words, and a random-init BERT for them."""
+    g = torch.Generator().manual_seed(1)
+    people, filler = ["anna", "boris", "clara"], ["met", "the", "in", "today", "and"]
+    sentences = []
+    for _ in range(30):
+        words = [filler[int(j)] for j in torch.randint(0, 5, (5,), generator=g)]
+        at = int(torch.randint(0, 5, (), generator=g))
+        words.insert(at, people[int(torch.randint(0, 3, (), generator=g))])
+        sentences.append("\n".join(f"{w}\t{'B-PER' if i == at else 'O'}" for i, w in enumerate(words)))
+    train, valid = root / "train.conll", root / "valid.conll"
+    train.write_text("\n\n".join(sentences[:20]) + "\n")
+    valid.write_text("\n\n".join(sentences[20:]) + "\n")  # 10 sentences: uneven over 2 processes x 4
+    tok = train_tokenizer(texts=people + filler, kind="wordpiece", vocab_size=60, min_frequency=1)
+    torch.manual_seed(0)
+    model = build(BertConfig(vocab_size=tok.vocab_size, max_seq_len=32, dim=32, n_layers=2, n_heads=2))
+    return train, valid, save_model_dir(root / "bert", model, tokenizer=tok, format="hf")
+
+
+def _sft_data(root: Path) -> tuple[Path, Path, Path]:
+    """Conversations (the answer repeats the last word) and a random-init GPT with a BPE tokenizer."""
+    words = ["apple", "river", "stone", "cloud", "field", "light", "bread"]
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(19):
+        said = [words[int(i)] for i in torch.randint(0, 7, (3,), generator=g)]
+        rows.append(json.dumps({"prompt": " ".join(said), "response": said[-1]}) + "\n")
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("".join(rows[:12]))
+    valid.write_text("".join(rows[12:]))  # 7 conversations
+    tok = train_tokenizer(texts=[" ".join(words)] * 20, kind="bpe", vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = build(preset("gpt-tiny", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=64))
+    return train, valid, LM(model, tok).save(root / "gpt", format="hf")
+
+
+@pytest.mark.parametrize("task", ["ner", "sft"])
+def test_token_and_chat_tasks_under_ddp_end_like_one_process(task, tmp_path):
+    """ner and sft (chat template, pad = the tokenizer's own) under DDP: one run, each
+    validation example scored once, and the exported model evaluated alone scores the same."""
+    train, valid, base = (_ner_data if task == "ner" else _sft_data)(tmp_path)
+    out = tmp_path / "run"
+    common = ["--batch-size", "4", "--max-length", "32", "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    if task == "sft":
+        common += ["--n-samples", "0"]
+    proc = _run(["finetune", task, "--model", str(base), "--train", str(train), "--valid", str(valid),
+                 "--out", str(out), "--epochs", "2", "--lr", "3e-3", "--strategy", "ddp", *common], nproc=2)
+    summaries = _summaries(proc)
+    assert len(summaries) == 1, proc.stdout
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["run"]["processes"] == 2
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("training ")]) == 1, proc.stderr
+    again = _summaries(_run(["evaluate", task, "--model", str(out / "model"), "--data", str(valid), *common]))
+    assert again[0]["loss"] == pytest.approx(written["loss"], rel=1e-5)
+    if task == "ner":
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
+        assert again[0]["f1"] == written["f1"]
+    else:  # the tokens scored in 2 processes are those one process scores: none twice, none left out
+        assert written["assistant_tokens"] == again[0]["assistant_tokens"] > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
