@@ -17,15 +17,14 @@ times and memory are those of the real model, while losses and replies are not.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.resources
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
+from lmforge.hub import lay_out
 from lmforge.tokenizer import train_tokenizer
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -37,25 +36,6 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
           "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def lay_out(cache: Path, repo_id: str, source: Path, revision: str = "main") -> Path:
-    """The files of `source` as huggingface_hub's downloads leave them: blobs named by content
-    hash, a snapshot of relative symlinks per commit, refs/REVISION -> commit."""
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / revision).write_text(commit)
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / commit / file.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    return root / "snapshots" / commit
 
 
 def main() -> None:

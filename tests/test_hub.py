@@ -3,7 +3,6 @@ exactly as huggingface_hub lays it out (models--org--name/{blobs,refs,snapshots}
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,28 +17,11 @@ from torch.testing import assert_close
 
 import lmforge
 from lmforge import hub
+from lmforge.hub import lay_out
 from lmforge.interop.model_dir import save_model_dir
 from lmforge.models import GPTConfig, build
 from lmforge.plan import make_plan
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-
-
-def lay_out(cache: Path, repo_id: str, source: Path, revision: str = "main") -> Path:
-    """Put the files of `source` into `cache` as huggingface_hub's downloads leave them: blobs
-    named by content hash, a snapshot of relative symlinks per commit, refs/REVISION -> commit."""
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / revision).write_text(commit)
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / commit / file.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return root / "snapshots" / commit
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,27 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
                        f"and {why}; download it once with a network, or give a local directory") from None
     except errors.HfHubHTTPError as e:
         raise HubError(f"{where}: the Hugging Face Hub answered {e}") from None
+
+
+def lay_out(cache: str | os.PathLike, repo_id: str, source: str | os.PathLike, revision: str = "main") -> Path:
+    """Put the files of the directory `source` into the Hugging Face cache `cache` as
+    huggingface_hub's downloads leave them (models--org--name/: blobs named by content
+    hash, a snapshot of relative symlinks per commit, refs/REVISION naming the commit), so
+    that `repo_id` resolves offline (HF_HUB_OFFLINE=1) on a machine without a network.
+    The commit is a hash of the id and revision, not the Hub's. Returns the snapshot."""
+    import hashlib
+
+    root = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / revision).write_text(commit)
+    for file in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return root / "snapshots" / commit
