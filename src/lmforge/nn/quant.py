@@ -19,7 +19,8 @@ output channel share a scale and a zero point (the group's minimum),
 How the product runs on a CPU (`Int8Linear.forward`): a few rows (decoding) in bf16/fp16
 go to torch's int8 matrix-vector kernel `torch._weight_int8pack_mm`; under torch.compile
 the dequantise-multiply-sum is written out for the compiler to fuse into one loop that
-reads each int8 weight once (faster than that kernel on AVX-512, and exact in fp32);
+reads each int8 weight once (exact in fp32; on an AVX2 CPU 8x slower than the kernel,
+BENCHMARKS.md, so nothing compiles it by default there);
 many rows (a prompt) dequantise the weight and run one matrix product, where arithmetic
 rather than memory bounds the time. An fp32 input on the eager path is rounded to bf16
 for the kernel (torch's fp32 path of it is ~10x slower), so an fp32-compute int8 model
