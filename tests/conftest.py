@@ -5,6 +5,7 @@ writes them."""
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,24 @@ def batches_cls():
 @pytest.fixture
 def make_clm_batch():
     return clm_batch
+
+
+@pytest.fixture
+def clm_interrupted_at():
+    """clm(n): the causal LM objective, sending this process SIGINT (like Ctrl-C) during its
+    n-th call."""
+    from lmforge.train.objectives import clm
+
+    def make(n: int):
+        calls = {"n": 0}
+
+        def objective(model, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return clm(model, batch)
+        return objective
+    return make
 
 
 @pytest.fixture

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import importlib.resources
 import shutil
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -118,3 +122,25 @@ def serve_cli(capsys, *argv) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code or 0
     return code, capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, port: int, timeout: float = 60, log: Path | None = None) -> str:
+    """The URL of a `lmforge serve` subprocess once /health answers; it is killed (and its
+    log's tail shown) when it exits or `timeout` seconds pass first."""
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return url
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("the server did not start" + (f": {log.read_text()[-2000:]}" if log else "")
+                                     ) from None
+            time.sleep(0.1)

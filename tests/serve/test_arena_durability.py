@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -22,15 +20,9 @@ import pytest
 from lmforge.api import LM
 from lmforge.eval.arena_store import read_votes
 
-from .conftest import tiny_gpt
+from .conftest import free_port, tiny_gpt, wait_until_up
 
 ITEMS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -38,16 +30,7 @@ def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", *args, "--port", str(port), "--device",
                                  "cpu", "--max-tokens", "16"], stdout=out, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-    while True:
-        try:
-            httpx.get(url + "/health", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
+    return proc, wait_until_up(proc, port, timeout=90, log=log)
 
 
 def battle(http: httpx.Client, rater: str) -> dict:

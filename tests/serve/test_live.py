@@ -21,7 +21,7 @@ from lmforge.generate import chat_prompt, generate_text
 from lmforge.serve import Limits, create_app
 from lmforge.serve.launch import adapters_for, served_names
 
-from .conftest import LiveServer, tiny_gpt
+from .conftest import LiveServer, free_port, tiny_gpt, wait_until_up
 
 PROMPT = "ROMEO: What light"
 
@@ -167,29 +167,14 @@ def test_waiting_client_that_leaves_frees_its_slot(long_server):
     assert engine.stats["tokens"] - before["tokens"] < 1000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(command: list[str], port: int, **kw) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(command, **kw)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url + "/health", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError("server did not start") from None
-            time.sleep(0.1)
+    return proc, wait_until_up(proc, port)
 
 
 def test_lmforge_serve_loads_a_model_directory_and_binds_loopback(lm, tmp_path):
     model_dir = lm.save(tmp_path / "model")
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
                "--served-model-name", "shakespeare", "--device", "cpu"]
     proc, url = _start(command, port, env={**os.environ, "LMFORGE_API_KEY": "k1"})
@@ -236,7 +221,7 @@ def test_lmforge_serve_with_an_adapter_serves_the_adapted_model_under_its_runs_n
     adapter = save_adapter(tuned.model, None, tmp_path / "sft-run" / "adapter", base_model=str(base))
     expected = generate_text(load(base, adapter=adapter).model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
     assert expected != generate_text(lm.model, lm.tokenizer, PROMPT, max_new_tokens=6)[0]
-    port = _free_port()
+    port = free_port()
     proc, url = _start([sys.executable, "-m", "lmforge", "serve", "--model", str(base), "--adapter", str(adapter),
                         "--port", str(port), "--device", "cpu"], port, cwd=tmp_path)
     try:

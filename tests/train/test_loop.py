@@ -1,7 +1,5 @@
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -95,15 +93,10 @@ def test_metrics_tensorboard_and_plot_are_written(gpt, batches_cls, make_clm_bat
     assert (res.out_dir / "config.yaml").is_file()
 
 
-def test_sigint_checkpoints_then_resume_finishes_identically(gpt, batches_cls, make_clm_batch, run_config):
+def test_sigint_checkpoints_then_resume_finishes_identically(gpt, batches_cls, make_clm_batch, run_config,
+                                                             clm_interrupted_at):
     data = [make_clm_batch(4, 16, seed=s) for s in range(5)]
-    calls = {"n": 0}
-
-    def interrupt_at_fourth(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C during step 4
-        return clm(model, batch)
+    interrupt_at_fourth = clm_interrupted_at(4)  # like Ctrl-C during step 4
 
     cfg = run_config(**{"train.max_steps": 8, "optim.warmup_steps": 2, "train.resume": "auto"})
     interrupted = gpt()

@@ -2,8 +2,6 @@
 computation, which parameters it takes, the AdamW part against torch's, and a resumed run."""
 
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -142,15 +140,9 @@ def test_the_option_is_a_config_field():
         load_config(None, ["--optim.optimizer", "sgd"])
 
 
-def test_a_muon_run_with_wsd_resumes_identically(gpt, batches_cls, make_clm_batch, run_config):
+def test_a_muon_run_with_wsd_resumes_identically(gpt, batches_cls, make_clm_batch, run_config, clm_interrupted_at):
     data = [make_clm_batch(4, 16, seed=s) for s in range(5)]
-    calls = {"n": 0}
-
-    def interrupt_at_fourth(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C during step 4
-        return clm(model, batch)
+    interrupt_at_fourth = clm_interrupted_at(4)  # like Ctrl-C during step 4
 
     common = {"train.max_steps": 8, "optim.warmup_steps": 2, "optim.optimizer": "muon", "optim.schedule": "wsd",
               "optim.decay_fraction": 0.5}
