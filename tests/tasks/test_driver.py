@@ -213,6 +213,9 @@ def test_bad_models(ag_news, make_model, fast, write_csv, tmp_path):
     with pytest.raises(ValueError, match="no tokenizer in the model directory"):
         finetune("classify", tmp_path / "bare", ag_news["train"], ag_news["valid"], tmp_path / "r3", **fast)
     assert load_base(tmp_path / "bare", tokenizer=base).tokenizer.vocab_size == tok.vocab_size
+    save_model_dir(tmp_path / "small-bare", small, format="hf")  # --tokenizer of another model: named too
+    with pytest.raises(ValueError, match=rf"{base.name}: the tokenizer \(.*\) has {tok.vocab_size} ids"):
+        load_base(tmp_path / "small-bare", tokenizer=base)
 
 
 def test_classify_setup_pairs_and_multi_label(make_model, tmp_path):

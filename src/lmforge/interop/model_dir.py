@@ -234,10 +234,11 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | str | None = No
 
 def check_vocab(tokenizer: Tokenizer, backbone: nn.Module, where: Path) -> None:
     """A tokenizer may have fewer ids than the model has embedding rows (checkpoints pad the
-    table to a round size), never more: an id past the table would index nothing."""
+    table to a round size), never more: an id past the table would index nothing. `where`:
+    the tokenizer's directory (or file), named in the error."""
     rows = getattr(backbone.config, "vocab_size", None)
     if rows is not None and tokenizer.vocab_size > rows:
-        files = ", ".join(f for f in TOKENIZER_FILES if (where / f).exists())
+        files = where.name if where.is_file() else ", ".join(f for f in TOKENIZER_FILES if (where / f).exists())
         raise ValueError(f"{where}: the tokenizer ({files}) has {tokenizer.vocab_size} ids but the model's vocabulary "
                          f"has {rows} rows (config.json vocab_size): they come from different models")
 

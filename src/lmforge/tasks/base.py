@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lmforge.data.batching import with_index
 from lmforge.data.loaders import same_position
-from lmforge.interop.model_dir import LoadedModel, load_model
+from lmforge.interop.model_dir import LoadedModel, check_vocab, load_model
 from lmforge.models import HeadSpec, attach_head
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import ObjectiveOutput
@@ -271,10 +271,8 @@ def load_base(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
     if tok is None:
         raise ValueError(f"{path}: no tokenizer in the model directory (tokenizer.json, vocab.json + merges.txt or "
                          "vocab.txt); pass tokenizer=DIR (--tokenizer)")
-    vocab = (model.backbone if head is not None else model).config.vocab_size
-    if tok.vocab_size > vocab:
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}: "
-                         "this tokenizer does not belong to this model")
+    if tokenizer is not None:  # the model directory's own was checked on load
+        check_vocab(tok, model.backbone if head is not None else model, Path(tokenizer))
     if special.get("pad_token_id") is None and tok.pad_id is None and tok.eos_id is not None:
         special["pad_token_id"] = tok.eos_id  # exported GPT-2 classifiers find the last token by it
     return dataclasses.replace(base, tokenizer=tok, special=special)
